@@ -1,0 +1,100 @@
+"""
+The running configuration (Envoy's bootstrap): listeners and clusters over one runtime, and the
+Twisted service that starts and stops them.  The CLI flags and the YAML loader both build a
+``Bootstrap``; nothing below this module knows where it came from.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+from hbonex.cluster import Cluster, Runtime
+from hbonex.errors import ConfigError
+from hbonex.listener import Listener
+
+
+class Bootstrap:
+    def __init__(self, reactor: Any) -> None:
+        self.runtime = Runtime(reactor)
+        self.listeners: list[Listener] = []
+        #: YAML path (or CLI option) each listener came from, for error messages.
+        self.listener_paths: dict[str, str] = {}
+        self.admin: dict[str, Any] | None = None
+
+    @property
+    def reactor(self) -> Any:
+        return self.runtime.reactor
+
+    @property
+    def clusters(self) -> dict[str, Cluster]:
+        return self.runtime.clusters
+
+    def add_cluster(self, cluster: Cluster) -> Cluster:
+        self.runtime.clusters[cluster.name] = cluster
+        return cluster
+
+    def add_listener(self, listener: Listener, path: str = "") -> Listener:
+        self.listeners.append(listener)
+        self.listener_paths[listener.name] = path or f"listener {listener.name}"
+        return listener
+
+
+class ProxyService(service.MultiService):
+    """
+    Starts every listener of a Bootstrap; on stop, stops listening and sends GOAWAY on every
+    pooled connection so open tunnels finish on their own.
+    """
+
+    log = Logger()
+
+    def __init__(self, bootstrap: Bootstrap) -> None:
+        super().__init__()
+        self.bootstrap = bootstrap
+        self.ports: dict[str, Any] = {}
+
+    def startService(self) -> None:
+        super().startService()
+        b = self.bootstrap
+        for listener in b.listeners:
+            if listener.internal:
+                b.runtime.internal_listeners.register(listener.name, listener)
+        for listener in b.listeners:
+            if listener.internal:
+                continue
+            assert listener.endpoint is not None
+            endpoint = serverFromString(b.reactor, listener.endpoint)
+            d = endpoint.listen(listener.factory)
+            failures: list[Any] = []
+            d.addCallbacks(lambda port, n=listener.name: self.ports.__setitem__(n, port),
+                           failures.append)
+            if failures:
+                self._stop_ports()
+                raise ConfigError(
+                    b.listener_paths[listener.name],
+                    f"cannot listen on {listener.endpoint}: "
+                    f"{failures[0].getErrorMessage()} (is another process using it?)",
+                )
+            self.log.info("listener {name} on {endpoint}", name=listener.name,
+                          endpoint=listener.endpoint)
+
+    def _stop_ports(self) -> list[defer.Deferred[Any]]:
+        ports, self.ports = self.ports, {}
+        return [defer.maybeDeferred(p.stopListening) for p in ports.values()]
+
+    def stopService(self) -> defer.Deferred[Any]:
+        super().stopService()
+        waits = self._stop_ports()
+        for listener in self.bootstrap.listeners:
+            if listener.internal:
+                self.bootstrap.runtime.internal_listeners.unregister(listener.name)
+        for cluster in self.bootstrap.clusters.values():
+            cluster.close()
+        return defer.DeferredList(waits)
+
+    def port_of(self, listener_name: str) -> int:
+        return self.ports[listener_name].getHost().port  # type: ignore[no-any-return]

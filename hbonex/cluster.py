@@ -1,0 +1,402 @@
+"""
+Clusters: named groups of upstream endpoints with a load-balancing policy, an upstream
+protocol (raw TCP, or HTTP/1.1 / HTTP/2 CONNECT tunnels), optional TLS and a connection pool.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import socket
+from typing import TYPE_CHECKING, Any, Union
+
+import attrs
+from twisted.internet import defer, endpoints, threads
+from twisted.internet import error as ierror
+from twisted.internet.interfaces import IProtocol, IReactorCore, IReactorTCP, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from hbonex.connect import Authority, BadAuthority, TargetPolicy, parse_authority
+from hbonex.errors import UpstreamError
+from hbonex.h2settings import H2Settings
+from hbonex.pool import H2Pool, PoolKey
+from hbonex.tls import ClientTLS, TLSSettings
+from hbonex.tunnel_client import H1TunnelClient, H2TunnelClient
+
+if TYPE_CHECKING:
+    from hbonex.internal import InternalListenerRegistry
+
+
+@attrs.frozen
+class SocketAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@attrs.frozen
+class InternalAddress:
+    server_listener_name: str
+    endpoint_id: str = ""
+
+    def __str__(self) -> str:
+        return f"envoy://{self.server_listener_name}/{self.endpoint_id}"
+
+
+Address = Union[SocketAddress, InternalAddress]
+
+
+@attrs.frozen
+class CircuitBreakers:
+    max_connections: int = 1024
+    max_pending_requests: int = 1024
+    max_requests: int = 1024
+
+
+DEFAULT_CIRCUIT_BREAKERS = CircuitBreakers()
+DEFAULT_H2_SETTINGS = H2Settings()
+
+
+@attrs.define
+class ClusterStats:
+    upstream_cx_total: int = 0
+    upstream_cx_connect_fail: int = 0
+    upstream_cx_active: int = 0
+    upstream_rq_total: int = 0
+
+
+class Runtime:
+    """
+    What the running objects share: the reactor, the internal listeners, the clusters.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        from hbonex.internal import InternalListenerRegistry
+
+        self.reactor = reactor
+        self.internal_listeners: InternalListenerRegistry = InternalListenerRegistry()
+        self.clusters: dict[str, Cluster] = {}
+
+    def cluster(self, name: str) -> Cluster:
+        return self.clusters[name]
+
+
+@attrs.define
+class UpstreamRequest:
+    """
+    Context for one upstream connection or tunnel: who asked, and (for ORIGINAL_DST) where to.
+    """
+
+    original_destination: str | None = None  # "host:port" from :authority or a header
+    downstream_remote: str = ""
+    downstream_local: str = ""
+    peer_identity: str = ""
+    hash_key: str = ""
+
+
+class Cluster:
+    log = Logger()
+
+    def __init__(
+        self,
+        name: str,
+        runtime: Runtime,
+        *,
+        type: str = "STATIC",
+        endpoints: tuple[Address, ...] = (),
+        lb_policy: str = "ROUND_ROBIN",
+        connect_timeout: float = 5.0,
+        upstream_protocol: str | None = None,  # None: raw TCP; "http1"/"http2": tunnels
+        tls: TLSSettings | None = None,
+        h2_settings: H2Settings = DEFAULT_H2_SETTINGS,
+        max_streams_per_connection: int = 100,
+        pool_idle_timeout: float = 300.0,
+        target_policy: TargetPolicy | None = None,
+        circuit_breakers: CircuitBreakers = DEFAULT_CIRCUIT_BREAKERS,
+        tunnel_response_timeout: float = 15.0,
+    ) -> None:
+        self.name = name
+        self.runtime = runtime
+        self.type = type
+        self.endpoints = endpoints
+        self.lb_policy = lb_policy
+        self.connect_timeout = connect_timeout
+        self.upstream_protocol = upstream_protocol
+        self.tls = tls
+        self.client_tls = ClientTLS(tls) if tls is not None else None
+        self.h2_settings = h2_settings
+        self.max_streams_per_connection = max_streams_per_connection
+        self.pool_idle_timeout = pool_idle_timeout
+        self.target_policy = target_policy
+        self.circuit_breakers = circuit_breakers
+        self.tunnel_response_timeout = tunnel_response_timeout
+        self.pools: dict[PoolKey, H2Pool] = {}
+        self.stats = ClusterStats()
+        self._rr = 0
+        self._active: dict[Address, int] = {}
+
+    @property
+    def reactor(self) -> Any:
+        return self.runtime.reactor
+
+    # -- picking a host -----------------------------------------------------------------------
+
+    def pick(self, request: UpstreamRequest) -> defer.Deferred[Address]:
+        """
+        The endpoint for this request (ORIGINAL_DST resolves and checks the target policy).
+        """
+        if self.type == "ORIGINAL_DST":
+            return self._original_destination(request)
+        if not self.endpoints:
+            return defer.fail(UpstreamError(503, f"cluster {self.name} has no endpoints"))
+        if self.lb_policy == "RANDOM":
+            address = random.choice(self.endpoints)
+        elif self.lb_policy == "LEAST_REQUEST":
+            address = min(self.endpoints, key=lambda a: self._active.get(a, 0))
+        else:
+            address = self.endpoints[self._rr % len(self.endpoints)]
+            self._rr += 1
+        if isinstance(address, SocketAddress) and self.type in ("STRICT_DNS", "LOGICAL_DNS"):
+            return self._resolve(address)
+        return defer.succeed(address)
+
+    def _original_destination(self, request: UpstreamRequest) -> defer.Deferred[Address]:
+        if not request.original_destination:
+            return defer.fail(UpstreamError(400, "no original destination in the request"))
+        try:
+            authority = parse_authority(request.original_destination)
+        except BadAuthority as e:
+            return defer.fail(UpstreamError(400, str(e)))
+        d = self._resolve(SocketAddress(authority.host, authority.port))
+        policy = self.target_policy
+
+        def check(address: Address) -> Address:
+            assert isinstance(address, SocketAddress)
+            if policy is not None and not policy.allows(
+                ipaddress.ip_address(address.host), address.port
+            ):
+                raise UpstreamError(
+                    403, f"target {authority} ({address}) is outside the allowed targets"
+                )
+            return address
+
+        return d.addCallback(check)
+
+    def _resolve(self, address: SocketAddress) -> defer.Deferred[Address]:
+        try:
+            ipaddress.ip_address(address.host)
+            return defer.succeed(address)
+        except ValueError:
+            pass
+
+        def lookup() -> list[Any]:
+            return socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+
+        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), lookup)
+
+        def first(infos: list[Any]) -> Address:
+            if not infos:
+                raise UpstreamError(503, f"{address.host} has no addresses")
+            return SocketAddress(infos[0][4][0], address.port)
+
+        def failed(f: Any) -> Any:
+            if f.check(UpstreamError):
+                return f
+            raise UpstreamError(503, f"cannot resolve {address.host}: {f.value}")
+
+        return d.addCallbacks(first, failed)
+
+    # -- raw byte streams ---------------------------------------------------------------------
+
+    def connect_stream(
+        self, protocol: IProtocol, request: UpstreamRequest
+    ) -> defer.Deferred[Address]:
+        """
+        Connect ``protocol`` to a host of this cluster over TCP (TLS if configured) or an
+        internal listener; fire with the address once connected.
+        """
+        self.stats.upstream_cx_total += 1
+        d = self.pick(request)
+
+        def connect(address: Address) -> defer.Deferred[Address]:
+            return self._connect_to(address, protocol, request).addCallback(lambda _: address)
+
+        d.addCallback(connect)
+        d.addErrback(self._count_failure)
+        return d
+
+    def _count_failure(self, f: Any) -> Any:
+        self.stats.upstream_cx_connect_fail += 1
+        return f
+
+    def _connect_to(
+        self, address: Address, protocol: IProtocol, request: UpstreamRequest
+    ) -> defer.Deferred[Any]:
+        if isinstance(address, InternalAddress):
+            return self.runtime.internal_listeners.connect(address, protocol, request)
+        factory: Factory = _OneShotFactory(protocol)
+        if self.client_tls is not None:
+            factory = TLSMemoryBIOFactory(self.client_tls, True, factory)
+        endpoint = _tcp_endpoint(self.reactor, address, self.connect_timeout)
+        d = endpoint.connect(factory)
+
+        def failed(f: Any) -> Any:
+            if f.check(defer.CancelledError):
+                return f
+            if f.check(ierror.TimeoutError):
+                raise UpstreamError(503, f"connect to {address} timed out "
+                                         f"after {self.connect_timeout:g}s")
+            raise UpstreamError(503, f"connect to {address} failed: {_short(f.value)}")
+
+        return d.addErrback(failed)
+
+    # -- tunnels ------------------------------------------------------------------------------
+
+    def open_tunnel(
+        self,
+        protocol: IProtocol,
+        authority: str,
+        headers: list[tuple[str, str]],
+        request: UpstreamRequest,
+        post_path: str | None = None,
+    ) -> defer.Deferred[tuple[Address, dict[bytes, bytes]]]:
+        """
+        Carry ``protocol`` in a CONNECT tunnel for ``authority`` to a host of this cluster;
+        fire with (host address, response headers) once the tunnel is up (2xx).
+        """
+        self.stats.upstream_rq_total += 1
+        d = self.pick(request)
+
+        def opened(address: Address) -> defer.Deferred[Any]:
+            if self.upstream_protocol == "http2":
+                tunnel = self._pool_for(address).open_tunnel(authority, headers, post_path)
+
+                def attach(result: Any) -> Any:
+                    stream, response_headers = result
+                    stream.attach(protocol)
+                    return address, response_headers
+
+                return tunnel.addCallback(attach)
+            return self._open_h1_tunnel(address, protocol, authority, headers)
+
+        d.addCallback(opened)
+        timeout = self.connect_timeout + self.tunnel_response_timeout
+        d.addTimeout(timeout, self.reactor, onTimeoutCancel=lambda *_: _raise(
+            UpstreamError(504, f"no tunnel response within {timeout:g}s")))
+        return d
+
+    def _open_h1_tunnel(
+        self, address: Address, protocol: IProtocol, authority: str,
+        headers: list[tuple[str, str]],
+    ) -> defer.Deferred[Any]:
+        client = H1TunnelClient(authority, headers)
+        d = self._connect_to(address, client, UpstreamRequest())
+
+        def connected(_: Any) -> defer.Deferred[Any]:
+            return client.response
+
+        def established(status: int) -> Any:
+            client.attach(protocol)
+            return address, {b":status": str(status).encode()}
+
+        return d.addCallback(connected).addCallback(established)
+
+    def _pool_for(self, address: Address) -> H2Pool:
+        own = ""
+        expected = ""
+        if self.tls is not None:
+            own = _identity_of(self.tls)
+            expected = self.tls.peer_policy.describe()
+        key = PoolKey(str(address), expected, own)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = H2Pool(
+                key,
+                lambda: self._connect_h2(address),
+                self.reactor,
+                max_streams=self.max_streams_per_connection,
+                idle_timeout=self.pool_idle_timeout,
+                max_connections=self.circuit_breakers.max_connections,
+                max_pending=self.circuit_breakers.max_pending_requests,
+            )
+            self.pools[key] = pool
+        return pool
+
+    def _connect_h2(self, address: Address) -> defer.Deferred[H2TunnelClient]:
+        client = H2TunnelClient(self.h2_settings, self.reactor)
+        if self.client_tls is None:
+            # Plain-text HTTP/2 (h2c, as the article's configs use): no handshake to wait for.
+            original = client.connectionMade
+
+            def made() -> None:
+                original()
+                client.handshakeCompleted()
+
+            client.connectionMade = made  # type: ignore[method-assign]
+        d = self._connect_to(address, client, UpstreamRequest())
+        d.addCallback(lambda _: client.ready)
+        d.addTimeout(self.connect_timeout, self.reactor, onTimeoutCancel=lambda *_: _raise(
+            UpstreamError(503, f"HTTP/2 connection to {address} not ready within "
+                               f"{self.connect_timeout:g}s")))
+        return d
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+
+
+class _OneShotFactory(Factory):
+    """
+    Connects one already-built protocol (quietly: one log line per connection is too many).
+    """
+
+    noisy = False
+
+    def __init__(self, protocol: IProtocol) -> None:
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self.protocol_instance
+
+
+def _raise(error: Exception) -> Any:
+    raise error
+
+
+def _short(error: Any) -> str:
+    if isinstance(error, ierror.ConnectionRefusedError):
+        return "connection refused"
+    text = str(error).rstrip(".")
+    return text
+
+
+def _identity_of(tls: TLSSettings) -> str:
+    from hbonex.spiffe import uri_sans
+
+    uris = uri_sans(tls.certificate)
+    return uris[0] if uris else ""
+
+
+def _tcp_endpoint(reactor: Any, address: SocketAddress, timeout: float) -> Any:
+    if ":" in address.host:
+        return endpoints.TCP6ClientEndpoint(reactor, address.host, address.port, timeout=timeout)
+    return endpoints.TCP4ClientEndpoint(reactor, address.host, address.port, timeout=timeout)
+
+
+__all__ = [
+    "Address",
+    "Authority",
+    "CircuitBreakers",
+    "Cluster",
+    "InternalAddress",
+    "IReactorCore",
+    "IReactorTCP",
+    "IReactorTime",
+    "Runtime",
+    "SocketAddress",
+    "UpstreamRequest",
+]

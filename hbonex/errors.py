@@ -1,0 +1,29 @@
+"""
+Errors with enough context to act on.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(Exception):
+    """
+    Bad configuration: names the YAML path (or CLI option), what is wrong and what fits there.
+    """
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class UpstreamError(Exception):
+    """
+    A tunnel or upstream connection could not be made; ``status`` is the HTTP status a tunnel
+    server answers with (403 policy, 503 unreachable, ...).
+    """
+
+    def __init__(self, status: int, reason: str, retryable: bool = False) -> None:
+        self.status = status
+        self.reason = reason
+        self.retryable = retryable
+        super().__init__(f"{status} {reason}")

@@ -1,0 +1,72 @@
+"""
+``envoy.filters.network.http_connection_manager``: terminates HTTP on a connection.  For HBONE
+it terminates CONNECT (HTTP/2 streams or HTTP/1.1) and hands each tunnel to the router.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import attrs
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from hbonex.h2settings import H2Settings
+from hbonex.interfaces import INetworkFilter, INetworkFilterCallbacks
+from hbonex.tunnel_server import H1TunnelServer, H2TunnelServer, SniffingCodec, TunnelLog
+
+log = Logger(namespace="hbonex.hcm")
+
+
+@attrs.define
+class HttpConnectionManagerConfig:
+    stat_prefix: str
+    router: Any  # ConnectRouter or RouteConfig
+    runtime: Any
+    codec_type: str = "AUTO"  # AUTO, HTTP1, HTTP2
+    h2_settings: H2Settings = H2Settings()
+    stream_idle_timeout: float = 300.0
+    tunnels: TunnelLog = attrs.Factory(TunnelLog)
+
+
+@implementer(INetworkFilter)
+class HttpConnectionManagerFilter:
+    def __init__(self, config: HttpConnectionManagerConfig) -> None:
+        self.config = config
+
+    def onNewConnection(self, callbacks: INetworkFilterCallbacks) -> bool:
+        config = self.config
+        info = callbacks.info
+        reactor = config.runtime.reactor
+
+        def h2() -> H2TunnelServer:
+            return H2TunnelServer(config.h2_settings, reactor, config.router, info, config.tunnels)
+
+        def h1() -> H1TunnelServer:
+            return H1TunnelServer(reactor, config.router, info, config.tunnels)
+
+        alpn = info.negotiatedProtocol
+        codec: Any
+        if config.codec_type == "HTTP2" or alpn == b"h2":
+            codec = h2()
+        elif config.codec_type == "HTTP1" or alpn == b"http/1.1":
+            codec = h1()
+        else:
+            codec = SniffingCodec(h2, h1)
+        callbacks.takeOver(codec)
+        return False
+
+    def onData(self, data: bytes, endStream: bool) -> bool:
+        return True
+
+    def onClose(self, reason: object) -> None:
+        pass
+
+
+def http_connection_manager_factory(
+    config: HttpConnectionManagerConfig,
+) -> Callable[[], HttpConnectionManagerFilter]:
+    return lambda: HttpConnectionManagerFilter(config)
+
+
+__all__ = ["HttpConnectionManagerConfig", "HttpConnectionManagerFilter", "Optional"]

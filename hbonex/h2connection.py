@@ -1,0 +1,677 @@
+"""
+The HTTP/2 connection shared by the tunnel client and server, and the stream transport.
+
+An ``H2Stream`` is a Twisted transport (ITransport + IConsumer + IPushProducer, half-closeable),
+so a relay or any Protocol runs over a CONNECT stream exactly as over a TCP socket.  Flow control
+is tied to producer/consumer backpressure in both directions:
+
+* receive: DATA is handed to the stream's protocol at once unless the stream is paused (its
+  consumer is full); the HTTP/2 window is reopened only for data actually handed over, so what
+  we buffer per stream is bounded by the window we advertised;
+* send: the stream writes as much as the peer's window allows and queues the rest; past a small
+  high-water mark it pauses the producer feeding it.  The connection is the single (fan-in)
+  producer registered on the TLS transport; when the socket is full, every stream's producer
+  is paused.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.frame_buffer import FrameBuffer
+from hyperframe.frame import Frame, RstStreamFrame
+from twisted.internet import error as ierror
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IProtocol,
+    IPushProducer,
+    IReactorTime,
+    ITransport,
+)
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from hbonex.h2settings import H2Settings
+from hbonex.interfaces import IHalfCloseableTransport
+
+ErrorCodes = h2.errors.ErrorCodes
+
+#: Pause the producer feeding a stream once this much is queued beyond the peer's window.
+STREAM_HIGH_WATER = 256 * 1024
+STREAM_LOW_WATER = 64 * 1024
+
+
+class StreamReset(ierror.ConnectionLost):
+    """
+    The stream was reset (RST_STREAM) by the peer or by us.
+    """
+
+    def __init__(self, code: int, by_peer: bool) -> None:
+        try:
+            name = ErrorCodes(code).name
+        except ValueError:
+            name = f"0x{code:x}"
+        self.code = code
+        self.by_peer = by_peer
+        super().__init__(f"stream reset {'by peer' if by_peer else 'locally'}: {name}")
+
+
+class QuietH2Connection(h2.connection.H2Connection):
+    """
+    h2's connection, minus the eager ``repr(frame)`` on every received frame.
+
+    h2 formats ``repr(frame)`` for a trace log call even when nothing logs; for a DATA frame
+    that serializes and hexlifies the whole payload (a 1 MiB frame costs a 2 MiB string), which
+    dominated CPU in profiles.  This is h2 4.x's ``_receive_frame`` without that argument.
+    """
+
+    def _receive_frame(self, frame: Frame) -> list[h2.events.Event]:
+        try:
+            frames, events = self._frame_dispatch_table[frame.__class__](frame)
+        except h2.exceptions.StreamClosedError as e:
+            if self._stream_is_closed_by_reset(e.stream_id):
+                f = RstStreamFrame(e.stream_id)
+                f.error_code = e.error_code
+                self._prepare_for_sending([f])
+                events = e._events
+            else:
+                raise
+        except h2.exceptions.StreamIDTooLowError as e:
+            if self._stream_is_closed_by_reset(e.stream_id):
+                f = RstStreamFrame(e.stream_id)
+                f.error_code = ErrorCodes.STREAM_CLOSED
+                self._prepare_for_sending([f])
+                events = []
+            elif self._stream_is_closed_by_end(e.stream_id):
+                raise h2.exceptions.StreamClosedError(e.stream_id) from e
+            else:
+                raise
+        else:
+            self._prepare_for_sending(frames)
+        return events
+
+
+@implementer(IHalfCloseableTransport, ITransport, IConsumer, IPushProducer)
+class H2Stream:
+    """
+    One HTTP/2 stream used as a byte-stream transport (a CONNECT tunnel).
+    """
+
+    disconnecting = False
+    disconnected = False
+
+    def __init__(self, connection: H2TunnelConnection, stream_id: int) -> None:
+        self.connection = connection
+        self.stream_id = stream_id
+        self.protocol: IProtocol | None = None
+        #: Set by the owner: called once when the stream is gone, with the reason.
+        self.on_closed: Callable[[Failure], None] | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        # send side
+        self._outbound: deque[bytes] = deque()
+        self._outbound_size = 0
+        self._end_requested = False  # loseWriteConnection() called
+        self._ended_local = False  # END_STREAM sent
+        self._producer: IPushProducer | None = None
+        self._producer_paused = False
+        # receive side
+        self._inbound: deque[tuple[bytes, int]] = deque()
+        self._paused = False
+        self._ended_remote = False  # END_STREAM received
+        self._read_closed = False  # protocol told (readConnectionLost)
+        self._reset: StreamReset | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<H2Stream {self.stream_id} on {self.connection.describe()}>"
+
+    # -- wiring -----------------------------------------------------------------------------
+
+    def attach(self, protocol: IProtocol) -> None:
+        """
+        Connect ``protocol`` to this stream (calls its makeConnection).
+        """
+        self.protocol = protocol
+        protocol.makeConnection(self)  # type: ignore[arg-type]
+        self._deliver()
+
+    # -- ITransport ---------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self._end_requested or self._reset is not None or self._closed or not data:
+            return
+        self._outbound.append(data)
+        self._outbound_size += len(data)
+        self.connection._send_stream_data(self)
+        if self._outbound_size > STREAM_HIGH_WATER:
+            self._update_producer()
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def loseWriteConnection(self) -> None:
+        if self._end_requested or self._closed:
+            return
+        self._end_requested = True
+        self.connection._send_stream_data(self)
+
+    def loseConnection(self) -> None:
+        """
+        End our side after the queued data (END_STREAM); the stream closes once the peer has
+        ended its side too.
+        """
+        self.disconnecting = True
+        self.loseWriteConnection()
+
+    def abortConnection(self) -> None:
+        self.reset(ErrorCodes.CANCEL)
+
+    def reset(self, code: int = ErrorCodes.CANCEL) -> None:
+        if self._closed:
+            return
+        self.connection._reset_stream(self, code)
+
+    def getPeer(self) -> Any:
+        return self.connection.transport.getPeer()  # type: ignore[union-attr]
+
+    def getHost(self) -> Any:
+        return self.connection.transport.getHost()  # type: ignore[union-attr]
+
+    def getTcpNoDelay(self) -> bool:
+        return True
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+    # -- IConsumer ----------------------------------------------------------------------------
+
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+        if self._producer is not None:
+            raise RuntimeError(f"{self!r} already has a producer")
+        if not streaming:
+            raise ValueError("H2Stream only takes push producers")
+        self._producer = producer
+        self._producer_paused = False
+        if self._closed:
+            producer.stopProducing()
+            return
+        self._update_producer()
+
+    def unregisterProducer(self) -> None:
+        self._producer = None
+
+    def _update_producer(self) -> None:
+        """
+        Pause the producer feeding us while our queue is above the high-water mark or the
+        connection's socket is full; resume it below the low-water mark.
+        """
+        producer = self._producer
+        if producer is None:
+            return
+        if self._producer_paused:
+            if self._outbound_size <= STREAM_LOW_WATER and not self.connection._paused:
+                self._producer_paused = False
+                producer.resumeProducing()
+        elif self._outbound_size > STREAM_HIGH_WATER or self.connection._paused:
+            self._producer_paused = True
+            producer.pauseProducing()
+
+    # -- IPushProducer (the inbound bytes) ----------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        self._deliver()
+
+    def stopProducing(self) -> None:
+        self.reset(ErrorCodes.CANCEL)
+
+    # -- called by the connection -------------------------------------------------------------
+
+    def _data_received(self, data: bytes, flow_length: int) -> None:
+        self.bytes_received += len(data)
+        if self._paused or self._inbound or self.protocol is None:
+            self._inbound.append((data, flow_length))
+            return
+        self.protocol.dataReceived(data)
+        self.connection._ack(self.stream_id, flow_length)
+
+    def _remote_ended(self) -> None:
+        self._ended_remote = True
+        self._deliver()
+
+    def _deliver(self) -> None:
+        """
+        Hand buffered inbound data (and then EOF) to the protocol while it is not paused.
+        """
+        protocol = self.protocol
+        if protocol is None:
+            return
+        inbound = self._inbound
+        while inbound and not self._paused:
+            data, flow_length = inbound.popleft()
+            protocol.dataReceived(data)
+            self.connection._ack(self.stream_id, flow_length)
+        if inbound or self._paused:
+            return
+        if self._ended_remote and not self._read_closed:
+            self._read_closed = True
+            if IHalfCloseableProtocol.providedBy(protocol):
+                protocol.readConnectionLost()  # type: ignore[attr-defined]
+            else:
+                # A protocol that cannot half-close loses the whole connection at EOF, as
+                # Twisted's TCP transport does.
+                self.loseConnection()
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self._closed:
+            return
+        if self._reset is not None:
+            # Clean resets (NO_ERROR/CANCEL after END_STREAM) still deliver what arrived.
+            if self._reset.code in (ErrorCodes.NO_ERROR, ErrorCodes.CANCEL) and self._ended_remote:
+                if self._inbound or not self._read_closed:
+                    return
+                self._finish(Failure(ierror.ConnectionDone("stream closed by peer")))
+                return
+            self._finish(Failure(self._reset))
+            return
+        if self._ended_local and self._read_closed:
+            self._finish(Failure(ierror.ConnectionDone("stream closed cleanly")))
+
+    def _was_reset(self, code: int, by_peer: bool) -> None:
+        if self._reset is not None or self._closed:
+            return
+        self._reset = StreamReset(code, by_peer)
+        self._outbound.clear()
+        self._outbound_size = 0
+        clean = by_peer and self._ended_remote and code in (ErrorCodes.NO_ERROR, ErrorCodes.CANCEL)
+        if clean and self.protocol is not None:
+            # RST_STREAM(NO_ERROR/CANCEL) after END_STREAM: what arrived is still delivered.
+            self._deliver()
+            return
+        self._drop_inbound()
+        self._maybe_finish()
+
+    def _drop_inbound(self) -> None:
+        # Dropped bytes still count against the connection window: give that back.
+        for _data, flow_length in self._inbound:
+            self.connection._ack(self.stream_id, flow_length)
+        self._inbound.clear()
+
+    def _connection_lost(self, reason: Failure) -> None:
+        self._outbound.clear()
+        self._outbound_size = 0
+        self._inbound.clear()
+        self._reset = self._reset or StreamReset(ErrorCodes.CANCEL, by_peer=False)
+        self._finish(reason)
+
+    def _finish(self, reason: Failure) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.disconnected = True
+        self.connection._forget_stream(self)
+        producer = self._producer
+        if producer is not None:
+            self._producer = None
+            producer.stopProducing()
+        protocol, self.protocol = self.protocol, None
+        if protocol is not None:
+            protocol.connectionLost(reason)
+        if self.on_closed is not None:
+            callback, self.on_closed = self.on_closed, None
+            callback(reason)
+
+
+class H2TunnelConnection(Protocol):
+    """
+    The HTTP/2 machinery common to both ends: frame I/O, flow control, keepalive, and the
+    fan-in producer that pauses every stream when the socket is full.
+    """
+
+    log = Logger()
+    client_side = False
+
+    def __init__(self, settings: H2Settings, reactor: IReactorTime) -> None:
+        self.settings = settings
+        self.reactor = reactor
+        self.conn = QuietH2Connection(
+            h2.config.H2Configuration(
+                client_side=self.client_side,
+                header_encoding=None,
+                # We validate requests ourselves so a malformed CONNECT is a stream error
+                # (RST_STREAM PROTOCOL_ERROR), not h2's GOAWAY for the whole connection.
+                validate_inbound_headers=self.client_side,
+                normalize_inbound_headers=False,
+            )
+        )
+        self.streams: dict[int, H2Stream] = {}
+        self._paused = False
+        self._lost = False
+        self._failed = False
+        self.goaway_received = False
+        self.goaway_sent = False
+        self._ping_call: IDelayedCall | None = None
+        self._ping_timeout_call: IDelayedCall | None = None
+        self._last_activity = 0.0
+        self.peer_max_concurrent_streams = 100
+
+    def describe(self) -> str:
+        peer = self.transport.getPeer() if self.transport is not None else None
+        host = getattr(peer, "host", "?")
+        port = getattr(peer, "port", "?")
+        return f"h2 {host}:{port}"
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        s = self.settings
+        values = {
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: s.initial_stream_window_size,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: s.max_frame_size,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: s.max_concurrent_streams,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: s.max_header_list_size,
+            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+        }
+        if not self.client_side:
+            # Envoy sends :protocol=bytestream CONNECTs (RFC 8441 extended CONNECT).
+            values[h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL] = 1
+        # Initial values (not update()): they go out in the preface and take effect for our
+        # receive side at once, as RFC 9113 lets the sender assume.
+        self.conn.local_settings = h2.settings.Settings(
+            client=self.client_side, initial_values=values
+        )
+        self.conn.max_inbound_frame_size = s.max_frame_size
+        self.conn.initiate_connection()
+        extra = s.initial_connection_window_size - 65535
+        if extra > 0:
+            self.conn.increment_flow_control_window(extra)
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+        self._flush()
+        self._last_activity = self.reactor.seconds()
+        self._schedule_ping()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._failed:
+            return
+        self._last_activity = self.reactor.seconds()
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as e:
+            self.log.warn(
+                "{conn}: HTTP/2 protocol error from peer: {error}", conn=self.describe(), error=e
+            )
+            self._failed = True
+            self._flush()  # the GOAWAY h2 prepared
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        for event in events:
+            self._dispatch(event)
+        self._flush()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
+        self._cancel_ping()
+        for stream in list(self.streams.values()):
+            stream._connection_lost(reason)
+        self.streams.clear()
+
+    # -- events -------------------------------------------------------------------------------
+
+    def _dispatch(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.DataReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is None:
+                # Data on a stream we have already forgotten: keep the connection window open.
+                self._ack(event.stream_id, event.flow_controlled_length)
+                return
+            stream._data_received(event.data, event.flow_controlled_length)
+            if event.stream_ended is not None:
+                stream._remote_ended()
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None and not stream._ended_remote:
+                stream._remote_ended()
+        elif isinstance(event, h2.events.StreamReset):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream._was_reset(event.error_code, by_peer=True)
+            else:
+                self.stream_reset_before_attach(event)
+        elif isinstance(event, h2.events.WindowUpdated):
+            self._window_opened(event.stream_id)
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            changed = event.changed_settings
+            mcs = changed.get(h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS)
+            if mcs is not None:
+                self.peer_max_concurrent_streams = mcs.new_value
+            if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in changed:
+                self._window_opened(0)
+            self.settings_changed()
+        elif isinstance(event, h2.events.PingAckReceived):
+            if self._ping_timeout_call is not None and self._ping_timeout_call.active():
+                self._ping_timeout_call.cancel()
+            self._ping_timeout_call = None
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.goaway_received = True
+            self.log.info(
+                "{conn}: GOAWAY from peer ({code}), last stream {last}",
+                conn=self.describe(),
+                code=event.error_code,
+                last=event.last_stream_id,
+            )
+            self.goaway(event)
+        elif isinstance(event, h2.events.RequestReceived):
+            self.request_received(event)
+        elif isinstance(event, h2.events.ResponseReceived):
+            self.response_received(event)
+        elif isinstance(event, h2.events.TrailersReceived):
+            pass
+        elif isinstance(event, h2.events.InformationalResponseReceived):
+            pass
+
+    # Hooks for the client and server subclasses.
+    def request_received(self, event: h2.events.RequestReceived) -> None:
+        self.conn.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+
+    def response_received(self, event: h2.events.ResponseReceived) -> None:
+        pass
+
+    def stream_reset_before_attach(self, event: h2.events.StreamReset) -> None:
+        pass
+
+    def goaway(self, event: h2.events.ConnectionTerminated) -> None:
+        pass
+
+    def settings_changed(self) -> None:
+        pass
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and self.transport is not None and not self._lost:
+            self.transport.write(data)
+
+    def add_stream(self, stream: H2Stream) -> None:
+        self.streams[stream.stream_id] = stream
+
+    def _send_stream_data(self, stream: H2Stream) -> None:
+        """
+        Send what the peer's windows allow from the stream's queue (and END_STREAM after it).
+        """
+        if stream._ended_local or stream._reset is not None or stream._closed or self._lost:
+            return
+        conn = self.conn
+        sid = stream.stream_id
+        outbound = stream._outbound
+        sent_any = False
+        try:
+            if outbound:
+                window = conn.local_flow_control_window(sid)
+                max_frame = conn.max_outbound_frame_size
+                while outbound and window > 0:
+                    chunk = outbound[0]
+                    size = min(len(chunk), window, max_frame)
+                    if size < len(chunk):
+                        outbound[0] = chunk[size:]
+                        chunk = chunk[:size]
+                    else:
+                        outbound.popleft()
+                    conn.send_data(sid, chunk)
+                    window -= size
+                    stream._outbound_size -= size
+                    stream.bytes_sent += size
+                    sent_any = True
+            if not outbound and stream._end_requested:
+                conn.end_stream(sid)
+                stream._ended_local = True
+                sent_any = True
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
+            self.log.debug("{stream}: cannot send: {e}", stream=stream, e=e)
+            stream._was_reset(ErrorCodes.STREAM_CLOSED, by_peer=False)
+            return
+        if sent_any:
+            self._flush()
+            if stream._producer_paused:
+                stream._update_producer()
+            if stream._ended_local:
+                stream._maybe_finish()
+
+    def _window_opened(self, stream_id: int) -> None:
+        if stream_id:
+            stream = self.streams.get(stream_id)
+            if stream is not None and stream._outbound:
+                self._send_stream_data(stream)
+            return
+        for stream in list(self.streams.values()):
+            if stream._outbound:
+                self._send_stream_data(stream)
+
+    def _reset_stream(self, stream: H2Stream, code: int) -> None:
+        try:
+            self.conn.reset_stream(stream.stream_id, code)
+        except h2.exceptions.StreamClosedError:
+            pass
+        except h2.exceptions.ProtocolError:
+            pass
+        self._flush()
+        stream._was_reset(code, by_peer=False)
+
+    def _ack(self, stream_id: int, flow_length: int) -> None:
+        """
+        Data was consumed: give its window back (h2 batches the WINDOW_UPDATEs).
+        """
+        if flow_length and not self._lost:
+            self.conn.acknowledge_received_data(flow_length, stream_id)
+            self._flush()
+
+    def _forget_stream(self, stream: H2Stream) -> None:
+        self.streams.pop(stream.stream_id, None)
+        self.stream_forgotten(stream)
+
+    def stream_forgotten(self, stream: H2Stream) -> None:
+        pass
+
+    # -- fan-in producer ----------------------------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        for stream in list(self.streams.values()):
+            stream._update_producer()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        for stream in list(self.streams.values()):
+            stream._update_producer()
+
+    def stopProducing(self) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    # -- keepalive ----------------------------------------------------------------------------
+
+    def _schedule_ping(self) -> None:
+        interval = self.settings.keepalive_interval
+        if interval > 0 and not self._lost:
+            self._ping_call = self.reactor.callLater(interval, self._send_ping)
+
+    def _send_ping(self) -> None:
+        self._ping_call = None
+        if self._lost:
+            return
+        if self._ping_timeout_call is None:
+            self.conn.ping(b"hbonex\x00\x00")
+            self._flush()
+            self._ping_timeout_call = self.reactor.callLater(
+                self.settings.keepalive_timeout, self._ping_timed_out
+            )
+        self._schedule_ping()
+
+    def _ping_timed_out(self) -> None:
+        self._ping_timeout_call = None
+        self.log.warn(
+            "{conn}: no PING ack within {timeout}s, closing",
+            conn=self.describe(),
+            timeout=self.settings.keepalive_timeout,
+        )
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def _cancel_ping(self) -> None:
+        for call in (self._ping_call, self._ping_timeout_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._ping_call = self._ping_timeout_call = None
+
+    # -- graceful shutdown --------------------------------------------------------------------
+
+    def send_goaway(self, code: int = ErrorCodes.NO_ERROR) -> None:
+        if self._lost or self.goaway_sent:
+            return
+        self.goaway_sent = True
+        self.conn.close_connection(error_code=code)
+        self._flush()
+
+    @property
+    def open_stream_count(self) -> int:
+        return len(self.streams)
+
+
+def headers_dict(headers: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    """
+    Header list to a dict (later duplicates are joined with ', ', as HTTP allows).
+    """
+    result: dict[bytes, bytes] = {}
+    for name, value in headers:
+        if name in result:
+            result[name] = result[name] + b", " + value
+        else:
+            result[name] = value
+    return result
+
+
+__all__ = [
+    "ErrorCodes",
+    "FrameBuffer",
+    "H2Stream",
+    "H2TunnelConnection",
+    "QuietH2Connection",
+    "StreamReset",
+    "headers_dict",
+]

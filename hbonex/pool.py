@@ -1,0 +1,229 @@
+"""
+Pooled HTTP/2 connections to one HBONE peer.
+
+A pool is keyed by (server address, expected server identity, own identity).  Tunnels go to a
+ready connection with a free stream (never beyond our ``max_streams`` nor the peer's
+MAX_CONCURRENT_STREAMS); when none has room, tunnels wait while just enough new connections are
+opened for them, so a burst of first tunnels makes one connection, not a storm.  A connection
+that received GOAWAY takes no new streams; streams it never processed are retried elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any, Callable
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from hbonex.errors import UpstreamError
+from hbonex.h2connection import H2Stream
+from hbonex.tunnel_client import H2TunnelClient
+
+Connector = Callable[[], "defer.Deferred[H2TunnelClient]"]
+
+
+@attrs.frozen
+class PoolKey:
+    address: str
+    server_identity: str
+    own_identity: str
+
+
+@attrs.define
+class PoolStats:
+    connections_opened: int = 0
+    connections_failed: int = 0
+    tunnels_opened: int = 0
+    tunnels_retried: int = 0
+
+
+class H2Pool:
+    log = Logger()
+
+    def __init__(
+        self,
+        key: PoolKey,
+        connector: Connector,
+        reactor: IReactorTime,
+        max_streams: int = 100,
+        idle_timeout: float = 300.0,
+        max_connections: int = 1024,
+        max_pending: int = 1024,
+        max_attempts: int = 3,
+    ) -> None:
+        self.key = key
+        self.connector = connector
+        self.reactor = reactor
+        self.max_streams = max_streams
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.max_pending = max_pending
+        self.max_attempts = max_attempts
+        self.connections: list[H2TunnelClient] = []
+        self._connecting = 0
+        self._waiters: deque[defer.Deferred[H2TunnelClient]] = deque()
+        self._idle_calls: dict[H2TunnelClient, IDelayedCall] = {}
+        self.stats = PoolStats()
+        self._closed = False
+
+    def _room(self, conn: H2TunnelClient) -> int:
+        return min(self.max_streams, conn.capacity + len(conn.streams)) - len(conn.streams)
+
+    # -- tunnels ------------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def open_tunnel(
+        self, authority: str, headers: list[tuple[str, str]], post_path: str | None = None
+    ) -> Any:
+        """
+        Fire with (stream, response headers) for a new tunnel, or fail with UpstreamError.
+        """
+        attempt = 0
+        while True:
+            attempt += 1
+            conn = yield self._acquire()
+            try:
+                result = yield conn.open_tunnel(authority, headers, post_path)
+            except UpstreamError as e:
+                if e.retryable and attempt < self.max_attempts:
+                    self.stats.tunnels_retried += 1
+                    continue
+                raise
+            self.stats.tunnels_opened += 1
+            return result
+
+    def _acquire(self) -> defer.Deferred[H2TunnelClient]:
+        if self._closed:
+            return defer.fail(UpstreamError(503, "pool closed"))
+        for conn in self.connections:
+            if self._room(conn) > 0:
+                self._touch(conn)
+                return defer.succeed(conn)
+        if len(self._waiters) >= self.max_pending:
+            return defer.fail(UpstreamError(503, "too many tunnels waiting for a connection"))
+        d: defer.Deferred[H2TunnelClient] = defer.Deferred(lambda d: self._cancel_waiter(d))
+        self._waiters.append(d)
+        self._connect_more()
+        return d
+
+    def _cancel_waiter(self, d: defer.Deferred[H2TunnelClient]) -> None:
+        try:
+            self._waiters.remove(d)
+        except ValueError:
+            pass
+
+    def _connect_more(self) -> None:
+        # Enough connections in progress to take every waiter, one stream slot each.
+        needed = math.ceil(len(self._waiters) / max(1, self.max_streams)) - self._connecting
+        while needed > 0 and len(self.connections) + self._connecting < self.max_connections:
+            needed -= 1
+            self._connecting += 1
+            self.stats.connections_opened += 1
+            d = self.connector()
+            d.addCallbacks(self._connected, self._connect_failed)
+        if needed > 0 and not self._connecting and not self.connections:
+            self._fail_waiters(UpstreamError(503, "connection limit reached"))
+
+    def _connected(self, conn: H2TunnelClient) -> None:
+        self._connecting -= 1
+        if self._closed:
+            conn.send_goaway()
+            conn.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self.connections.append(conn)
+        conn.on_capacity = self._capacity_changed
+        conn.on_lost = self._lost
+        self._serve_waiters()
+        self._touch(conn)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self._connecting -= 1
+        self.stats.connections_failed += 1
+        error = failure.value
+        if not isinstance(error, UpstreamError):
+            error = UpstreamError(503, f"cannot connect to {self.key.address}: {error}")
+        self.log.warn(
+            "HBONE connection to {address} failed: {error}", address=self.key.address,
+            error=error.reason,
+        )
+        # Waiters beyond what the remaining attempts can take fail now.
+        capacity = self._connecting * self.max_streams + sum(
+            self._room(c) for c in self.connections
+        )
+        while len(self._waiters) > capacity:
+            self._waiters.pop().errback(error)
+
+    def _fail_waiters(self, error: Exception) -> None:
+        waiters, self._waiters = self._waiters, deque()
+        for d in waiters:
+            d.errback(error)
+
+    def _serve_waiters(self) -> None:
+        for conn in list(self.connections):
+            while self._waiters and self._room(conn) > 0:
+                d = self._waiters.popleft()
+                # Callbacks open the stream synchronously, so the room is taken at once.
+                d.callback(conn)
+        if self._waiters:
+            self._connect_more()
+
+    def _capacity_changed(self, conn: H2TunnelClient) -> None:
+        if conn.goaway_received or conn.goaway_sent:
+            self._drop(conn)
+            if not conn.streams:
+                conn.transport.loseConnection()  # type: ignore[union-attr]
+        elif self._waiters:
+            self._serve_waiters()
+        self._touch(conn)
+
+    def _lost(self, conn: H2TunnelClient) -> None:
+        self._drop(conn)
+        if self._waiters:
+            self._connect_more()
+
+    def _drop(self, conn: H2TunnelClient) -> None:
+        if conn in self.connections:
+            self.connections.remove(conn)
+        call = self._idle_calls.pop(conn, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    # -- idle connections ---------------------------------------------------------------------
+
+    def _touch(self, conn: H2TunnelClient) -> None:
+        call = self._idle_calls.pop(conn, None)
+        if call is not None and call.active():
+            call.cancel()
+        if not conn.streams and conn in self.connections and self.idle_timeout > 0:
+            self._idle_calls[conn] = self.reactor.callLater(
+                self.idle_timeout, self._idle_close, conn
+            )
+
+    def _idle_close(self, conn: H2TunnelClient) -> None:
+        self._idle_calls.pop(conn, None)
+        if conn.streams:
+            return
+        self.log.info("closing idle HBONE connection to {address}", address=self.key.address)
+        self._drop(conn)
+        conn.send_goaway()
+        conn.transport.loseConnection()  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        """
+        Stop taking tunnels; GOAWAY every connection (open tunnels finish on their own).
+        """
+        self._closed = True
+        self._fail_waiters(UpstreamError(503, "pool closed"))
+        for conn in list(self.connections):
+            self._drop(conn)
+            conn.send_goaway()
+            if not conn.streams:
+                conn.transport.loseConnection()  # type: ignore[union-attr]
+
+
+__all__ = ["H2Pool", "PoolKey", "H2Stream"]

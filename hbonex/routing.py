@@ -1,0 +1,192 @@
+"""
+Deciding what a terminated CONNECT (or other request) gets: a status, or a cluster to connect
+to.  ``ConnectRouter`` is what the CLI builds (any CONNECT, target checked by the cluster's
+policy); ``RouteConfig`` is Envoy's virtual hosts and routes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import attrs
+
+from hbonex.connect import BadAuthority, ConnectRequest, parse_authority
+
+
+@attrs.frozen
+class RouteDecision:
+    status: int
+    reason: str = ""
+    cluster: Any = None  # hbonex.cluster.Cluster
+    original_destination: str | None = None
+    idle_timeout: float = 3600.0
+    body: bytes = b""
+
+
+class ConnectRouter:
+    """
+    Every CONNECT goes to ``cluster`` (normally ORIGINAL_DST) for its :authority.
+    """
+
+    def __init__(self, cluster: Any, idle_timeout: float = 3600.0) -> None:
+        self.cluster = cluster
+        self.idle_timeout = idle_timeout
+
+    def route(self, request: ConnectRequest, info: Any) -> RouteDecision:
+        if request.method != "CONNECT":
+            return RouteDecision(405, f"method {request.method} not allowed, only CONNECT")
+        if request.protocol not in (None, "bytestream"):
+            return RouteDecision(400, f"unsupported :protocol {request.protocol!r}")
+        try:
+            parse_authority(request.authority)
+        except BadAuthority as e:
+            return RouteDecision(400, str(e))
+        return RouteDecision(
+            200, cluster=self.cluster, original_destination=request.authority,
+            idle_timeout=self.idle_timeout,
+        )
+
+
+@attrs.frozen
+class HeaderMatcher:
+    name: str
+    exact: str | None = None
+    prefix: str | None = None
+    regex: str | None = None
+    present: bool | None = None
+    invert: bool = False
+
+    def matches(self, request: ConnectRequest) -> bool:
+        value = _pseudo(request, self.name)
+        if self.present is not None:
+            result = (value is not None) == self.present
+        elif value is None:
+            result = False
+        elif self.exact is not None:
+            result = value == self.exact
+        elif self.prefix is not None:
+            result = value.startswith(self.prefix)
+        elif self.regex is not None:
+            result = re.fullmatch(self.regex, value) is not None
+        else:
+            result = value is not None
+        return result != self.invert
+
+
+def _pseudo(request: ConnectRequest, name: str) -> str | None:
+    if name == ":authority":
+        return request.authority
+    if name == ":method":
+        return request.method
+    if name == ":path":
+        return request.path
+    if name == ":scheme":
+        return request.scheme
+    return request.header(name)
+
+
+@attrs.frozen
+class Route:
+    # match
+    connect_matcher: bool = False
+    prefix: str | None = None
+    path: str | None = None
+    safe_regex: str | None = None
+    headers: tuple[HeaderMatcher, ...] = ()
+    # action
+    cluster: Any = None
+    connect_enabled: bool = False  # route-level upgrade_configs CONNECT
+    allow_post: bool = False
+    direct_status: int | None = None
+    direct_body: bytes = b""
+    idle_timeout: float = 3600.0
+    original_destination_header: str | None = None
+
+    def matches(self, request: ConnectRequest) -> bool:
+        if self.connect_matcher:
+            if request.method != "CONNECT":
+                return False
+        else:
+            path = request.path
+            if path is None:
+                return False
+            if self.prefix is not None and not path.startswith(self.prefix):
+                return False
+            if self.path is not None and path.split("?")[0] != self.path:
+                return False
+            if self.safe_regex is not None and not re.fullmatch(self.safe_regex, path):
+                return False
+        return all(h.matches(request) for h in self.headers)
+
+
+@attrs.frozen
+class VirtualHost:
+    name: str
+    domains: tuple[str, ...]
+    routes: tuple[Route, ...]
+
+    def score(self, host: str) -> int:
+        """
+        Envoy's precedence: exact > suffix wildcard > prefix wildcard > '*'; -1 = no match.
+        """
+        best = -1
+        for domain in self.domains:
+            d = domain.lower()
+            if d == "*":
+                best = max(best, 0)
+            elif d.startswith("*") and host.endswith(d[1:]) and len(host) > len(d) - 1:
+                best = max(best, 2000 + len(d))
+            elif d.endswith("*") and host.startswith(d[:-1]) and len(host) > len(d) - 1:
+                best = max(best, 1000 + len(d))
+            elif d == host:
+                best = max(best, 10000)
+        return best
+
+
+@attrs.frozen
+class RouteConfig:
+    name: str
+    virtual_hosts: tuple[VirtualHost, ...]
+    connect_enabled: bool = False  # HCM-level upgrade_configs CONNECT
+
+    def route(self, request: ConnectRequest, info: Any) -> RouteDecision:
+        host = request.authority.lower()
+        vhost = self._virtual_host(host)
+        if vhost is None and ":" in host and not host.endswith("]"):
+            vhost = self._virtual_host(host.rsplit(":", 1)[0])
+        if vhost is None:
+            return RouteDecision(404, f"no virtual host for {request.authority}")
+        for route in vhost.routes:
+            if not route.matches(request):
+                continue
+            if route.direct_status is not None:
+                return RouteDecision(route.direct_status, "direct response", body=route.direct_body)
+            if request.method == "CONNECT" and not (self.connect_enabled or route.connect_enabled):
+                return RouteDecision(403, "CONNECT is not enabled for this route")
+            if request.method == "CONNECT" and request.protocol not in (None, "bytestream"):
+                return RouteDecision(400, f"unsupported :protocol {request.protocol!r}")
+            if request.method != "CONNECT" and not route.allow_post:
+                return RouteDecision(
+                    405, f"{request.method} requests are not proxied here; use CONNECT"
+                )
+            original = request.authority
+            if route.original_destination_header:
+                original = _pseudo(request, route.original_destination_header) or ""
+            return RouteDecision(
+                200, cluster=route.cluster, original_destination=original,
+                idle_timeout=route.idle_timeout,
+            )
+        return RouteDecision(404, f"no route matches in virtual host {vhost.name}")
+
+    def _virtual_host(self, host: str) -> VirtualHost | None:
+        best: VirtualHost | None = None
+        best_score = -1
+        for vhost in self.virtual_hosts:
+            score = vhost.score(host)
+            if score > best_score:
+                best, best_score = vhost, score
+        return best
+
+
+Routers = Sequence[Any]

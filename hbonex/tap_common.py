@@ -1,0 +1,97 @@
+"""
+Options shared by ``twistd hbone-client`` and ``twistd hbone-server``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.python import usage
+
+from hbonex import pki
+from hbonex.errors import ConfigError
+from hbonex.h2settings import H2Settings
+
+
+def endpoint_string(text: str, option: str) -> str:
+    """
+    ``host:port`` / ``[v6]:port`` / ``port`` to a Twisted server endpoint string; endpoint
+    strings (``tcp:...``, ``unix:...``) pass through.
+    """
+    text = text.strip()
+    if text.split(":", 1)[0] in ("tcp", "tcp6", "unix", "ssl", "systemd"):
+        return text
+    if text.isdigit():
+        return f"tcp:{text}:interface=127.0.0.1"
+    if text.startswith("["):
+        host, _, port = text[1:].partition("]:")
+        return f"tcp6:{port}:interface={host.replace(':', chr(92) + ':')}"
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise usage.UsageError(f"{option}: {text!r} is neither host:port nor an endpoint string")
+    return f"tcp:{port}:interface={host}"
+
+
+class TLSOptions(usage.Options):
+    """
+    Mixin: certificates and HTTP/2 settings.
+    """
+
+    optParameters = [
+        ["pki", None, None, "Identity directory DIR/NAME (cert.pem, key.pem; CA DIR/ca.pem). "
+         "Default: a dev PKI created in the state directory."],
+        ["ca", None, None, "Trust bundle (PEM) to verify the peer with (default DIR/ca.pem)."],
+        ["trust-domain", None, "cluster.local", "SPIFFE trust domain."],
+        ["tls-min", None, "1.3", "Minimum TLS version: 1.3 or 1.2."],
+        ["state-dir", None, None, "Where the dev PKI lives (default $HBONEX_STATE_DIR or "
+         "~/.local/state/hbonex)."],
+        ["stream-window", None, 4 * 1024 * 1024, "HTTP/2 initial stream window.", int],
+        ["connection-window", None, 16 * 1024 * 1024, "HTTP/2 connection window.", int],
+        ["max-frame-size", None, 1024 * 1024, "HTTP/2 SETTINGS_MAX_FRAME_SIZE.", int],
+        ["keepalive-interval", None, 10.0, "HTTP/2 PING interval in seconds (0: off).", float],
+        ["keepalive-timeout", None, 20.0, "Close when a PING is unanswered this long.", float],
+        ["connect-timeout", None, 5.0, "Upstream connect timeout in seconds.", float],
+        ["config", "c", None, "Envoy v3 bootstrap YAML file (replaces the other options)."],
+    ]
+
+    def tls_material(self, identity: str) -> Any:
+        """
+        Load --pki/--ca, or the dev PKI's ``identity``.
+        """
+        try:
+            if self["pki"]:
+                return pki.load_pki_dir(self["pki"], self["ca"])
+            dev = pki.ensure_dev_pki(self["state-dir"], self["trust-domain"])
+            return pki.load_pki_dir(dev / identity, self["ca"])
+        except pki.PKIError as e:
+            raise ConfigError("--pki", str(e))
+
+    def h2_settings(self, max_concurrent_streams: int = 200) -> H2Settings:
+        try:
+            return H2Settings(
+                initial_stream_window_size=self["stream-window"],
+                initial_connection_window_size=self["connection-window"],
+                max_frame_size=self["max-frame-size"],
+                max_concurrent_streams=max_concurrent_streams,
+                keepalive_interval=self["keepalive-interval"],
+                keepalive_timeout=self["keepalive-timeout"],
+            )
+        except ValueError as e:
+            raise usage.UsageError(str(e))
+
+    def tls_min(self) -> str:
+        version = self["tls-min"]
+        if version not in ("1.2", "1.3"):
+            raise usage.UsageError("--tls-min must be 1.2 or 1.3")
+        return "TLSv1_2" if version == "1.2" else "TLSv1_3"
+
+
+def parse_header(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise usage.UsageError(f"--header {text!r}: expected NAME=VALUE")
+    return key.strip().lower(), value
+
+
+def optional(value: str | None) -> str | None:
+    return value or None

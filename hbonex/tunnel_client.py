@@ -1,0 +1,315 @@
+"""
+The tunnel client: opens CONNECT tunnels over HTTP/2 (many streams per connection) or
+HTTP/1.1 (one TLS connection per tunnel).  What it hands back is a byte-stream transport.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h2.events
+import h2.exceptions
+from twisted.internet import defer
+from twisted.internet import error as ierror
+from twisted.internet.interfaces import (
+    IConsumer,
+    IHandshakeListener,
+    IPushProducer,
+    IReactorTime,
+    ITransport,
+)
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from hbonex.errors import UpstreamError
+from hbonex.h2connection import ErrorCodes, H2Stream, H2TunnelConnection, headers_dict
+from hbonex.h2settings import H2Settings
+from hbonex.interfaces import IHalfCloseableTransport
+from hbonex.tls import handshake_failure_reason
+
+MAX_RESPONSE_HEAD = 64 * 1024
+
+
+@implementer(IHandshakeListener)
+class H2TunnelClient(H2TunnelConnection):
+    """
+    Client end of an HBONE HTTP/2 connection.  ``ready`` fires once the TLS handshake is done
+    and the server's SETTINGS arrived (so its MAX_CONCURRENT_STREAMS is known).
+    """
+
+    client_side = True
+    log = Logger()
+
+    def __init__(self, settings: H2Settings, reactor: IReactorTime) -> None:
+        super().__init__(settings, reactor)
+        self.ready: defer.Deferred[H2TunnelClient] = defer.Deferred()
+        self._settings_seen = False
+        self._handshake_done = False
+        self._pending: dict[int, defer.Deferred[tuple[H2Stream, dict[bytes, bytes]]]] = {}
+        #: Called by the pool when streams free up / the connection dies.
+        self.on_capacity: Any = None
+        self.on_lost: Any = None
+        self.last_stream_id_allowed: int | None = None
+
+    def connectionMade(self) -> None:
+        # Wait for the handshake: nothing HTTP/2 goes out before the server is verified.
+        pass
+
+    def handshakeCompleted(self) -> None:
+        self._handshake_done = True
+        proto = getattr(self.transport, "negotiatedProtocol", None)
+        if proto not in (b"h2", None):
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        super().connectionMade()
+
+    def settings_changed(self) -> None:
+        if not self._settings_seen:
+            self._settings_seen = True
+            self.ready.callback(self)
+        elif self.on_capacity is not None:
+            self.on_capacity(self)
+
+    @property
+    def capacity(self) -> int:
+        """
+        How many more streams the peer lets us open now.
+        """
+        if self.goaway_received or self.goaway_sent or self._lost or not self._settings_seen:
+            return 0
+        return self.peer_max_concurrent_streams - len(self.streams)
+
+    def open_tunnel(
+        self, authority: str, headers: list[tuple[str, str]], post_path: str | None = None
+    ) -> defer.Deferred[tuple[H2Stream, dict[bytes, bytes]]]:
+        """
+        Send a CONNECT (or, with ``post_path``, a POST) and fire with (stream, response headers)
+        on a 2xx, or fail with UpstreamError.
+        """
+        if self.capacity <= 0:
+            return defer.fail(UpstreamError(503, "connection has no free stream", retryable=True))
+        stream_id = self.conn.get_next_available_stream_id()
+        if post_path is None:
+            request = [(b":method", b"CONNECT"), (b":authority", authority.encode("latin-1"))]
+        else:
+            request = [
+                (b":method", b"POST"),
+                (b":scheme", b"https"),
+                (b":authority", authority.encode("latin-1")),
+                (b":path", post_path.encode("latin-1")),
+            ]
+        request += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        try:
+            self.conn.send_headers(stream_id, request)
+        except h2.exceptions.TooManyStreamsError:
+            return defer.fail(UpstreamError(503, "peer stream limit reached", retryable=True))
+        stream = H2Stream(self, stream_id)
+        self.add_stream(stream)
+        d: defer.Deferred[tuple[H2Stream, dict[bytes, bytes]]] = defer.Deferred(
+            lambda _: stream.reset(ErrorCodes.CANCEL)
+        )
+        self._pending[stream_id] = d
+
+        def closed_before_response(reason: Failure) -> None:
+            pending = self._pending.pop(stream_id, None)
+            if pending is not None:
+                retry = False
+                if (
+                    reason.check(ierror.ConnectionLost)
+                    and getattr(reason.value, "code", None) == ErrorCodes.REFUSED_STREAM
+                ):
+                    retry = True
+                pending.errback(
+                    UpstreamError(503, f"tunnel closed before response: {reason.value}", retry)
+                )
+
+        stream.on_closed = closed_before_response
+        self._flush()
+        return d
+
+    def response_received(self, event: h2.events.ResponseReceived) -> None:
+        d = self._pending.pop(event.stream_id, None)
+        stream = self.streams.get(event.stream_id)
+        if d is None or stream is None:
+            return
+        stream.on_closed = None
+        headers = headers_dict(event.headers)
+        status = headers.get(b":status", b"")
+        if status.startswith(b"2") and len(status) == 3:
+            d.callback((stream, headers))
+            return
+        stream.reset(ErrorCodes.CANCEL)
+        code = int(status) if status.isdigit() else 502
+        d.errback(UpstreamError(code, f"tunnel refused by server with status {code}"))
+
+    def goaway(self, event: h2.events.ConnectionTerminated) -> None:
+        self.last_stream_id_allowed = event.last_stream_id
+        # Streams the server never processed can be retried elsewhere (RFC 9113 §6.8).
+        for stream_id in list(self._pending):
+            if event.last_stream_id is not None and stream_id > event.last_stream_id:
+                d = self._pending.pop(stream_id)
+                stream = self.streams.get(stream_id)
+                if stream is not None:
+                    stream.on_closed = None
+                    stream._connection_lost(Failure(ierror.ConnectionDone("GOAWAY")))
+                d.errback(UpstreamError(503, "server sent GOAWAY", retryable=True))
+        if self.on_capacity is not None:
+            self.on_capacity(self)
+
+    def stream_forgotten(self, stream: H2Stream) -> None:
+        if self.on_capacity is not None:
+            self.on_capacity(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self._handshake_done:
+            tls = getattr(self.transport, "_tlsConnection", None)
+            why = handshake_failure_reason(tls, str(reason.value))
+            error = UpstreamError(503, f"TLS handshake with server failed: {why}")
+        else:
+            error = UpstreamError(503, f"connection lost: {reason.value}", retryable=True)
+        if not self.ready.called:
+            self.ready.errback(error)
+        pending, self._pending = self._pending, {}
+        super().connectionLost(reason)
+        for d in pending.values():
+            d.errback(error)
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+
+@implementer(IHalfCloseableTransport, ITransport, IConsumer, IPushProducer)
+class H1TunnelTransport:
+    """
+    The TLS connection of an HTTP/1.1 tunnel, after the CONNECT exchange, as a byte transport.
+
+    TLS cannot half-close here (Twisted's TLS transport treats close_notify as the end of the
+    connection), so an EOF in either direction closes the tunnel once queued bytes are sent.
+    """
+
+    def __init__(self, tls_transport: Any) -> None:
+        self._t = tls_transport
+        self.disconnecting = False
+
+    def write(self, data: bytes) -> None:
+        self._t.write(data)
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self._t.writeSequence(data)
+
+    def loseWriteConnection(self) -> None:
+        self.loseConnection()
+
+    def loseConnection(self) -> None:
+        self.disconnecting = True
+        self._t.loseConnection()
+
+    def abortConnection(self) -> None:
+        self._t.abortConnection()
+
+    def getPeer(self) -> Any:
+        return self._t.getPeer()
+
+    def getHost(self) -> Any:
+        return self._t.getHost()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self._t.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self._t.unregisterProducer()
+
+    def pauseProducing(self) -> None:
+        self._t.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._t.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._t.stopProducing()
+
+
+@implementer(IHandshakeListener)
+class H1TunnelClient(Protocol):
+    """
+    One HTTP/1.1 CONNECT tunnel over its own TLS connection.  ``response`` fires with the
+    status once a 2xx arrived; then ``attach(protocol)`` connects the byte stream.
+    """
+
+    log = Logger()
+
+    def __init__(self, authority: str, headers: list[tuple[str, str]]) -> None:
+        self.authority = authority
+        self.headers = headers
+        self.response: defer.Deferred[int] = defer.Deferred(lambda _: self._abort())
+        self._buffer = b""
+        self._head_done = False
+        self._handshake_done = False
+        self.protocol: Any = None
+        self.tunnel_transport: H1TunnelTransport | None = None
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def connectionMade(self) -> None:
+        lines = [f"CONNECT {self.authority} HTTP/1.1", f"Host: {self.authority}"]
+        lines += [f"{k}: {v}" for k, v in self.headers]
+        self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))  # type: ignore
+
+    def handshakeCompleted(self) -> None:
+        self._handshake_done = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._head_done:
+            if self.protocol is not None:
+                self.protocol.dataReceived(data)
+            else:
+                self._buffer += data
+            return
+        self._buffer += data
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buffer) > MAX_RESPONSE_HEAD:
+                self._fail(UpstreamError(502, "CONNECT response head too large"))
+            return
+        head, self._buffer = self._buffer[:end], self._buffer[end + 4 :]
+        self._head_done = True
+        status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = status_line.split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            self._fail(UpstreamError(502, f"bad CONNECT response {status_line!r}"))
+            return
+        status = int(parts[1])
+        if not 200 <= status < 300:
+            self._fail(UpstreamError(status, f"tunnel refused by server with status {status}"))
+            return
+        self.tunnel_transport = H1TunnelTransport(self.transport)
+        self.response.callback(status)
+
+    def attach(self, protocol: Any) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self.tunnel_transport)
+        early, self._buffer = self._buffer, b""
+        if early:
+            protocol.dataReceived(early)
+
+    def _fail(self, error: UpstreamError) -> None:
+        if not self.response.called:
+            self.response.errback(error)
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self.response.called:
+            if not self._handshake_done:
+                tls = getattr(self.transport, "_tlsConnection", None)
+                why = handshake_failure_reason(tls, str(reason.value))
+                self.response.errback(UpstreamError(503, f"TLS handshake failed: {why}"))
+            else:
+                self.response.errback(
+                    UpstreamError(503, f"connection lost before response: {reason.value}")
+                )
+        if self.protocol is not None:
+            protocol, self.protocol = self.protocol, None
+            protocol.connectionLost(reason)

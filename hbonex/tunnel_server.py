@@ -1,0 +1,326 @@
+"""
+The tunnel server: terminates CONNECT over HTTP/2 (one stream per tunnel) and HTTP/1.1, asks
+a router where each tunnel goes, connects upstream, and only then answers 200 and relays.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import h2.events
+import h2.exceptions
+from twisted.internet import defer
+from twisted.internet import error as ierror
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from hbonex.cluster import UpstreamRequest
+from hbonex.connect import ConnectRequest, MalformedRequest, parse_h2_request
+from hbonex.errors import UpstreamError
+from hbonex.h2connection import ErrorCodes, H2Stream, H2TunnelConnection
+from hbonex.h2settings import H2Settings
+from hbonex.relay import Relay
+from hbonex.routing import RouteDecision
+from hbonex.tunnel_client import H1TunnelTransport
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+MAX_REQUEST_HEAD = 64 * 1024
+
+REASONS = {
+    200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 431: "Request Header Fields Too Large",
+    502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
+}
+
+
+class TunnelLog:
+    """
+    One line per tunnel when it ends (and per refused CONNECT), plus counters.
+    """
+
+    log = Logger(namespace="hbonex.tunnel")
+
+    def __init__(self) -> None:
+        self.opened = 0
+        self.refused = 0
+        self.active = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.on_record: Callable[[dict[str, Any]], None] | None = None
+
+    def refused_tunnel(self, info: Any, authority: str, status: int, reason: str) -> None:
+        self.refused += 1
+        self.log.info(
+            "tunnel from {peer} ({identity}) to {target} refused: {status} {reason}",
+            peer=info.remoteAddress, identity=info.peerIdentity or "-", target=authority,
+            status=status, reason=reason,
+        )
+        if self.on_record is not None:
+            self.on_record({"target": authority, "status": status, "reason": reason,
+                            "peer": info.remoteAddress, "identity": info.peerIdentity})
+
+    def finished(self, info: Any, authority: str, relay: Relay, started: float) -> None:
+        self.active -= 1
+        self.bytes_in += relay.a.bytes_in
+        self.bytes_out += relay.b.bytes_in
+        reason = relay.close_reason or _reason(relay)
+        self.log.info(
+            "tunnel from {peer} ({identity}) to {target} closed after {duration:.3f}s: "
+            "{up} bytes up, {down} bytes down, {reason}",
+            peer=info.remoteAddress, identity=info.peerIdentity or "-", target=authority,
+            duration=time.monotonic() - started, up=relay.a.bytes_in, down=relay.b.bytes_in,
+            reason=reason,
+        )
+        if self.on_record is not None:
+            self.on_record({"target": authority, "status": 200, "up": relay.a.bytes_in,
+                            "down": relay.b.bytes_in, "peer": info.remoteAddress,
+                            "identity": info.peerIdentity, "reason": reason})
+
+
+def _reason(relay: Relay) -> str:
+    for end in (relay.a, relay.b):
+        if end.reason is not None and not end.reason.check(ierror.ConnectionDone):
+            return f"{end.name}: {end.reason.getErrorMessage()}"
+    return "closed cleanly"
+
+
+def connect_upstream(
+    decision: RouteDecision, relay: Relay, request: ConnectRequest, info: Any
+) -> defer.Deferred[Any]:
+    upstream = UpstreamRequest(
+        original_destination=decision.original_destination,
+        downstream_remote=info.remoteAddress,
+        downstream_local=info.localAddress,
+        peer_identity=info.peerIdentity,
+    )
+    return decision.cluster.connect_stream(relay.b, upstream)  # type: ignore[no-any-return]
+
+
+class H2TunnelServer(H2TunnelConnection):
+    """
+    Server end of an HBONE HTTP/2 connection: one CONNECT stream per tunnel.
+    """
+
+    client_side = False
+    log = Logger()
+
+    def __init__(
+        self,
+        settings: H2Settings,
+        reactor: IReactorTime,
+        router: Any,
+        info: Any,
+        tunnels: TunnelLog,
+    ) -> None:
+        super().__init__(settings, reactor)
+        self.router = router
+        self.info = info
+        self.tunnels = tunnels
+
+    def describe(self) -> str:
+        return f"h2 from {self.info.remoteAddress}"
+
+    def request_received(self, event: h2.events.RequestReceived) -> None:
+        sid = event.stream_id
+        try:
+            request = parse_h2_request(event.headers)
+        except MalformedRequest as e:
+            self.log.warn(
+                "{conn}: malformed request on stream {sid}: {error}; RST_STREAM PROTOCOL_ERROR",
+                conn=self.describe(), sid=sid, error=e,
+            )
+            self.conn.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+            return
+        decision = self.router.route(request, self.info)
+        if decision.status != 200:
+            self.tunnels.refused_tunnel(self.info, request.authority, decision.status,
+                                        decision.reason)
+            self._respond(sid, decision.status, decision.body)
+            return
+        stream = H2Stream(self, sid)
+        self.add_stream(stream)
+        relay = Relay(self.reactor, decision.idle_timeout)
+        started = time.monotonic()
+        d = connect_upstream(decision, relay, request, self.info)
+        stream.on_closed = lambda reason: d.cancel()
+
+        def connected(_: Any) -> None:
+            stream.on_closed = None
+            if stream._closed:
+                relay.b.transport.abortConnection()  # type: ignore[union-attr]
+                return
+            self.conn.send_headers(sid, [(b":status", b"200")])
+            self._flush()
+            self.tunnels.opened += 1
+            self.tunnels.active += 1
+            relay.on_done = lambda r: self.tunnels.finished(
+                self.info, request.authority, r, started
+            )
+            stream.attach(relay.a)
+            relay.start()
+
+        def failed(f: Failure) -> None:
+            if f.check(defer.CancelledError):
+                return
+            error = f.value
+            status = error.status if isinstance(error, UpstreamError) else 503
+            reason = error.reason if isinstance(error, UpstreamError) else str(error)
+            self.tunnels.refused_tunnel(self.info, request.authority, status, reason)
+            stream.on_closed = None
+            if not stream._closed:
+                self._respond(sid, status)
+                stream._finish(Failure(ierror.ConnectionDone("tunnel refused")))
+
+        d.addCallbacks(connected, failed)
+
+    def _respond(self, sid: int, status: int, body: bytes = b"") -> None:
+        try:
+            headers = [(b":status", str(status).encode())]
+            if body:
+                headers.append((b"content-length", str(len(body)).encode()))
+                self.conn.send_headers(sid, headers)
+                self.conn.send_data(sid, body, end_stream=True)
+            else:
+                self.conn.send_headers(sid, headers, end_stream=True)
+        except h2.exceptions.StreamClosedError:
+            pass
+        self._flush()
+
+
+class H1TunnelServer(Protocol):
+    """
+    Server end of an HTTP/1.1 CONNECT tunnel (one per TLS connection).
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, router: Any, info: Any, tunnels: TunnelLog) -> None:
+        self.reactor = reactor
+        self.router = router
+        self.info = info
+        self.tunnels = tunnels
+        self._buffer = b""
+        self._relay: Relay | None = None
+        self._head_done = False
+        self._pending: defer.Deferred[Any] | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._relay is not None and self._relay.a.transport is not None:
+            self._relay.a.dataReceived(data)
+            return
+        if self._head_done:
+            self._buffer += data  # early tunnel bytes; the transport is paused
+            return
+        self._buffer += data
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buffer) > MAX_REQUEST_HEAD:
+                self._reply(431, close=True)
+            return
+        head, self._buffer = self._buffer[:end], self._buffer[end + 4 :]
+        self._head_done = True
+        self._request(head)
+
+    def _request(self, head: bytes) -> None:
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            self._reply(400, close=True)
+            return
+        method, target, _version = parts
+        headers = []
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep or not name or name != name.strip():
+                self._reply(400, close=True)
+                return
+            headers.append((name.lower(), value.strip()))
+        request = ConnectRequest(method=method, authority=target if method == "CONNECT" else "",
+                                 headers=tuple(headers), path=None if method == "CONNECT"
+                                 else target, scheme=None)
+        if method != "CONNECT":
+            self.tunnels.refused_tunnel(self.info, target, 405, f"method {method}")
+            self._reply(405, close=True, extra="Allow: CONNECT\r\n")
+            return
+        decision = self.router.route(request, self.info)
+        if decision.status != 200:
+            self.tunnels.refused_tunnel(self.info, target, decision.status, decision.reason)
+            self._reply(decision.status, close=True)
+            return
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        relay = Relay(self.reactor, decision.idle_timeout)
+        started = time.monotonic()
+        d = self._pending = connect_upstream(decision, relay, request, self.info)
+
+        def connected(_: Any) -> None:
+            self._pending = None
+            self.transport.write(b"HTTP/1.1 200 OK\r\n\r\n")  # type: ignore[union-attr]
+            self.tunnels.opened += 1
+            self.tunnels.active += 1
+            relay.on_done = lambda r: self.tunnels.finished(self.info, target, r, started)
+            self._relay = relay
+            relay.a.makeConnection(H1TunnelTransport(self.transport))
+            early, self._buffer = self._buffer, b""
+            if early:
+                relay.a.dataReceived(early)
+            relay.start()
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+
+        def failed(f: Failure) -> None:
+            self._pending = None
+            if f.check(defer.CancelledError):
+                return
+            error = f.value
+            status = error.status if isinstance(error, UpstreamError) else 503
+            reason = error.reason if isinstance(error, UpstreamError) else str(error)
+            self.tunnels.refused_tunnel(self.info, target, status, reason)
+            self._reply(status, close=True)
+
+        d.addCallbacks(connected, failed)
+
+    def _reply(self, status: int, close: bool, extra: str = "") -> None:
+        text = (
+            f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n{extra}"
+            "Content-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        self.transport.write(text.encode("latin-1"))  # type: ignore[union-attr]
+        if close:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+        if self._relay is not None:
+            self._relay.a.connectionLost(reason)
+
+
+class SniffingCodec(Protocol):
+    """
+    Codec AUTO without ALPN: HTTP/2 if the connection starts with the HTTP/2 preface.
+    """
+
+    def __init__(self, make_h2: Callable[[], Protocol], make_h1: Callable[[], Protocol]) -> None:
+        self.make_h2 = make_h2
+        self.make_h1 = make_h1
+        self._buffer = b""
+        self._codec: Protocol | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._codec is not None:
+            self._codec.dataReceived(data)
+            return
+        self._buffer += data
+        if len(self._buffer) < len(H2_PREFACE) and H2_PREFACE.startswith(self._buffer):
+            return
+        codec = self.make_h2() if self._buffer.startswith(H2_PREFACE) else self.make_h1()
+        self._codec = codec
+        codec.makeConnection(self.transport)
+        data, self._buffer = self._buffer, b""
+        codec.dataReceived(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._codec is not None:
+            self._codec.connectionLost(reason)
