@@ -52,9 +52,10 @@ class ProxyService(service.MultiService):
 
     log = Logger()
 
-    def __init__(self, bootstrap: Bootstrap) -> None:
+    def __init__(self, bootstrap: Bootstrap, drain_timeout: float = 5.0) -> None:
         super().__init__()
         self.bootstrap = bootstrap
+        self.drain_timeout = drain_timeout
         self.ports: dict[str, Any] = {}
 
     def startService(self) -> None:
@@ -79,8 +80,12 @@ class ProxyService(service.MultiService):
                     f"cannot listen on {listener.endpoint}: "
                     f"{failures[0].getErrorMessage()} (is another process using it?)",
                 )
-            self.log.info("listener {name} on {endpoint}", name=listener.name,
-                          endpoint=listener.endpoint)
+            address = self.ports[listener.name].getHost()
+            self.log.info(
+                "listener {name} listening on {host}:{port} ({endpoint})",
+                name=listener.name, host=getattr(address, "host", "?"),
+                port=getattr(address, "port", "?"), endpoint=listener.endpoint,
+            )
 
     def _stop_ports(self) -> list[defer.Deferred[Any]]:
         ports, self.ports = self.ports, {}
@@ -94,7 +99,32 @@ class ProxyService(service.MultiService):
                 self.bootstrap.runtime.internal_listeners.unregister(listener.name)
         for cluster in self.bootstrap.clusters.values():
             cluster.close()
+        waits.append(self._drain())
         return defer.DeferredList(waits)
+
+    def _drain(self) -> defer.Deferred[None]:
+        """
+        GOAWAY every server connection; give open tunnels ``drain_timeout`` to finish.
+        """
+        connections = self.bootstrap.runtime.server_connections
+        for conn in list(connections):
+            conn.send_goaway()
+        reactor = self.bootstrap.reactor
+        deadline = reactor.seconds() + self.drain_timeout
+        done: defer.Deferred[None] = defer.Deferred()
+
+        def check() -> None:
+            if not connections:
+                done.callback(None)
+            elif reactor.seconds() >= deadline:
+                for conn in list(connections):
+                    conn.transport.abortConnection()
+                done.callback(None)
+            else:
+                reactor.callLater(0.05, check)
+
+        check()
+        return done
 
     def port_of(self, listener_name: str) -> int:
         return self.ports[listener_name].getHost().port  # type: ignore[no-any-return]

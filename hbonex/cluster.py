@@ -80,6 +80,8 @@ class Runtime:
         self.reactor = reactor
         self.internal_listeners: InternalListenerRegistry = InternalListenerRegistry()
         self.clusters: dict[str, Cluster] = {}
+        #: Live server-side HTTP/2 connections, told GOAWAY when the service stops.
+        self.server_connections: set[Any] = set()
 
     def cluster(self, name: str) -> Cluster:
         return self.clusters[name]

@@ -26,7 +26,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.frame_buffer import FrameBuffer
-from hyperframe.frame import Frame, RstStreamFrame
+from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
 from twisted.internet import error as ierror
 from twisted.internet.interfaces import (
     IConsumer,
@@ -100,6 +100,28 @@ class QuietH2Connection(h2.connection.H2Connection):
         else:
             self._prepare_for_sending(frames)
         return events
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Frame], list[Any]]:
+        """
+        A graceful GOAWAY (NO_ERROR) leaves the connection open for the streams it covers
+        (RFC 9113 §6.8); h2 would close it and drop their queued data.
+        """
+        if frame.error_code != ErrorCodes.NO_ERROR:
+            return super()._receive_goaway_frame(frame)  # type: ignore[no-any-return]
+        event = h2.events.ConnectionTerminated()
+        event.error_code = ErrorCodes.NO_ERROR
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+    def graceful_goaway(self) -> None:
+        """
+        Send GOAWAY(NO_ERROR) without closing: streams already opened by the peer go on.
+        """
+        f = GoAwayFrame(0)
+        f.last_stream_id = self.highest_inbound_stream_id
+        f.error_code = ErrorCodes.NO_ERROR
+        self._prepare_for_sending([f])
 
 
 @implementer(IHalfCloseableTransport, ITransport, IConsumer, IPushProducer)
@@ -586,6 +608,7 @@ class H2TunnelConnection(Protocol):
     def _forget_stream(self, stream: H2Stream) -> None:
         self.streams.pop(stream.stream_id, None)
         self.stream_forgotten(stream)
+        self._close_if_drained()
 
     def stream_forgotten(self, stream: H2Stream) -> None:
         pass
@@ -642,11 +665,22 @@ class H2TunnelConnection(Protocol):
     # -- graceful shutdown --------------------------------------------------------------------
 
     def send_goaway(self, code: int = ErrorCodes.NO_ERROR) -> None:
+        """
+        GOAWAY: graceful (NO_ERROR) lets open streams finish, then the connection closes.
+        """
         if self._lost or self.goaway_sent:
             return
         self.goaway_sent = True
-        self.conn.close_connection(error_code=code)
+        if code == ErrorCodes.NO_ERROR:
+            self.conn.graceful_goaway()
+        else:
+            self.conn.close_connection(error_code=code)
         self._flush()
+        self._close_if_drained()
+
+    def _close_if_drained(self) -> None:
+        if (self.goaway_sent or self.goaway_received) and not self.streams and not self._lost:
+            self.transport.loseConnection()  # type: ignore[union-attr]
 
     @property
     def open_stream_count(self) -> int:

@@ -36,6 +36,10 @@ class Options(TLSOptions):
         ["max-concurrent-streams", None, 200, "SETTINGS_MAX_CONCURRENT_STREAMS.", int],
         ["idle-timeout", None, 3600.0, "Close a tunnel with no traffic this long.", float],
         ["handshake-timeout", None, 10.0, "TLS handshake timeout in seconds.", float],
+        ["max-requests-per-connection", None, 0, "Send GOAWAY after this many tunnels on one "
+         "HTTP/2 connection (0: no limit).", int],
+        ["drain-timeout", None, 5.0, "On shutdown, how long open tunnels may finish after "
+         "GOAWAY.", float],
     ]
 
     def __init__(self) -> None:
@@ -97,6 +101,7 @@ def build(options: Options, reactor: Any) -> Bootstrap:
         router=ConnectRouter(cluster, idle_timeout=options["idle-timeout"]),
         runtime=bootstrap.runtime,
         h2_settings=options.h2_settings(options["max-concurrent-streams"]),
+        max_requests_per_connection=options["max-requests-per-connection"],
     )
     chain = FilterChain(
         [http_connection_manager_factory(hcm)],
@@ -116,4 +121,4 @@ def makeService(options: Options) -> service.MultiService:
         from hbonex.config import load_bootstrap
 
         return ProxyService(load_bootstrap(options["config"], reactor))
-    return ProxyService(build(options, reactor))
+    return ProxyService(build(options, reactor), drain_timeout=options["drain-timeout"])

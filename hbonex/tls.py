@@ -131,10 +131,10 @@ class TLSSettings:
     One side's TLS configuration (Envoy's Common/Upstream/DownstreamTlsContext, resolved).
     """
 
-    certificate: crypto.X509
-    private_key: crypto.PKey
-    ca_certificates: tuple[crypto.X509, ...]
-    chain: tuple[crypto.X509, ...] = ()
+    certificate: x509.Certificate
+    private_key: Any  # a cryptography private key
+    ca_certificates: tuple[x509.Certificate, ...]
+    chain: tuple[x509.Certificate, ...] = ()
     min_version: str = "TLSv1_3"
     max_version: str | None = None
     alpn: tuple[bytes, ...] = (b"h2",)
@@ -161,15 +161,15 @@ def _build_context(settings: TLSSettings, server: bool) -> SSL.Context:
     ctx.set_min_proto_version(TLS_VERSIONS[settings.min_version])
     if settings.max_version:
         ctx.set_max_proto_version(TLS_VERSIONS[settings.max_version])
-    ctx.use_certificate(settings.certificate)
+    _compat(ctx.use_certificate, settings.certificate, crypto.X509.from_cryptography)
     for extra in settings.chain:
-        ctx.add_extra_chain_cert(extra)
-    ctx.use_privatekey(settings.private_key)
+        _compat(ctx.add_extra_chain_cert, extra, crypto.X509.from_cryptography)
+    _compat(ctx.use_privatekey, settings.private_key, crypto.PKey.from_cryptography_key)
     ctx.check_privatekey()
     store = ctx.get_cert_store()
     assert store is not None
     for ca in settings.ca_certificates:
-        store.add_cert(ca)
+        store.add_cert(crypto.X509.from_cryptography(ca))
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
     # Release idle read/write buffers: thousands of mostly idle connections are the norm.
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
@@ -207,6 +207,14 @@ def _build_context(settings: TLSSettings, server: bool) -> SSL.Context:
     elif settings.alpn:
         ctx.set_alpn_protos(list(settings.alpn))
     return ctx
+
+
+def _compat(method: Callable[[Any], None], value: Any, convert: Callable[[Any], Any]) -> None:
+    # pyOpenSSL >= 24.3 takes cryptography objects (and deprecates its own); older ones don't.
+    try:
+        method(value)
+    except TypeError:
+        method(convert(value))
 
 
 def _x509_error(errno: int) -> str:
@@ -280,9 +288,10 @@ def tls_settings_from_material(
     TLSSettings from an ``hbonex.pki.TLSMaterial``.
     """
     return TLSSettings(
-        certificate=material.openssl_certificate(),
-        private_key=material.openssl_key(),
-        ca_certificates=tuple(material.openssl_ca_certificates()),
+        certificate=material.certificate,
+        private_key=material.key,
+        ca_certificates=tuple(material.ca_certificates),
+        chain=tuple(material.chain),
         min_version=min_version,
         alpn=tuple(alpn),
         peer_policy=peer_policy,

@@ -114,16 +114,42 @@ class H2TunnelServer(H2TunnelConnection):
         router: Any,
         info: Any,
         tunnels: TunnelLog,
+        max_requests_per_connection: int = 0,
+        connections: Any = None,
     ) -> None:
         super().__init__(settings, reactor)
         self.router = router
         self.info = info
         self.tunnels = tunnels
+        self.max_requests = max_requests_per_connection
+        self.requests = 0
+        #: The listener's set of live HTTP/2 connections (for GOAWAY at shutdown).
+        self.connections = connections
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if self.connections is not None:
+            self.connections.add(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.connections is not None:
+            self.connections.discard(self)
+        super().connectionLost(reason)
 
     def describe(self) -> str:
         return f"h2 from {self.info.remoteAddress}"
 
     def request_received(self, event: h2.events.RequestReceived) -> None:
+        if self.goaway_sent:
+            # Past our GOAWAY: the client retries it on another connection.
+            self.conn.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+            return
+        self.requests += 1
+        self._handle_request(event)
+        if self.max_requests and self.requests >= self.max_requests:
+            self.send_goaway()
+
+    def _handle_request(self, event: h2.events.RequestReceived) -> None:
         sid = event.stream_id
         try:
             request = parse_h2_request(event.headers)

@@ -26,6 +26,7 @@ class HttpConnectionManagerConfig:
     codec_type: str = "AUTO"  # AUTO, HTTP1, HTTP2
     h2_settings: H2Settings = H2Settings()
     stream_idle_timeout: float = 300.0
+    max_requests_per_connection: int = 0
     tunnels: TunnelLog = attrs.Factory(TunnelLog)
 
 
@@ -40,7 +41,11 @@ class HttpConnectionManagerFilter:
         reactor = config.runtime.reactor
 
         def h2() -> H2TunnelServer:
-            return H2TunnelServer(config.h2_settings, reactor, config.router, info, config.tunnels)
+            return H2TunnelServer(
+                config.h2_settings, reactor, config.router, info, config.tunnels,
+                max_requests_per_connection=config.max_requests_per_connection,
+                connections=config.runtime.server_connections,
+            )
 
         def h1() -> H1TunnelServer:
             return H1TunnelServer(reactor, config.router, info, config.tunnels)
