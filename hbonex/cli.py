@@ -138,12 +138,11 @@ _COMMANDS: list[AddSubcommand] = [add_subcommand]
 
 def _all_commands() -> list[AddSubcommand]:
     commands = list(_COMMANDS)
-    # >>> Register subcommands from other modules here. Import inside this function (not at
-    # module level) so that `hbonex pki` stays cheap and import cycles with hbonex.cli
-    # (e.g. a module importing CLIError) cannot bite. For example:
-    #     from hbonex import demo, config
-    #     commands += [demo.add_subcommand, config.add_subcommand]
-    # <<<
+    # Imported here, not at module level: `hbonex pki` stays cheap and import cycles with
+    # hbonex.cli cannot bite.
+    from hbonex import demo
+
+    commands.append(demo.add_subcommand)
     return commands
 
 

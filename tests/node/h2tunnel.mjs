@@ -31,8 +31,10 @@
 
 import http2 from 'node:http2';
 import net from 'node:net';
+import tls from 'node:tls';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
+import { Duplex } from 'node:stream';
 
 const {
   NGHTTP2_NO_ERROR,
@@ -86,7 +88,7 @@ function die(msg) {
 }
 
 function parseArgs(argv) {
-  const flags = new Set(['no-stdin-watch']);
+  const flags = new Set(['no-stdin-watch', 'no-decouple']);
   const opts = {};
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -197,6 +199,68 @@ function setupLifetime(opts, cleanup) {
   process.stdout.on('error', () => bye('stdout error'));
 }
 
+// ---------------------------------------------------------------- decoupler
+//
+// Why this exists: node:http2 stops reading its socket while one of its own
+// socket writes is still in progress (Http2Session::MaybeStopReading in
+// src/node_http2.cc: `want_read == 0 || is_write_in_progress()`).  When two
+// node:http2 peers both push bulk data (e.g. an echo tunnel) with windows
+// larger than the kernel socket buffers (16 MiB connection window here), both
+// end up with a pending write into a full socket while neither reads:
+// a permanent deadlock (observed: 3 streams x 10 MB through an echo target).
+//
+// The fix: put a tiny JS Duplex between TLS and the TCP socket that accepts
+// every write at once (queuing it in the net.Socket's writable buffer), so
+// the session's writes always complete and it keeps reading.  The extra
+// memory is bounded by HTTP/2 flow control (what the peer lets us send: at
+// most its connection window plus control frames).  Reads still apply
+// backpressure (pause the TCP socket when TLS/http2 stops reading).
+// --no-decouple turns this off (plain node:http2 over TLS over TCP).
+class Decoupler extends Duplex {
+  constructor(inner) {
+    super({ allowHalfOpen: true, readableHighWaterMark: 256 * 1024, writableHighWaterMark: 256 * 1024 });
+    this.inner = inner;
+    this.peer = inner.remoteAddress ? formatHostPort(inner.remoteAddress, inner.remotePort) : null;
+    inner.on('data', (d) => { if (!this.push(d)) inner.pause(); });
+    inner.on('end', () => this.push(null));
+    inner.on('error', (err) => this.destroy(err));
+    inner.on('close', () => this.destroy());
+    inner.on('connect', () => {
+      this.peer = formatHostPort(inner.remoteAddress, inner.remotePort);
+      this.emit('connect');
+    });
+  }
+
+  _read() { this.inner.resume(); }
+
+  _write(chunk, encoding, cb) {
+    if (this.inner.destroyed) { cb(new Error('socket destroyed')); return; }
+    this.inner.write(chunk);
+    cb();
+  }
+
+  _writev(chunks, cb) {
+    if (this.inner.destroyed) { cb(new Error('socket destroyed')); return; }
+    for (const { chunk } of chunks) this.inner.write(chunk);
+    cb();
+  }
+
+  _final(cb) { this.inner.end(); cb(); }
+
+  _destroy(err, cb) { this.inner.destroy(); cb(err); }
+}
+
+// Peer "ip:port" of an http2 session (works with and without the Decoupler).
+function sessionPeer(session) {
+  const sock = session.socket;
+  if (sock && sock.remoteAddress) return formatHostPort(sock.remoteAddress, sock.remotePort);
+  try {
+    const shim = sock && sock.ssl && sock.ssl._parentWrap && sock.ssl._parentWrap.stream;
+    if (shim && shim.peer) return shim.peer;
+  } catch { /* internal layout changed; not important */ }
+  return null;
+}
+
 // ------------------------------------------------------------------- server
 
 function runServer(opts) {
@@ -216,27 +280,35 @@ function runServer(opts) {
   });
 
   server.on('unknownProtocol', (sock) => {
-    log({ event: 'reject', reason: 'ALPN did not select h2', peer: `${sock.remoteAddress}:${sock.remotePort}` });
+    log({ event: 'reject', reason: 'ALPN did not select h2' });
     sock.destroy();
   });
-  server.on('tlsClientError', (err, sock) => {
-    log({ event: 'tls_error', error: err.code || err.message, peer: sock && `${sock.remoteAddress}:${sock.remotePort}` });
+  server.on('tlsClientError', (err) => {
+    log({ event: 'tls_error', error: err.code || err.message });
   });
+
+  // Upstream sockets of each session, so that they die with it.
+  const upstreamsOf = new WeakMap();
 
   server.on('session', (session) => {
     const sock = session.socket;
-    const peer = formatHostPort(sock.remoteAddress, sock.remotePort);
+    const peer = sessionPeer(session);
     const ids = uriSans(sock.getPeerCertificate());
     if (prefix !== undefined && !ids.some((u) => u.startsWith(prefix))) {
       log({ event: 'reject', reason: 'client SPIFFE ID does not match prefix', peer, uris: ids, prefix });
       // Tear the whole connection down; in-flight/queued streams fail.
       session.destroy();
-      sock.destroy();
       return;
     }
+    upstreamsOf.set(session, new Set());
     try { session.setLocalWindowSize(CONNECTION_WINDOW); } catch (e) { log({ event: 'warn', error: String(e) }); }
     log({ event: 'session', peer, uris: ids });
     session.on('error', (err) => log({ event: 'session_error', peer, error: err.code || err.message }));
+    session.on('close', () => {
+      const ups = upstreamsOf.get(session);
+      log({ event: 'session_closed', peer, open_upstreams: ups ? ups.size : 0 });
+      if (ups) for (const u of ups) u.destroy();
+    });
   });
 
   server.on('stream', (stream, headers) => {
@@ -264,6 +336,11 @@ function runServer(opts) {
 
     const upstream = net.connect({ host: target.host, port: target.port, allowHalfOpen: true });
     upstream.setNoDelay(true);
+    const ups = upstreamsOf.get(stream.session);
+    if (ups) {
+      ups.add(upstream);
+      upstream.on('close', () => ups.delete(upstream));
+    }
     let status = null;
     let logged = false;
     let upstreamError = null;
@@ -314,10 +391,19 @@ function runServer(opts) {
     });
   });
 
-  setupLifetime(opts, () => server.close());
-  server.on('error', (err) => die(`listen failed: ${err.message}`));
-  server.listen(listen.port, listen.host, () => {
-    const a = server.address();
+  // With the Decoupler we accept TCP ourselves and hand the shim to the
+  // http2 secure server (which does the TLS handshake, client-cert checks
+  // and ALPN exactly as if it had accepted the socket itself).
+  const listener = opts['no-decouple']
+    ? server
+    : net.createServer((raw) => {
+      raw.setNoDelay(true);
+      server.emit('connection', new Decoupler(raw));
+    });
+  setupLifetime(opts, () => listener.close());
+  listener.on('error', (err) => die(`listen failed: ${err.message}`));
+  listener.listen(listen.port, listen.host, () => {
+    const a = listener.address();
     out({ ready: true, mode: 'server', host: a.address, port: a.port });
   });
 }
@@ -339,17 +425,27 @@ function makeCheckServerIdentity(expected) {
 
 function connectSession(opts, tlsOpts, server, maxStreams) {
   const authority = `https://${formatHostPort(server.host, server.port)}`;
-  const session = http2.connect(authority, {
+  const connOpts = {
     ...tlsOpts,
+    host: server.host,
+    port: server.port,
     servername: net.isIP(server.host) ? undefined : server.host,
     rejectUnauthorized: true,
     checkServerIdentity: makeCheckServerIdentity(opts['server-spiffe']),
     settings: h2Settings(maxStreams),
     maxSessionMemory: MAX_SESSION_MEMORY_MB,
-  });
+  };
+  if (!opts['no-decouple']) {
+    // TLS over the Decoupler over TCP (see the Decoupler comment).
+    connOpts.createConnection = () => {
+      const raw = net.connect({ host: server.host, port: server.port });
+      raw.setNoDelay(true);
+      return tls.connect({ ...connOpts, socket: new Decoupler(raw) });
+    };
+  }
+  const session = http2.connect(authority, connOpts);
   session.once('connect', () => {
     try { session.setLocalWindowSize(CONNECTION_WINDOW); } catch (e) { log({ event: 'warn', error: String(e) }); }
-    try { session.socket.setNoDelay(true); } catch { /* ignore */ }
   });
   return session;
 }
