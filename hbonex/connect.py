@@ -75,9 +75,14 @@ def parse_authority(text: str) -> Authority:
             raise BadAuthority(f"authority {text!r}: IPv6 addresses must be in brackets")
         if not _valid_hostname(host):
             raise BadAuthority(f"authority {text!r}: {host!r} is not a valid host")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    # isascii(): str.isdigit() also accepts "²" (latin-1 0xb2), on which int() raises.
+    if not _ascii_digits(port_text) or not 0 < int(port_text) < 65536:
         raise BadAuthority(f"authority {text!r}: port must be 1-65535")
     return Authority(host.lower(), int(port_text))
+
+
+def _ascii_digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()
 
 
 def _valid_hostname(host: str) -> bool:
@@ -212,7 +217,7 @@ class TargetRule:
         low, high = 1, 65535
         if ports:
             lo_text, dash, hi_text = ports.partition("-")
-            if not lo_text.isdigit() or (dash and not hi_text.isdigit()):
+            if not _ascii_digits(lo_text) or (dash and not _ascii_digits(hi_text)):
                 raise ValueError(f"{text!r}: ports must be PORT or LOW-HIGH")
             low = int(lo_text)
             high = int(hi_text) if dash else low
