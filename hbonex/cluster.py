@@ -16,10 +16,10 @@ from twisted.internet import error as ierror
 from twisted.internet.interfaces import IProtocol, IReactorCore, IReactorTCP, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from hbonex.connect import Authority, BadAuthority, TargetPolicy, parse_authority
 from hbonex.errors import UpstreamError
+from hbonex.fasttls import FastTLSFactory
 from hbonex.h2settings import H2Settings
 from hbonex.pool import H2Pool, PoolKey
 from hbonex.tls import ClientTLS, TLSSettings
@@ -242,7 +242,7 @@ class Cluster:
             return self.runtime.internal_listeners.connect(address, protocol, request)
         factory: Factory = _OneShotFactory(protocol)
         if self.client_tls is not None:
-            factory = TLSMemoryBIOFactory(self.client_tls, True, factory)
+            factory = FastTLSFactory(self.client_tls, True, factory)
         endpoint = _tcp_endpoint(self.reactor, address, self.connect_timeout)
         d = endpoint.connect(factory)
 

@@ -22,10 +22,10 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from hbonex.fasttls import FastTLSFactory, tune_tcp
 from hbonex.interfaces import IConnectionInfo, INetworkFilter, INetworkFilterCallbacks
 from hbonex.tls import ServerTLS, handshake_failure_reason, peer_identity
 
@@ -104,6 +104,7 @@ class ListenerConnection(Protocol):
 
     def connectionMade(self) -> None:
         transport = self.transport
+        tune_tcp(transport)
         self.info = ConnectionInfo(
             listenerName=self.listener.name,
             remoteAddress=address_text(transport.getPeer()),  # type: ignore[union-attr]
@@ -250,10 +251,6 @@ class ListenerFactory(Factory):
         return protocol
 
 
-class _TLSWrapper(TLSMemoryBIOFactory):
-    noisy = False
-
-
 class Listener:
     """
     A listener: a name, where it listens (endpoint string, or internal) and filter chains.
@@ -279,12 +276,12 @@ class Listener:
         self.per_connection_buffer_limit_bytes = per_connection_buffer_limit_bytes
         self.connections_total = 0
         self.factory = ListenerFactory(self)
-        self.tls_factories: dict[int, TLSMemoryBIOFactory] = {}
+        self.tls_factories: dict[int, FastTLSFactory] = {}
         for chain in self.filter_chains:
             if chain.tls is not None:
                 self.tls_factories[id(chain)] = self._tls_factory(chain)
 
-    def _tls_factory(self, chain: FilterChain) -> TLSMemoryBIOFactory:
+    def _tls_factory(self, chain: FilterChain) -> FastTLSFactory:
         listener = self
 
         class Inner(Factory):
@@ -293,7 +290,7 @@ class Listener:
             def buildProtocol(self, addr: Any) -> Protocol:
                 return ListenerConnection(listener, chain, True)
 
-        return _TLSWrapper(chain.tls, False, Inner())
+        return FastTLSFactory(chain.tls, False, Inner())
 
     def select_chain(self, addr: Any) -> FilterChain | None:
         """

@@ -14,6 +14,8 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from hbonex.fasttls import tune_tcp
+
 
 @implementer(IHalfCloseableProtocol)
 class RelayEnd(Protocol):
@@ -32,6 +34,9 @@ class RelayEnd(Protocol):
         self.reason: Failure | None = None
         #: Bytes that arrived before the other side was connected (bounded by the pause).
         self._early: list[bytes] = []
+
+    def connectionMade(self) -> None:
+        tune_tcp(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes_in += len(data)

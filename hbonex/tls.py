@@ -173,6 +173,7 @@ def _build_context(settings: TLSSettings, server: bool) -> SSL.Context:
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
     # Release idle read/write buffers: thousands of mostly idle connections are the norm.
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    _whole_writes(ctx)
     policy = settings.peer_policy
 
     def verify(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
@@ -207,6 +208,19 @@ def _build_context(settings: TLSSettings, server: bool) -> SSL.Context:
     elif settings.alpn:
         ctx.set_alpn_protos(list(settings.alpn))
     return ctx
+
+
+def _whole_writes(ctx: SSL.Context) -> None:
+    """
+    pyOpenSSL turns on partial writes, so each SSL_write stops after one 16 KiB record; with a
+    memory BIO nothing can block, so one call may encrypt a whole write (hbonex.fasttls).
+    """
+    try:
+        from OpenSSL._util import lib
+
+        lib.SSL_CTX_clear_mode(ctx._context, lib.SSL_MODE_ENABLE_PARTIAL_WRITE)  # type: ignore
+    except AttributeError:  # pragma: no cover - a pyOpenSSL without the binding
+        pass
 
 
 def _compat(method: Callable[[Any], None], value: Any, convert: Callable[[Any], Any]) -> None:
