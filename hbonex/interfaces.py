@@ -90,19 +90,28 @@ class INetworkFilter(Interface):
         """
 
 
-class INetworkFilterExtension(Interface):
+class IExtension(Interface):
     """
-    A Twisted plugin that provides a network filter type.
+    What every configurable extension (a Twisted plugin) says about itself.  Configuration
+    finds it by ``typed_config['@type']`` (preferred, as Envoy does) or by ``name``.
     """
 
-    name = Attribute("Envoy filter name, e.g. 'envoy.filters.network.tcp_proxy'")
-    typeUrls = Attribute("tuple of accepted typed_config '@type' URLs")
+    name = Attribute("Envoy extension name, e.g. 'envoy.filters.network.tcp_proxy'")
+    typeUrls = Attribute("tuple of accepted typed_config '@type' URLs (may be empty)")
 
     def parseConfig(config: dict, path: str, context: object) -> object:
         """
-        Validate ``typed_config`` (without '@type') found at YAML ``path``; return the parsed
-        config.  Raise hbonex.errors.ConfigError naming the path and the fix.
+        Validate ``config`` (``typed_config`` without '@type') found at YAML ``path`` and
+        return the parsed form.  Raise hbonex.errors.ConfigError naming the path, what is
+        wrong and what is accepted.  ``context`` is an hbonex.config.ConfigContext (reactor,
+        runtime, clusters declared so far, helpers for the common Envoy types).
         """
+
+
+class INetworkFilterExtension(IExtension):
+    """
+    A network filter type (listener filter chains).
+    """
 
     def filterFactory(parsed: object, context: object) -> object:
         """
@@ -110,48 +119,35 @@ class INetworkFilterExtension(Interface):
         """
 
 
-class IHTTPFilterExtension(Interface):
+class IHTTPFilterExtension(IExtension):
     """
-    A Twisted plugin that provides an HTTP filter type (used inside an HCM).
-    """
-
-    name = Attribute("Envoy filter name, e.g. 'envoy.filters.http.router'")
-    typeUrls = Attribute("tuple of accepted typed_config '@type' URLs")
-
-    def parseConfig(config: dict, path: str, context: object) -> object:
-        """
-        Validate and parse the filter's ``typed_config``.
-        """
-
-
-class IUpstream(Interface):
-    """
-    A cluster: how to reach upstream hosts, with what protocol, TLS and pool.
+    An HTTP filter type (inside an http_connection_manager).
     """
 
-    name = Attribute("cluster name")
-
-    def connectTCP(protocolFactory: object, info: object) -> object:
+    def filterFactory(parsed: object, context: object) -> object:
         """
-        Open a byte-stream connection to one host of the cluster for a downstream connection
-        described by ``info`` (IConnectionInfo or None); return a Deferred firing with the
-        connected protocol.
-        """
-
-    def openTunnel(authority: str, headers: list, protocol: object, info: object) -> object:
-        """
-        Open a CONNECT tunnel for ``authority`` through this cluster and connect ``protocol``
-        to it; return a Deferred that fires with the response status (200) or fails with
-        hbonex.errors.TunnelError.
+        Return a zero-argument callable that makes one HTTP filter per request.
         """
 
 
-class ITunnelTarget(Interface):
+class IClusterTypeExtension(IExtension):
     """
-    Decides where a terminated CONNECT goes (a route to a cluster) and opens it.
+    A cluster type (Envoy's ``type: STATIC`` etc.; ``name`` is the type's name).
     """
 
-    def resolve(authority: str, headers: list, info: object) -> object:
+    def buildCluster(common: object, config: dict, path: str, context: object) -> object:
         """
-        Return a (status, cluster-or-None, reason) decision for a CONNECT request.
+        Build an hbonex.cluster.Cluster from the already parsed common cluster settings
+        (``common``, a dict of Cluster keyword arguments) and the raw cluster ``config``.
+        """
+
+
+class ITransportSocketExtension(IExtension):
+    """
+    A transport socket (``envoy.transport_sockets.tls``, ``raw_buffer``).
+    """
+
+    def buildTransport(parsed: object, upstream: bool, context: object) -> object:
+        """
+        Return hbonex.tls.TLSSettings (or None for plain TCP).
         """
