@@ -22,6 +22,9 @@ class RouteDecision:
     original_destination: str | None = None
     idle_timeout: float = 3600.0
     body: bytes = b""
+    #: "tunnel": relay the stream's bytes (CONNECT, or POST with allow_post);
+    #: "http": forward the request to the cluster as an HTTP request.
+    kind: str = "tunnel"
 
 
 class ConnectRouter:
@@ -166,16 +169,17 @@ class RouteConfig:
                 return RouteDecision(403, "CONNECT is not enabled for this route")
             if request.method == "CONNECT" and request.protocol not in (None, "bytestream"):
                 return RouteDecision(400, f"unsupported :protocol {request.protocol!r}")
-            if request.method != "CONNECT" and not route.allow_post:
-                return RouteDecision(
-                    405, f"{request.method} requests are not proxied here; use CONNECT"
-                )
+            if route.cluster is None:
+                return RouteDecision(404, "route has no cluster")
+            kind = "tunnel"
+            if request.method != "CONNECT" and not (route.allow_post and request.method == "POST"):
+                kind = "http"
             original = request.authority
             if route.original_destination_header:
                 original = _pseudo(request, route.original_destination_header) or ""
             return RouteDecision(
                 200, cluster=route.cluster, original_destination=original,
-                idle_timeout=route.idle_timeout,
+                idle_timeout=route.idle_timeout, kind=kind,
             )
         return RouteDecision(404, f"no route matches in virtual host {vhost.name}")
 
