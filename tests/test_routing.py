@@ -60,6 +60,7 @@ class ConnectRouterTests(unittest.TestCase):
         self.assertIs(decision.cluster, CLUSTER)
         self.assertEqual(decision.original_destination, "10.0.0.1:8080")
         self.assertEqual(decision.idle_timeout, 42.0)
+        self.assertEqual(decision.kind, "tunnel")
 
     def test_bytestream_is_200(self) -> None:
         decision = self.router.route(connect("[::1]:80", protocol="bytestream", path="/"), None)
@@ -167,16 +168,36 @@ class RouteTests(unittest.TestCase):
         tea = cfg.route(connect("a:1"), None)
         self.assertEqual((tea.status, tea.body), (418, b"teapot"))
 
-    def test_non_connect_is_405_unless_post_allowed(self) -> None:
+    def test_non_connect_is_http_proxied(self) -> None:
         routes = (Route(prefix="/", cluster=CLUSTER),)
-        self.assertEqual(config(VirtualHost("v", ("*",), routes))
-                         .route(request("POST", "a:1", "/t"), None).status, 405)
+        decision = config(VirtualHost("v", ("*",), routes)).route(
+            request("GET", "a:1", "/t"), None
+        )
+        self.assertEqual((decision.status, decision.kind, decision.cluster),
+                         (200, "http", CLUSTER))
+        # A POST is only a tunnel (Envoy's CONNECT-over-POST) with allow_post.
+        post = config(VirtualHost("v", ("*",), routes)).route(request("POST", "a:1", "/t"), None)
+        self.assertEqual(post.kind, "http")
+
+    def test_post_tunnel_with_destination_header(self) -> None:
         routes = (Route(prefix="/", cluster=CLUSTER, allow_post=True,
                         original_destination_header="x-dest"),)
         decision = config(VirtualHost("v", ("*",), routes)).route(
             request("POST", "a:1", "/t", ("x-dest", "10.0.0.9:80")), None
         )
-        self.assertEqual((decision.status, decision.original_destination), (200, "10.0.0.9:80"))
+        self.assertEqual((decision.status, decision.kind, decision.original_destination),
+                         (200, "tunnel", "10.0.0.9:80"))
+        self.assertEqual(config(VirtualHost("v", ("*",), routes))
+                         .route(request("GET", "a:1", "/t"), None).kind, "http")
+
+    def test_connect_is_a_tunnel(self) -> None:
+        decision = config(vhost("c", "*")).route(connect("a:1"), None)
+        self.assertEqual(decision.kind, "tunnel")
+
+    def test_route_without_cluster_is_404(self) -> None:
+        routes = (Route(connect_matcher=True, cluster=None),)
+        decision = config(VirtualHost("v", ("*",), routes)).route(connect("a:1"), None)
+        self.assertEqual(decision.status, 404)
 
     def test_extended_connect_routes_by_path(self) -> None:
         routes = (Route(prefix="/tunnel", cluster="ext", connect_enabled=True),)
@@ -187,8 +208,8 @@ class RouteTests(unittest.TestCase):
         self.assertEqual(bad.status, 400)
 
     def test_path_and_regex_matchers(self) -> None:
-        routes = (Route(path="/exact", cluster="path", allow_post=True),
-                  Route(safe_regex=r"/v[0-9]+/.*", cluster="regex", allow_post=True))
+        routes = (Route(path="/exact", cluster="path"),
+                  Route(safe_regex=r"/v[0-9]+/.*", cluster="regex"))
         cfg = config(VirtualHost("v", ("*",), routes))
         self.assertEqual(cfg.route(request("POST", "a", "/exact"), None).cluster, "path")
         self.assertEqual(cfg.route(request("POST", "a", "/exact/no"), None).status, 404)
