@@ -82,6 +82,17 @@ class Runtime:
         self.clusters: dict[str, Cluster] = {}
         #: Live server-side HTTP/2 connections, told GOAWAY when the service stops.
         self.server_connections: set[Any] = set()
+        self._http_agents: Any = None
+
+    def http_agents(self) -> Any:
+        """
+        Pooled HTTP/1.1 clients per cluster, for HTTP request proxying.
+        """
+        if self._http_agents is None:
+            from hbonex.http_proxy import Agents
+
+            self._http_agents = Agents(self.reactor)
+        return self._http_agents
 
     def cluster(self, name: str) -> Cluster:
         return self.clusters[name]

@@ -223,11 +223,18 @@ class H1TunnelServer(Protocol):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, router: Any, info: Any, tunnels: TunnelLog) -> None:
+    def __init__(
+        self, reactor: Any, router: Any, info: Any, tunnels: TunnelLog, agents: Any = None,
+        idle_timeout: float = 300.0,
+    ) -> None:
         self.reactor = reactor
         self.router = router
         self.info = info
         self.tunnels = tunnels
+        #: hbonex.http_proxy.Agents, for connections whose first request is not CONNECT.
+        self.agents = agents
+        self.idle_timeout = idle_timeout
+        self._channel: Protocol | None = None
         self._buffer = b""
         self._relay: Relay | None = None
         self._head_done = False
@@ -236,6 +243,9 @@ class H1TunnelServer(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._relay is not None and self._relay.a.transport is not None:
             self._relay.a.dataReceived(data)
+            return
+        if self._channel is not None:
+            self._channel.dataReceived(data)
             return
         if self._head_done:
             self._buffer += data  # early tunnel bytes; the transport is paused
@@ -246,9 +256,27 @@ class H1TunnelServer(Protocol):
             if len(self._buffer) > MAX_REQUEST_HEAD:
                 self._reply(431, close=True)
             return
-        head, self._buffer = self._buffer[:end], self._buffer[end + 4 :]
+        head, rest = self._buffer[:end], self._buffer[end + 4 :]
+        if not head.startswith(b"CONNECT ") and self.agents is not None:
+            self._become_http_proxy(self._buffer)
+            return
+        self._buffer = rest
         self._head_done = True
         self._request(head)
+
+    def _become_http_proxy(self, data: bytes) -> None:
+        """
+        The connection carries ordinary HTTP requests: hand it to the HTTP/1.1 proxy.
+        """
+        from hbonex.http_proxy import ProxyChannel, ProxyContext
+
+        self._buffer = b""
+        channel = ProxyChannel(
+            ProxyContext(self.reactor, self.router, self.info, self.agents), self.idle_timeout
+        )
+        self._channel = channel
+        channel.makeConnection(self.transport)
+        channel.dataReceived(data)
 
     def _request(self, head: bytes) -> None:
         lines = head.decode("latin-1").split("\r\n")
@@ -317,6 +345,8 @@ class H1TunnelServer(Protocol):
             self.transport.loseConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._channel is not None:
+            self._channel.connectionLost(reason)
         if self._pending is not None:
             self._pending.cancel()
         if self._relay is not None:

@@ -48,7 +48,10 @@ class HttpConnectionManagerFilter:
             )
 
         def h1() -> H1TunnelServer:
-            return H1TunnelServer(reactor, config.router, info, config.tunnels)
+            return H1TunnelServer(
+                reactor, config.router, info, config.tunnels,
+                agents=config.runtime.http_agents(), idle_timeout=config.stream_idle_timeout,
+            )
 
         alpn = info.negotiatedProtocol
         codec: Any
