@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 // h2tunnel.mjs -- an independent HBONE peer built only on Node's built-in
-// modules (node:http2, node:net, node:tls, node:crypto, node:fs).  No npm.
+// modules (node:http2, node:net, node:tls, node:crypto, node:fs, node:stream).
+// No npm packages; Node >= 18.
 //
 // HBONE = TCP carried in HTTP/2 CONNECT streams over mutual TLS (Istio
 // ambient / ztunnel, port 15008 by convention).  This script is used by the
@@ -17,13 +18,13 @@
 //           [--server-spiffe URI] [--concurrency C] [--chunk BYTES]
 //           [--timeout SECONDS]
 //
-// Common: --ca FILE --cert FILE --key FILE (mTLS is always on),
-//         [--no-stdin-watch]
+// Common: --ca FILE --cert FILE --key FILE (mTLS, TLS >= 1.3, ALPN h2),
+//         [--no-stdin-watch] [--no-decouple]  (see the Decoupler comment)
 //
 // stdout carries JSON lines only (ready line, and for `client` one line per
 // stream plus a final summary).  stderr carries JSON log lines.
 //
-// Lifetime: exits cleanly (code 0) on SIGTERM / SIGINT, and -- when stdin is a
+// Lifetime: exits cleanly (code 0) on SIGTERM / SIGINT / SIGHUP, and -- when stdin is a
 // pipe or socket -- when stdin reaches EOF, so a dying parent that spawned us
 // with stdin=PIPE never leaves us behind.  stdin that is /dev/null or a TTY is
 // *not* watched (otherwise a child started with inherited /dev/null stdin
@@ -39,6 +40,7 @@ import { Duplex } from 'node:stream';
 const {
   NGHTTP2_NO_ERROR,
   NGHTTP2_CANCEL,
+  NGHTTP2_REFUSED_STREAM,
   NGHTTP2_CONNECT_ERROR,
   HTTP2_HEADER_METHOD,
   HTTP2_HEADER_AUTHORITY,
@@ -73,6 +75,22 @@ const H2_ERROR_NAMES = {
 const h2ErrorName = (code) => H2_ERROR_NAMES[code] ?? `0x${Number(code).toString(16)}`;
 
 // ---------------------------------------------------------------- utilities
+
+// Best short name for an error: prefer the underlying cause (e.g. the TLS /
+// SPIFFE failure behind an ERR_HTTP2_STREAM_CANCEL).
+function errName(err) {
+  if (!err) return null;
+  const c = err.cause;
+  if (c && (c.code || c.message)) return c.code || c.message;
+  return err.code || err.message || String(err);
+}
+
+// Abort a TCP socket with RST when possible (tunnel failure), else just destroy.
+function abortSocket(sock) {
+  if (sock.destroyed) return;
+  if (typeof sock.resetAndDestroy === 'function' && !sock.connecting) sock.resetAndDestroy();
+  else sock.destroy();
+}
 
 function out(obj) {
   process.stdout.write(JSON.stringify(obj) + '\n');
@@ -302,7 +320,7 @@ function runServer(opts) {
     }
     upstreamsOf.set(session, new Set());
     try { session.setLocalWindowSize(CONNECTION_WINDOW); } catch (e) { log({ event: 'warn', error: String(e) }); }
-    log({ event: 'session', peer, uris: ids });
+    log({ event: 'session', peer, uris: ids, local_window: session.state.effectiveLocalWindowSize });
     session.on('error', (err) => log({ event: 'session_error', peer, error: err.code || err.message }));
     session.on('close', () => {
       const ups = upstreamsOf.get(session);
@@ -450,6 +468,16 @@ function connectSession(opts, tlsOpts, server, maxStreams) {
   return session;
 }
 
+// Resolves (with null) once the peer's first SETTINGS frame arrived, or with
+// the session's error / a 'closed' marker if the session died first.
+function remoteSettled(session) {
+  return new Promise((resolve) => {
+    session.once('remoteSettings', () => resolve(null));
+    session.once('error', (err) => resolve(err));
+    session.once('close', () => resolve(new Error('session closed')));
+  });
+}
+
 // ------------------------------------------------------------------ forward
 
 function runForward(opts) {
@@ -461,58 +489,46 @@ function runForward(opts) {
   const maxStreams = intOpt(opts, 'max-streams', DEFAULT_MAX_STREAMS);
   let seq = 0;
 
-  // ONE shared session, (re)created lazily.  When the peer's
-  // SETTINGS_MAX_CONCURRENT_STREAMS is reached we simply rely on queuing:
-  // nghttp2 (underneath node:http2) holds the HEADERS of new requests until a
-  // stream slot frees up, so no extra sessions are opened.
-  let session = null;
+  // ONE shared session, (re)created lazily (after a GOAWAY, error or close).
+  // When the peer's SETTINGS_MAX_CONCURRENT_STREAMS is reached we simply rely
+  // on queuing: nghttp2 (underneath node:http2) holds the HEADERS of new
+  // requests until a stream slot frees up, so no extra sessions are opened.
+  // Requests are only issued once the server's SETTINGS have arrived (before
+  // that node assumes 100 concurrent streams and a smaller server limit would
+  // get them refused), and a REFUSED_STREAM before any response (never
+  // processed by the server, RFC 9113 8.7) is retried, up to MAX_ATTEMPTS.
+  const MAX_ATTEMPTS = 5;
+  let current = null; // { session, settled: Promise }
   const getSession = () => {
-    if (session && !session.closed && !session.destroyed) return session;
+    if (current && !current.session.closed && !current.session.destroyed) return current;
     const s = connectSession(opts, tlsOpts, server, maxStreams);
-    session = s;
-    const forget = () => { if (session === s) session = null; };
-    s.on('error', (err) => { log({ event: 'session_error', error: err.code || err.message }); forget(); });
+    const entry = { session: s, settled: remoteSettled(s) };
+    current = entry;
+    const forget = () => { if (current === entry) current = null; };
+    s.on('error', (err) => { log({ event: 'session_error', error: errName(err) }); forget(); });
     s.on('goaway', (code) => { log({ event: 'goaway', code: h2ErrorName(code) }); forget(); });
     s.on('close', forget);
     s.once('connect', () => {
       const c = s.socket.getPeerCertificate();
       log({ event: 'session', server: formatHostPort(server.host, server.port), uris: uriSans(c) });
     });
-    return s;
+    return entry;
   };
 
   const tcp = net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (sock) => {
     const id = ++seq;
     const peer = formatHostPort(sock.remoteAddress, sock.remotePort);
+    const headers = {
+      [HTTP2_HEADER_METHOD]: 'CONNECT',
+      [HTTP2_HEADER_AUTHORITY]: targetAuthority,
+      forwarded: `for="${peer}"`,
+    };
     sock.setNoDelay(true);
-    let req;
-    try {
-      req = getSession().request(
-        {
-          [HTTP2_HEADER_METHOD]: 'CONNECT',
-          [HTTP2_HEADER_AUTHORITY]: targetAuthority,
-          forwarded: `for="${peer}"`,
-        },
-        { endStream: false },
-      );
-    } catch (err) {
-      // e.g. ERR_HTTP2_OUT_OF_STREAMS: drop the session and try a fresh one.
-      session = null;
-      try {
-        req = getSession().request(
-          { [HTTP2_HEADER_METHOD]: 'CONNECT', [HTTP2_HEADER_AUTHORITY]: targetAuthority, forwarded: `for="${peer}"` },
-          { endStream: false },
-        );
-      } catch (err2) {
-        log({ event: 'tunnel', id, peer, authority: targetAuthority, error: err2.code || err2.message });
-        sock.destroy();
-        return;
-      }
-    }
-
+    let req = null;
     let status = null;
     let error = null;
     let logged = false;
+    let attempts = 0;
     let bytesUp = 0;
     let bytesDown = 0;
     const finish = () => {
@@ -521,43 +537,73 @@ function runForward(opts) {
       log({
         event: 'tunnel', id, peer, authority: targetAuthority, status,
         bytes_up: bytesUp, bytes_down: bytesDown,
-        rst: req.rstCode === undefined ? null : h2ErrorName(req.rstCode),
-        error,
+        rst: !req || req.rstCode === undefined ? null : h2ErrorName(req.rstCode),
+        attempts, error,
       });
     };
 
-    req.on('response', (headers) => {
-      status = Number(headers[HTTP2_HEADER_STATUS]);
-      if (status !== 200) {
-        sock.destroy();
-        if (!req.closed) req.close(NGHTTP2_CANCEL);
-        return;
-      }
-      sock.on('data', (d) => { bytesUp += d.length; });
-      req.on('data', (d) => { bytesDown += d.length; });
-      // Default {end: true} on both: FIN <-> END_STREAM, with allowHalfOpen
-      // keeping the other direction open.  pipe() resumes the paused socket.
-      sock.pipe(req);
-      req.pipe(sock);
-    });
-    req.on('error', (err) => { error = err.code || err.message; });
-    req.on('close', () => {
-      // Reset / failed stream -> abort the TCP client.  A clean close leaves
-      // the socket to finish flushing (req.pipe(sock) ends it).
-      if (req.rstCode !== NGHTTP2_NO_ERROR || status !== 200) sock.destroy();
-      finish();
-    });
     sock.on('error', (err) => {
       error = error ?? `downstream ${err.code || err.message}`;
-      if (!req.closed) req.close(NGHTTP2_CANCEL);
+      if (req && !req.closed) req.close(NGHTTP2_CANCEL);
     });
     sock.on('close', () => {
       // Downstream went away without a clean FIN both ways -> reset the stream.
-      if (!req.closed && !(sock.readableEnded && sock.writableFinished)) req.close(NGHTTP2_CANCEL);
+      if (req && !req.closed && !(sock.readableEnded && sock.writableFinished)) req.close(NGHTTP2_CANCEL);
+      if (!req) finish();
     });
+
+    const attempt = async () => {
+      attempts++;
+      const entry = getSession();
+      const sessionErr = await entry.settled;
+      if (sock.destroyed) return; // downstream gave up meanwhile
+      let r;
+      try {
+        r = entry.session.request(headers, { endStream: false });
+      } catch (err) {
+        // Session died before settling (connect/TLS/SPIFFE failure: no retry,
+        // report it), or e.g. ERR_HTTP2_OUT_OF_STREAMS (retry on a new one).
+        if (current === entry) current = null;
+        if (attempts < MAX_ATTEMPTS && !sessionErr) { attempt(); return; }
+        error = errName(sessionErr) ?? errName(err);
+        abortSocket(sock);
+        finish();
+        return;
+      }
+      req = r;
+      r.on('response', (h) => {
+        status = Number(h[HTTP2_HEADER_STATUS]);
+        if (status !== 200) {
+          abortSocket(sock);
+          if (!r.closed) r.close(NGHTTP2_CANCEL);
+          return;
+        }
+        sock.on('data', (d) => { bytesUp += d.length; });
+        r.on('data', (d) => { bytesDown += d.length; });
+        // Default {end: true} on both: FIN <-> END_STREAM, with allowHalfOpen
+        // keeping the other direction open.  pipe() resumes the paused socket.
+        sock.pipe(r);
+        r.pipe(sock);
+      });
+      r.on('error', (err) => { error = errName(err); });
+      r.on('close', () => {
+        if (status === null && r.rstCode === NGHTTP2_REFUSED_STREAM && attempts < MAX_ATTEMPTS && !sock.destroyed) {
+          log({ event: 'retry', id, reason: 'REFUSED_STREAM', attempts });
+          error = null;
+          req = null;
+          attempt();
+          return;
+        }
+        // Reset / failed stream -> abort the TCP client with RST.  A clean
+        // close leaves the socket to finish flushing (r.pipe(sock) ends it).
+        if (r.rstCode !== NGHTTP2_NO_ERROR || status !== 200) abortSocket(sock);
+        finish();
+      });
+    };
+    attempt();
   });
 
-  setupLifetime(opts, () => { tcp.close(); if (session) session.destroy(); });
+  setupLifetime(opts, () => { tcp.close(); if (current) current.session.destroy(); });
   tcp.on('error', (err) => die(`listen failed: ${err.message}`));
   tcp.listen(listen.port, listen.host, () => {
     const a = tcp.address();
@@ -581,14 +627,7 @@ function runClient(opts) {
   const t0 = process.hrtime.bigint();
   const session = connectSession(opts, tlsOpts, server, DEFAULT_MAX_STREAMS);
   let sessionError = null;
-  session.on('error', (err) => { sessionError = err.code || err.message; });
-  session.once('connect', () => {
-    out({
-      ready: true, mode: 'client',
-      server: formatHostPort(server.host, server.port),
-      uris: uriSans(session.socket.getPeerCertificate()),
-    });
-  });
+  session.on('error', (err) => { sessionError = errName(err); });
 
   let ok = 0;
   let failed = 0;
@@ -644,13 +683,14 @@ function runClient(opts) {
         { endStream: false },
       );
     } catch (err) {
-      error = err.code || err.message;
+      // Typically ERR_HTTP2_INVALID_SESSION: report why the session died.
+      error = sessionError ?? errName(err);
       report(result());
       return;
     }
 
     req.on('data', (d) => { received += d.length; recvHash.update(d); });
-    req.on('error', (err) => { error = error ?? (err.code || err.message); });
+    req.on('error', (err) => { error = error ?? errName(err); });
     req.on('close', () => {
       const rst = req.rstCode !== undefined && req.rstCode !== NGHTTP2_NO_ERROR;
       if (status === null) {
@@ -713,8 +753,21 @@ function runClient(opts) {
       process.exit(1);
     }, timeout * 1000).unref();
   }
-  if (nStreams === 0) done();
-  else launch();
+  // Open streams only once the server's SETTINGS (its stream limit) are known;
+  // beyond that limit nghttp2 queues the requests.
+  remoteSettled(session).then((err) => {
+    if (err) sessionError = sessionError ?? errName(err);
+    else {
+      out({
+        ready: true, mode: 'client',
+        server: formatHostPort(server.host, server.port),
+        uris: uriSans(session.socket.getPeerCertificate()),
+        remote_settings: session.remoteSettings,
+      });
+    }
+    if (nStreams === 0) done();
+    else launch();
+  });
 }
 
 // --------------------------------------------------------------------- main
