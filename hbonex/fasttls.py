@@ -27,12 +27,17 @@ _RECORD = 16384
 
 def tune_tcp(transport: Any) -> None:
     """
-    Larger socket reads for a TCP transport (or the TCP transport under a TLS one).
+    Larger socket reads and no Nagle delay (as Envoy) for a TCP transport, or the TCP
+    transport under a TLS one: a relay must not hold back a small write waiting for an ACK.
     """
     while transport is not None and not isinstance(transport, tcp.Connection):
         transport = getattr(transport, "transport", None)
     if transport is not None:
         transport.bufferSize = TCP_BUFFER_SIZE
+        try:
+            transport.setTcpNoDelay(True)
+        except OSError:  # pragma: no cover - e.g. the socket is already gone
+            pass
 
 
 class FastTLSProtocol(TLSMemoryBIOProtocol):
