@@ -86,6 +86,7 @@ class Options(TLSOptions):
         if self["max-streams"] < 1:
             raise usage.UsageError("--max-streams must be at least 1")
         self.tls_min()
+        self.load_material("client")
 
 
 def build(options: Options, reactor: Any) -> Bootstrap:

@@ -71,6 +71,7 @@ class Options(TLSOptions):
                 IdentityMatcher(self["allow-identity"])
         except ValueError as e:
             raise usage.UsageError(f"--allow-identity: {e}")
+        self.load_material("server")
 
 
 def build(options: Options, reactor: Any) -> Bootstrap:

@@ -54,10 +54,25 @@ class TLSOptions(usage.Options):
         ["config", "c", None, "Envoy v3 bootstrap YAML file (replaces the other options)."],
     ]
 
+    def load_material(self, identity: str) -> None:
+        """
+        Load the certificates while parsing options, so a bad file is a usage error naming
+        the file and the problem, not a traceback.
+        """
+        if self["config"]:
+            return
+        try:
+            self.material = self.tls_material(identity)
+        except ConfigError as e:
+            raise usage.UsageError(str(e))
+
     def tls_material(self, identity: str) -> Any:
         """
         Load --pki/--ca, or the dev PKI's ``identity``.
         """
+        cached = getattr(self, "material", None)
+        if cached is not None:
+            return cached
         try:
             if self["pki"]:
                 return pki.load_pki_dir(self["pki"], self["ca"])
