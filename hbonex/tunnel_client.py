@@ -107,9 +107,14 @@ class H2TunnelClient(H2TunnelConnection):
             return defer.fail(UpstreamError(503, "peer stream limit reached", retryable=True))
         stream = H2Stream(self, stream_id)
         self.add_stream(stream)
-        d: defer.Deferred[tuple[H2Stream, dict[bytes, bytes]]] = defer.Deferred(
-            lambda _: stream.reset(ErrorCodes.CANCEL)
-        )
+
+        def cancel(_: Any) -> None:
+            # Forget it before the reset, so the reset does not fail it with a 503 and
+            # cancel() fails it with CancelledError, as callers (tcp_proxy, the pool) expect.
+            self._pending.pop(stream_id, None)
+            stream.reset(ErrorCodes.CANCEL)
+
+        d: defer.Deferred[tuple[H2Stream, dict[bytes, bytes]]] = defer.Deferred(cancel)
         self._pending[stream_id] = d
 
         def closed_before_response(reason: Failure) -> None:

@@ -161,7 +161,8 @@ class H2TunnelServer(H2TunnelConnection):
             self.conn.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
             return
         decision = self.router.route(request, self.info)
-        if decision.status != 200:
+        # No cluster: a direct_response (which may well be a 200), not a tunnel.
+        if decision.status != 200 or decision.cluster is None:
             self.tunnels.refused_tunnel(self.info, request.authority, decision.status,
                                         decision.reason)
             self._respond(sid, decision.status, decision.body)
@@ -300,7 +301,7 @@ class H1TunnelServer(Protocol):
             self._reply(405, close=True, extra="Allow: CONNECT\r\n")
             return
         decision = self.router.route(request, self.info)
-        if decision.status != 200:
+        if decision.status != 200 or decision.cluster is None:  # None: a direct_response
             self.tunnels.refused_tunnel(self.info, target, decision.status, decision.reason)
             self._reply(decision.status, close=True)
             return
