@@ -33,6 +33,7 @@ from hbonex.pki import (
     load_pki_dir,
 )
 from hbonex.spiffe import SpiffeId, spiffe_id_of
+from hbonex.tls import ClientTLS, PeerPolicy, ServerTLS, tls_settings_from_material
 
 UTC = datetime.timezone.utc
 SERVER_ID = "spiffe://cluster.local/ns/default/sa/server"
@@ -384,21 +385,6 @@ class LoadMaterialTests(PKITestCase):
             return real(self)
 
         self.patch(Path, "read_bytes", deny)
-        self.assertPKIError(
-            [f"{key}: permission denied"],
-            load_material,
-            d / "client" / "cert.pem",
-            key,
-            d / "ca.pem",
-        )
-
-    def test_permission_denied_real(self) -> None:
-        if os.geteuid() == 0:
-            raise unittest.SkipTest("root can read 0000 files")
-        d = self.make_pki()
-        key = d / "client" / "key.pem"
-        key.chmod(0)
-        self.addCleanup(key.chmod, 0o600)
         self.assertPKIError(
             [f"{key}: permission denied"],
             load_material,
@@ -842,23 +828,10 @@ class DevPKITests(unittest.TestCase):
 # --- real TLS handshake -------------------------------------------------------------------
 
 
-def tls_context(material: TLSMaterial) -> SSL.Context:
-    """Mutual-TLS 1.3 context as an HBONE endpoint would build it.
-
-    pyOpenSSL >= 24.3 deprecates passing its own X509/PKey to use_certificate/use_privatekey,
-    so the cryptography objects go in directly; the CA store still takes pyOpenSSL X509s.
-    """
-    ctx = SSL.Context(SSL.TLS_METHOD)
-    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
-    ctx.use_certificate(material.certificate)
-    ctx.use_privatekey(material.key)  # type: ignore[arg-type]
-    ctx.check_privatekey()
-    store = ctx.get_cert_store()
-    assert store is not None
-    for ca in material.openssl_ca_certificates():
-        store.add_cert(ca)
-    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
-    return ctx
+def tls_context(material: TLSMaterial, server: bool) -> SSL.Context:
+    """Mutual-TLS 1.3 context as an HBONE endpoint builds it (hbonex.tls)."""
+    settings = tls_settings_from_material(material, peer_policy=PeerPolicy(), alpn=())
+    return ServerTLS(settings).context if server else ClientTLS(settings).context
 
 
 def pump(a: SSL.Connection, b: SSL.Connection) -> bool:
@@ -892,9 +865,9 @@ class HandshakeTests(PKITestCase):
     def connect(
         self, client_m: TLSMaterial, server_m: TLSMaterial
     ) -> tuple[SSL.Connection, SSL.Connection]:
-        client = SSL.Connection(tls_context(client_m), None)
+        client = SSL.Connection(tls_context(client_m, server=False), None)
         client.set_connect_state()
-        server = SSL.Connection(tls_context(server_m), None)
+        server = SSL.Connection(tls_context(server_m, server=True), None)
         server.set_accept_state()
         handshake(client, server)
         return client, server
@@ -917,7 +890,7 @@ class HandshakeTests(PKITestCase):
     def test_dev_pki_handshake(self) -> None:
         dev = ensure_dev_pki(self.mktemp())
         client, server = self.connect(load_pki_dir(dev / "client"), load_pki_dir(dev / "server"))
-        peer = server.get_peer_certificate(as_cryptography=True)
+        peer = server.get_peer_certificate()
         assert peer is not None
         self.assertEqual(str(spiffe_id_of(peer)), CLIENT_ID)
 
