@@ -1,0 +1,341 @@
+"""
+twistd plugin discovery and option parsing, and ``verifyObject`` on every class in hbonex that
+declares ``@implementer``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+from typing import Any, Callable
+
+from twisted.application.service import IService, IServiceMaker
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.plugin import IPlugin, getPlugins
+from twisted.python import usage
+from twisted.trial import unittest
+from zope.interface import implementedBy, providedBy
+from zope.interface.verify import verifyObject
+
+import hbonex
+from hbonex import client_tap, pki, server_tap
+from hbonex.connect import TargetRule
+from hbonex.h2settings import H2Settings
+
+MAKERS = {"hbone-client": client_tap, "hbone-server": server_tap}
+
+
+def service_makers() -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for maker in getPlugins(IServiceMaker):
+        if maker.tapname in MAKERS:
+            # A checkout on sys.path and an installed copy may both be found: keep one.
+            found.setdefault(maker.tapname, maker)
+    return found
+
+
+class DiscoveryTests(unittest.TestCase):
+    def test_both_taps_are_found(self) -> None:
+        makers = service_makers()
+        self.assertEqual(sorted(makers), ["hbone-client", "hbone-server"])
+        for tapname, maker in makers.items():
+            self.assertTrue(verifyObject(IServiceMaker, maker))
+            self.assertTrue(IPlugin.providedBy(maker))
+            self.assertTrue(maker.description)
+            module = MAKERS[tapname]
+            self.assertIs(maker.options, module.Options)
+            self.assertTrue(issubclass(maker.options, usage.Options))
+            self.assertIs(maker.makeService, module.makeService)
+
+
+class OptionsTestCase(unittest.TestCase):
+    module: Any = None
+
+    def parse(self, *args: str) -> Any:
+        options = self.module.Options()
+        options.parseOptions(["--state-dir", self.state_dir, *args])
+        return options
+
+    def rejects(self, *args: str) -> str:
+        with self.assertRaises(usage.UsageError) as cm:
+            self.parse(*args)
+        return str(cm.exception)
+
+    def setUp(self) -> None:
+        # Parsing loads the certificates: a dev PKI made in a temporary state directory.
+        self.state_dir = self.mktemp()
+
+
+class ClientOptionsTests(OptionsTestCase):
+    module = client_tap
+
+    def test_forward(self) -> None:
+        options = self.parse("--forward", "127.0.0.1:9000=127.0.0.1:8080")
+        self.assertEqual(options["forward"], [("tcp:9000:interface=127.0.0.1", "127.0.0.1:8080")])
+        self.assertEqual(options["server"], "127.0.0.1:15008")
+        self.assertEqual(options["max-streams"], 100)
+        self.assertFalse(options["http1"])
+        self.assertEqual(options.material.spiffe_id.service_account, "client")
+
+    def test_forward_forms_and_repeats(self) -> None:
+        options = self.parse(
+            "--forward", "9000=[::1]:80",
+            "--forward", "tcp:9001:interface=0.0.0.0=db.internal:5432",
+            "--forward", "[::1]:9002=10.0.0.1:443",
+        )
+        self.assertEqual(options["forward"], [
+            ("tcp:9000:interface=127.0.0.1", "[::1]:80"),
+            ("tcp:9001:interface=0.0.0.0", "db.internal:5432"),
+            ("tcp6:9002:interface=\\:\\:1", "10.0.0.1:443"),
+        ])
+
+    def test_other_flags(self) -> None:
+        options = self.parse(
+            "--forward", "9000=a:1", "--server", "[::1]:15008", "--http1",
+            "--server-identity", "spiffe://cluster.local/ns/default/sa/server",
+            "--max-streams", "6", "--header", "X-Tenant=blue", "--header", "x-b=1=2",
+            "--stream-window", "1048576", "--keepalive-interval", "0",
+        )
+        self.assertEqual(options["server"], "[::1]:15008")
+        self.assertTrue(options["http1"])
+        self.assertEqual(options["max-streams"], 6)
+        self.assertEqual(options["header"], [("x-tenant", "blue"), ("x-b", "1=2")])
+        settings = options.h2_settings()
+        self.assertEqual(settings.initial_stream_window_size, 1024 * 1024)
+        self.assertEqual(settings.keepalive_interval, 0)
+
+    def test_bad_flags(self) -> None:
+        for args in (
+            (),  # no --forward
+            ("--forward", "no-equals-sign"),
+            ("--forward", "9000="),
+            ("--forward", "9000=host-without-port"),
+            ("--forward", "9000=::1:80"),
+            ("--forward", "nonsense=a:1"),
+            ("--forward", "9000=a:1", "--server", "nohostport"),
+            ("--forward", "9000=a:1", "--server-identity", "https://not/spiffe"),
+            ("--forward", "9000=a:1", "--max-streams", "0"),
+            ("--forward", "9000=a:1", "--max-streams", "many"),
+            ("--forward", "9000=a:1", "--tls-min", "1.1"),
+            ("--forward", "9000=a:1", "--header", "no-value"),
+            ("--forward", "9000=a:1", "--header", "=v"),
+            ("--forward", "9000=a:1", "--pki", "/nonexistent/hbonex-test-pki"),
+        ):
+            self.rejects(*args)
+
+    def test_error_names_the_flag(self) -> None:
+        self.assertIn("--forward", self.rejects("--forward", "9000=host-without-port"))
+        self.assertIn("--server", self.rejects("--forward", "9000=a:1", "--server", "x"))
+
+    def test_bad_h2_settings(self) -> None:
+        options = self.parse("--forward", "9000=a:1", "--max-frame-size", "100")
+        self.assertRaises(usage.UsageError, options.h2_settings)
+
+    def test_make_service(self) -> None:
+        service = client_tap.makeService(self.parse("--forward", "127.0.0.1:0=127.0.0.1:1"))
+        self.assertTrue(IService.providedBy(service))
+        self.assertFalse(service.running)
+
+
+class ServerOptionsTests(OptionsTestCase):
+    module = server_tap
+
+    def test_defaults(self) -> None:
+        options = self.parse()
+        self.assertEqual(options["listen"], "tcp:15008:interface=127.0.0.1")
+        self.assertEqual(options["allow-target"], [])
+        self.assertEqual(options["max-concurrent-streams"], 200)
+        self.assertEqual(options.material.spiffe_id.service_account, "server")
+
+    def test_allow_target(self) -> None:
+        options = self.parse(
+            "--allow-target", "10.0.0.0/8:80-90", "--allow-target", "[::1]:8080",
+            "--allow-target", "192.168.1.0/24",
+        )
+        self.assertEqual(options["allow-target"], [
+            TargetRule.parse("10.0.0.0/8:80-90"),
+            TargetRule.parse("[::1]:8080"),
+            TargetRule.parse("192.168.1.0/24"),
+        ])
+        self.assertEqual((options["allow-target"][0].port_low,
+                          options["allow-target"][0].port_high), (80, 90))
+
+    def test_listen_and_others(self) -> None:
+        options = self.parse(
+            "--listen", "8443", "--max-concurrent-streams", "6",
+            "--allow-identity", "spiffe://cluster.local/ns/default/sa/client",
+            "--max-requests-per-connection", "1000", "--tls-min", "1.2",
+        )
+        self.assertEqual(options["listen"], "tcp:8443:interface=127.0.0.1")
+        self.assertEqual(options["max-concurrent-streams"], 6)
+        self.assertEqual(options["max-requests-per-connection"], 1000)
+        self.assertEqual(options.tls_min(), "TLSv1_2")
+        self.assertIsInstance(options.h2_settings(6), H2Settings)
+        self.assertEqual(self.parse("--listen", "0.0.0.0:15008")["listen"],
+                         "tcp:15008:interface=0.0.0.0")
+        self.assertEqual(self.parse("--listen", "unix:/tmp/x.sock")["listen"], "unix:/tmp/x.sock")
+
+    def test_bad_flags(self) -> None:
+        for args in (
+            ("--allow-target", "10.0.0.0/8:90-80"),
+            ("--allow-target", "10.0.0.0/8:0"),
+            ("--allow-target", "not-an-address"),
+            ("--allow-target", "10.0.0.0/33"),
+            ("--listen", "nowhere"),
+            ("--listen", "host:port"),
+            ("--tls-min", "1.0"),
+            ("--max-concurrent-streams", "x"),
+            ("--pki", "/nonexistent/hbonex-test-pki"),
+            ("--unknown-flag",),
+        ):
+            self.rejects(*args)
+
+    def test_error_names_the_flag(self) -> None:
+        self.assertIn("--allow-target", self.rejects("--allow-target", "10.0.0.0/8:90-80"))
+        self.assertIn("--listen", self.rejects("--listen", "nowhere"))
+
+
+# -- verifyObject on every @implementer class ------------------------------------------------
+
+
+def _tls_settings(test: unittest.TestCase) -> Any:
+    from hbonex.tls import PeerPolicy, tls_settings_from_material
+
+    dev = pki.ensure_dev_pki(test.mktemp())
+    material = pki.load_pki_dir(dev / "server")
+    return tls_settings_from_material(material, peer_policy=PeerPolicy())
+
+
+def _listener_connection(test: unittest.TestCase) -> Any:
+    from hbonex.listener import FilterChain, Listener, ListenerConnection
+
+    listener = Listener("test", Clock(), [FilterChain([])])
+    connection = ListenerConnection(listener, listener.filter_chains[0], False)
+    connection.makeConnection(StringTransport())  # sets .info
+    return connection
+
+
+def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
+    """
+    One instance of each class in hbonex that declares @implementer, keyed by
+    ``module.Class``.
+    """
+    from hbonex import demo, http_proxy
+    from hbonex.cluster import UpstreamRequest
+    from hbonex.filters.http_connection_manager import (
+        HttpConnectionManagerConfig,
+        HttpConnectionManagerFilter,
+    )
+    from hbonex.filters.tcp_proxy import TcpProxyConfig, TcpProxyFilter, WeightedCluster
+    from hbonex.h2connection import H2Stream
+    from hbonex.internal import InternalEndpointAddress, internal_pair
+    from hbonex.listener import ConnectionInfo
+    from hbonex.relay import RelayEnd
+    from hbonex.tls import ClientTLS, ServerTLS
+    from hbonex.tunnel_client import H1TunnelClient, H1TunnelTransport, H2TunnelClient
+
+    def tcp_proxy() -> Any:
+        return TcpProxyFilter(TcpProxyConfig("p", [WeightedCluster("c", 1)], runtime=None))
+
+    def relay_end() -> Any:
+        from hbonex.relay import Relay
+
+        end = Relay(Clock()).a
+        assert isinstance(end, RelayEnd)
+        return end
+
+    return {
+        "hbonex.listener.ListenerConnection": lambda: _listener_connection(test),
+        "hbonex.listener.ConnectionInfo": lambda: ConnectionInfo("l", "1.2.3.4:5", "5.6.7.8:9"),
+        "hbonex.filters.tcp_proxy.TcpProxyFilter": tcp_proxy,
+        "hbonex.filters.http_connection_manager.HttpConnectionManagerFilter": lambda: (
+            HttpConnectionManagerFilter(HttpConnectionManagerConfig("h", None, None))
+        ),
+        "hbonex.tls.ServerTLS": lambda: ServerTLS(_tls_settings(test)),
+        "hbonex.tls.ClientTLS": lambda: ClientTLS(_tls_settings(test)),
+        "hbonex.internal.InternalTransport": lambda: internal_pair(Clock(), "l", "e", 10)[0],
+        "hbonex.internal.InternalEndpointAddress": lambda: InternalEndpointAddress("l", "e"),
+        "hbonex.tunnel_client.H1TunnelTransport": lambda: H1TunnelTransport(StringTransport()),
+        "hbonex.tunnel_client.H2TunnelClient": lambda: H2TunnelClient(H2Settings(), Clock()),
+        "hbonex.tunnel_client.H1TunnelClient": lambda: H1TunnelClient("a:1", []),
+        "hbonex.h2connection.H2Stream": lambda: H2Stream(
+            H2TunnelClient(H2Settings(), Clock()), 1
+        ),
+        "hbonex.relay.RelayEnd": relay_end,
+        "hbonex.demo.Echo": demo.Echo,
+        "hbonex.demo.Pusher": lambda: demo.Pusher(1024, 1),
+        "hbonex.http_proxy.ClusterEndpoint": lambda: http_proxy.ClusterEndpoint(
+            None, UpstreamRequest()
+        ),
+        "hbonex.http_proxy.ClusterEndpointFactory": lambda: (
+            http_proxy.ClusterEndpointFactory(None)
+        ),
+    }
+
+
+def _declaring_classes() -> dict[str, type]:
+    """Every class defined in an hbonex module that itself declares @implementer."""
+    found: dict[str, type] = {}
+    for info in pkgutil.walk_packages(hbonex.__path__, "hbonex."):
+        if info.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(info.name)
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == module.__name__ and implementedBy(cls).declared:
+                found[f"{cls.__module__}.{cls.__qualname__}"] = cls
+    return found
+
+
+class ImplementerTests(unittest.TestCase):
+    def test_every_provider_verifies(self) -> None:
+        for name, make in sorted(_providers(self).items()):
+            instance = make()
+            self.assertEqual(f"{type(instance).__module__}.{type(instance).__qualname__}", name)
+            interfaces = list(providedBy(instance))
+            self.assertTrue(interfaces, name)
+            for interface in interfaces:
+                try:
+                    verifyObject(interface, instance)
+                except Exception as e:
+                    self.fail(f"{name} does not provide {interface.__name__}: {e}")
+
+    def test_key_interfaces(self) -> None:
+        from twisted.internet.interfaces import (
+            IOpenSSLClientConnectionCreator,
+            IOpenSSLServerConnectionCreator,
+        )
+
+        from hbonex.interfaces import (
+            IConnectionInfo,
+            IHalfCloseableTransport,
+            INetworkFilter,
+            INetworkFilterCallbacks,
+        )
+
+        expected = {
+            "hbonex.listener.ListenerConnection": INetworkFilterCallbacks,
+            "hbonex.filters.tcp_proxy.TcpProxyFilter": INetworkFilter,
+            "hbonex.filters.http_connection_manager.HttpConnectionManagerFilter":
+                INetworkFilter,
+            "hbonex.tls.ServerTLS": IOpenSSLServerConnectionCreator,
+            "hbonex.tls.ClientTLS": IOpenSSLClientConnectionCreator,
+            "hbonex.internal.InternalTransport": IHalfCloseableTransport,
+            "hbonex.tunnel_client.H1TunnelTransport": IHalfCloseableTransport,
+            "hbonex.h2connection.H2Stream": IHalfCloseableTransport,
+            "hbonex.listener.ConnectionInfo": IConnectionInfo,
+        }
+        providers = _providers(self)
+        for name, interface in expected.items():
+            instance = providers[name]()
+            self.assertTrue(interface.providedBy(instance), f"{name} / {interface.__name__}")
+            self.assertTrue(verifyObject(interface, instance))
+
+    def test_every_implementer_is_covered(self) -> None:
+        missing = sorted(set(_declaring_classes()) - set(_providers(self)))
+        self.assertEqual(
+            missing, [],
+            "classes declaring @implementer without an instance in "
+            "tests/test_plugins.py:_providers (add one so verifyObject checks them)",
+        )
