@@ -349,6 +349,9 @@ class H2Stream:
             return
         self._closed = True
         self.disconnected = True
+        # Bytes never handed over (e.g. early data on a refused tunnel) must still give their
+        # connection window back, or a few such streams starve the whole connection.
+        self._drop_inbound()
         self.connection._forget_stream(self)
         producer = self._producer
         if producer is not None:

@@ -847,6 +847,26 @@ class RequestTests(unittest.TestCase):
         self.assertEqual(failure.value.status, 403)
         self.assertFalse(failure.value.retryable)
 
+    def test_early_data_on_refused_tunnels_does_not_starve_the_connection(self) -> None:
+        pair = H2Pair()
+        conn = pair.client.conn
+        for _ in range(4):  # 4 x 4 MiB: the whole 16 MiB connection window
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(sid, [(b":method", b"CONNECT"), (b":authority", b"127.0.0.1:9")])
+            for _ in range(4):
+                conn.send_data(sid, b"e" * MiB)  # before the response: buffered by the server
+            pair.client._flush()
+            pair.pump()
+            pair.cluster.pending.pop(0).deferred.errback(ierror.ConnectionRefusedError())
+            pair.pump()
+            self.assertEqual(pair.responses[sid][b":status"], b"503")
+        self.assertEqual(pair.server.streams, {})
+        self.assertGreater(conn.outbound_flow_control_window, 0)
+        tunnel = pair.open_tunnel()
+        tunnel.stream.write(b"still flows")
+        pair.pump()
+        self.assertEqual(tunnel.upstream.value(), b"still flows")
+
     def test_client_giving_up_cancels_the_upstream_connect(self) -> None:
         pair = H2Pair()
         d = pair.request_tunnel()
