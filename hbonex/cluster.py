@@ -131,6 +131,7 @@ class Cluster:
         target_policy: TargetPolicy | None = None,
         circuit_breakers: CircuitBreakers = DEFAULT_CIRCUIT_BREAKERS,
         tunnel_response_timeout: float = 15.0,
+        original_dst_header: str | None = None,
     ) -> None:
         self.name = name
         self.runtime = runtime
@@ -147,6 +148,8 @@ class Cluster:
         self.target_policy = target_policy
         self.circuit_breakers = circuit_breakers
         self.tunnel_response_timeout = tunnel_response_timeout
+        #: ORIGINAL_DST with ``use_http_header``: the request header naming the destination.
+        self.original_dst_header = original_dst_header
         self.pools: dict[PoolKey, H2Pool] = {}
         self.stats = ClusterStats()
         self._rr = 0

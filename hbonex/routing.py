@@ -59,6 +59,8 @@ class HeaderMatcher:
     regex: str | None = None
     present: bool | None = None
     invert: bool = False
+    suffix: str | None = None
+    contains: str | None = None
 
     def matches(self, request: ConnectRequest) -> bool:
         value = _pseudo(request, self.name)
@@ -72,6 +74,10 @@ class HeaderMatcher:
             result = value.startswith(self.prefix)
         elif self.regex is not None:
             result = re.fullmatch(self.regex, value) is not None
+        elif self.suffix is not None:
+            result = value.endswith(self.suffix)
+        elif self.contains is not None:
+            result = self.contains in value
         else:
             result = value is not None
         return result != self.invert
@@ -105,6 +111,7 @@ class Route:
     direct_body: bytes = b""
     idle_timeout: float = 3600.0
     original_destination_header: str | None = None
+    timeout: float | None = None  # Envoy's route timeout (None: the default)
 
     def matches(self, request: ConnectRequest) -> bool:
         if self.connect_matcher:
@@ -175,8 +182,11 @@ class RouteConfig:
             if request.method != "CONNECT" and not (route.allow_post and request.method == "POST"):
                 kind = "http"
             original = request.authority
-            if route.original_destination_header:
-                original = _pseudo(request, route.original_destination_header) or ""
+            header = route.original_destination_header or getattr(
+                route.cluster, "original_dst_header", None
+            )
+            if header:
+                original = _pseudo(request, header) or ""
             return RouteDecision(
                 200, cluster=route.cluster, original_destination=original,
                 idle_timeout=route.idle_timeout, kind=kind,

@@ -17,13 +17,14 @@ import attrs
 from twisted.internet import defer
 from twisted.internet import error as ierror
 from twisted.logger import Logger
+from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from hbonex.cluster import UpstreamRequest
 from hbonex.errors import UpstreamError
 from hbonex.formatter import Template
-from hbonex.interfaces import INetworkFilter, INetworkFilterCallbacks
+from hbonex.interfaces import INetworkFilter, INetworkFilterCallbacks, INetworkFilterExtension
 from hbonex.relay import Relay
 
 log = Logger(namespace="hbonex.tcp_proxy")
@@ -241,10 +242,136 @@ def tcp_proxy_factory(config: TcpProxyConfig) -> Callable[[], TcpProxyFilter]:
     return lambda: TcpProxyFilter(config)
 
 
+# -- configuration (Envoy's TcpProxy message) --------------------------------------------------
+
+TCP_PROXY = "envoy.filters.network.tcp_proxy"
+TCP_PROXY_TYPE = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+APPEND_ACTIONS = {
+    "APPEND_IF_EXISTS_OR_ADD": True,
+    "ADD_IF_ABSENT": False,
+    "OVERWRITE_IF_EXISTS_OR_ADD": False,
+}
+
+
+def parse_tcp_proxy(node: Any, context: Any) -> TcpProxyConfig:
+    """
+    A TcpProxy ``typed_config`` (an hbonex.yamlpath.Node) -> TcpProxyConfig; ``context`` is
+    an hbonex.config.ConfigContext.
+    """
+    node.expect_map()
+    stat_prefix = node.str_field("stat_prefix", required=True)
+    kind, value = node.oneof("cluster", "weighted_clusters")
+    clusters: list[WeightedCluster] = []
+    used = []
+    if kind == "cluster":
+        used.append(context.cluster(node, "cluster"))
+        clusters.append(WeightedCluster(used[0].name, 1))
+    else:
+        value.expect_map()
+        for entry in value.list_field("clusters", required=True):
+            entry.expect_map()
+            cluster = context.cluster(entry, "name")
+            weight = entry.int_field("weight", required=True, minimum=1)
+            entry.finish()
+            used.append(cluster)
+            clusters.append(WeightedCluster(cluster.name, weight))
+        value.finish()
+    tunneling = None
+    tunnel = node.map_field("tunneling_config")
+    if tunnel is not None:
+        tunneling = _tunneling_config(tunnel, context)
+        for cluster in used:
+            context.use_for_tunneling(cluster)
+    from hbonex.access_log import parse_access_logs
+
+    config = TcpProxyConfig(
+        stat_prefix=stat_prefix,
+        clusters=clusters,
+        runtime=context.runtime,
+        idle_timeout=node.duration_field("idle_timeout", 3600.0),
+        max_connect_attempts=node.int_field("max_connect_attempts", 1, minimum=1),
+        max_downstream_connection_duration=node.duration_field(
+            "max_downstream_connection_duration", 0.0
+        ),
+        tunneling=tunneling,
+        access_log=parse_access_logs(node.list_field("access_log"), context),
+    )
+    node.finish()
+    return config
+
+
+def _tunneling_config(node: Any, context: Any) -> TunnelingConfig:
+    hostname = context.template(node, "hostname", required=True)
+    headers = []
+    for option in node.list_field("headers_to_add"):
+        option.expect_map()
+        header = option.map_field("header", required=True)
+        key = header.str_field("key", required=True)
+        if not key or key.startswith(":") or key.lower() == "host":
+            raise header.error(f"header {key!r} cannot be added", "key")
+        value = context.template(header, "value", "")
+        header.finish()
+        if option.has("append") and option.has("append_action"):
+            raise option.error("only one of append, append_action may be set", "append_action")
+        append = option.bool_field("append", True)
+        action = option.str_field("append_action", None, choices=tuple(APPEND_ACTIONS))
+        if action is not None:
+            append = APPEND_ACTIONS[action]
+        option.ignore("keep_empty_value")
+        option.finish()
+        headers.append(HeaderToAdd(key.lower(), value, append))
+    use_post = node.bool_field("use_post")
+    post_path = node.str_field("post_path", None)
+    if post_path is not None:
+        if not use_post:
+            raise node.error("post_path can only be set with use_post: true", "post_path")
+        if not post_path.startswith("/"):
+            raise node.error(f"post_path must start with '/', got {post_path!r}", "post_path")
+    config = TunnelingConfig(
+        hostname=hostname,
+        headers_to_add=tuple(headers),
+        use_post=use_post,
+        post_path=post_path or "/",
+        propagate_response_headers=node.bool_field("propagate_response_headers"),
+    )
+    node.finish()
+    return config
+
+
+@implementer(IPlugin, INetworkFilterExtension)
+class TcpProxyExtension:
+    """
+    The ``envoy.filters.network.tcp_proxy`` plugin (registered in
+    twisted/plugins/hbonex_extensions.py).
+    """
+
+    name = TCP_PROXY
+    typeUrls = (TCP_PROXY_TYPE,)
+    terminal = True
+
+    def parseConfig(self, config: dict[str, Any], path: str, context: Any) -> TcpProxyConfig:
+        return parse_tcp_proxy(context.node(config, path), context)
+
+    def filterFactory(self, parsed: TcpProxyConfig, context: Any) -> Callable[[], TcpProxyFilter]:
+        return tcp_proxy_factory(parsed)
+
+    def describe(self, parsed: TcpProxyConfig) -> list[str]:
+        clusters = ", ".join(
+            c.name if len(parsed.clusters) == 1 else f"{c.name} (weight {c.weight})"
+            for c in parsed.clusters
+        )
+        if parsed.tunneling is None:
+            return [f"-> cluster {clusters}"]
+        how = "POST" if parsed.tunneling.use_post else "CONNECT"
+        return [f"-> {how} {parsed.tunneling.hostname.text} via cluster {clusters}"]
+
+
 __all__ = [
     "HeaderToAdd",
     "TcpProxyConfig",
+    "TcpProxyExtension",
     "TcpProxyFilter",
+    "parse_tcp_proxy",
     "TunnelingConfig",
     "WeightedCluster",
     "tcp_proxy_factory",

@@ -1,0 +1,24 @@
+"""
+The built-in hbonex extensions, registered exactly as third-party dropins are: network filters,
+HTTP filters, cluster types and transport sockets, found by hbonex.extensions.
+"""
+
+from hbonex.cluster_types import (
+    LogicalDnsClusterType,
+    OriginalDstClusterType,
+    StaticClusterType,
+    StrictDnsClusterType,
+)
+from hbonex.filters.hcm_config import HttpConnectionManagerExtension, RouterExtension
+from hbonex.filters.tcp_proxy import TcpProxyExtension
+from hbonex.transport_sockets import RawBufferTransportSocket, TlsTransportSocket
+
+tcp_proxy = TcpProxyExtension()
+http_connection_manager = HttpConnectionManagerExtension()
+router = RouterExtension()
+static_cluster = StaticClusterType()
+strict_dns_cluster = StrictDnsClusterType()
+logical_dns_cluster = LogicalDnsClusterType()
+original_dst_cluster = OriginalDstClusterType()
+tls_transport_socket = TlsTransportSocket()
+raw_buffer_transport_socket = RawBufferTransportSocket()
