@@ -410,3 +410,33 @@ class CloseTests(unittest.TestCase):
         self.assertTrue(late.goaway_sent)
         self.assertTrue(late.transport.disconnecting)
         self.assertEqual(pool.connections, [])
+
+
+class RealConnectionTests(unittest.TestCase):
+    """The pool over real H2TunnelClients, each connected in memory to an H2TunnelServer."""
+
+    def test_server_stream_limit_with_real_connections(self) -> None:
+        from hbonex.h2settings import H2Settings
+        from tests.test_h2stream import H2Pair
+
+        pairs: list[H2Pair] = []
+
+        def connector() -> defer.Deferred[Any]:
+            pair = H2Pair(server_settings=H2Settings(max_concurrent_streams=6))
+            pairs.append(pair)
+            return pair.client.ready  # fired: the SETTINGS exchange is done
+
+        pool = H2Pool(KEY, connector, Clock(), max_streams=100)
+        tunnels = open_many(pool, 10)
+        self.assertEqual(len(pairs), 2)
+        for pair in pairs:
+            pair.pump()
+            self.assertLessEqual(len(pair.server.streams), 6)
+            while pair.cluster.pending:
+                pair.cluster.pending.pop(0).connect()
+            pair.pump()
+        streams = [self.successResultOf(d)[0] for d in tunnels]
+        self.assertEqual(len({s.stream_id for s in streams if s.connection is pairs[0].client}),
+                         6)
+        self.assertEqual(sum(s.connection is pairs[1].client for s in streams), 4)
+        self.assertEqual(pool.stats.tunnels_retried, 0)
