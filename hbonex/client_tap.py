@@ -146,7 +146,5 @@ def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
     if options["config"]:
-        from hbonex.config import load_bootstrap
-
-        return ProxyService(load_bootstrap(options["config"], reactor))
+        return ProxyService(options.config_bootstrap(reactor))
     return ProxyService(build(options, reactor))

@@ -119,7 +119,6 @@ def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
     if options["config"]:
-        from hbonex.config import load_bootstrap
-
-        return ProxyService(load_bootstrap(options["config"], reactor))
+        bootstrap = options.config_bootstrap(reactor)
+        return ProxyService(bootstrap, drain_timeout=options["drain-timeout"])
     return ProxyService(build(options, reactor), drain_timeout=options["drain-timeout"])

@@ -60,11 +60,36 @@ class TLSOptions(usage.Options):
         the file and the problem, not a traceback.
         """
         if self["config"]:
+            self.load_config()
             return
         try:
             self.material = self.tls_material(identity)
         except ConfigError as e:
             raise usage.UsageError(str(e))
+
+    def load_config(self) -> None:
+        """
+        Load and check --config while parsing options, so a bad file is one clean error
+        (path, line, problem) and a non-zero exit, not a traceback from makeService.  Not a
+        UsageError: twistd would print its whole usage text above the one line that matters.
+        """
+        from twisted.internet import reactor
+
+        from hbonex.config import load_bootstrap
+
+        try:
+            self.bootstrap = load_bootstrap(self["config"], reactor)
+        except ConfigError as e:
+            raise SystemExit(f"twistd: error: --config {self['config']}: {e}")
+
+    def config_bootstrap(self, reactor: Any) -> Any:
+        """
+        The Bootstrap --config describes (loaded by postOptions, or now).
+        """
+        from hbonex.config import load_bootstrap
+
+        cached = getattr(self, "bootstrap", None)
+        return cached if cached is not None else load_bootstrap(self["config"], reactor)
 
     def tls_material(self, identity: str) -> Any:
         """

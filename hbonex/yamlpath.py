@@ -240,7 +240,12 @@ class Node:
     def require(self, key: str, what: str = "") -> Node:
         child = self.get(key)
         if child is None:
-            raise self.error(f"missing required field '{key}'{what}")
+            message = f"missing required field '{key}'{what}"
+            unread = [str(k) for k in self.keys() if k not in self.used]
+            close = difflib.get_close_matches(key, unread, n=1, cutoff=0.6)
+            if close:
+                message += f" (is {close[0]!r} a misspelling of it?)"
+            raise self.error(message)
         return child
 
     def ignore(self, *keys: str) -> None:
