@@ -50,6 +50,47 @@ class DiscoveryTests(unittest.TestCase):
             self.assertIs(maker.makeService, module.makeService)
 
 
+def extension_plugins() -> dict[str, Any]:
+    """Every built-in extension plugin (twisted/plugins/hbonex_extensions.py), by name."""
+    from hbonex.interfaces import IExtension
+
+    found: dict[str, Any] = {}
+    for plugin in getPlugins(IExtension):
+        found.setdefault(plugin.name, plugin)
+    return found
+
+
+class ExtensionDiscoveryTests(unittest.TestCase):
+    def test_built_in_extensions_are_found_and_verify(self) -> None:
+        from hbonex.interfaces import (
+            IClusterTypeExtension,
+            IHTTPFilterExtension,
+            INetworkFilterExtension,
+            ITransportSocketExtension,
+        )
+
+        expected = {
+            "envoy.filters.network.tcp_proxy": INetworkFilterExtension,
+            "envoy.filters.network.http_connection_manager": INetworkFilterExtension,
+            "envoy.filters.http.router": IHTTPFilterExtension,
+            "STATIC": IClusterTypeExtension,
+            "STRICT_DNS": IClusterTypeExtension,
+            "LOGICAL_DNS": IClusterTypeExtension,
+            "ORIGINAL_DST": IClusterTypeExtension,
+            "envoy.transport_sockets.tls": ITransportSocketExtension,
+            "envoy.transport_sockets.raw_buffer": ITransportSocketExtension,
+        }
+        plugins = extension_plugins()
+        self.assertLessEqual(set(expected), set(plugins))
+        for name, plugin in plugins.items():
+            self.assertTrue(IPlugin.providedBy(plugin), name)
+            for interface in providedBy(plugin):
+                verifyObject(interface, plugin)
+        for name, interface in expected.items():
+            self.assertTrue(interface.providedBy(plugins[name]), name)
+            self.assertIn(plugins[name], list(getPlugins(interface)))
+
+
 class OptionsTestCase(unittest.TestCase):
     module: Any = None
 
@@ -333,9 +374,14 @@ class ImplementerTests(unittest.TestCase):
             self.assertTrue(verifyObject(interface, instance))
 
     def test_every_implementer_is_covered(self) -> None:
-        missing = sorted(set(_declaring_classes()) - set(_providers(self)))
+        covered = set(_providers(self))
+        # Extension plugins are verified (with their base classes) by ExtensionDiscoveryTests.
+        for plugin in extension_plugins().values():
+            covered.update(f"{c.__module__}.{c.__qualname__}" for c in type(plugin).__mro__)
+        missing = sorted(set(_declaring_classes()) - covered)
         self.assertEqual(
             missing, [],
             "classes declaring @implementer without an instance in "
-            "tests/test_plugins.py:_providers (add one so verifyObject checks them)",
+            "tests/test_plugins.py:_providers, nor found as a plugin (add one so "
+            "verifyObject checks them)",
         )
