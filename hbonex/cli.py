@@ -140,9 +140,10 @@ def _all_commands() -> list[AddSubcommand]:
     commands = list(_COMMANDS)
     # Imported here, not at module level: `hbonex pki` stays cheap and import cycles with
     # hbonex.cli cannot bite.
-    from hbonex import demo
+    from hbonex import config_cli, demo
 
     commands.append(demo.add_subcommand)
+    commands.append(config_cli.add_subcommand)
     return commands
 
 
