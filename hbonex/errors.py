@@ -19,11 +19,16 @@ class ConfigError(Exception):
 class UpstreamError(Exception):
     """
     A tunnel or upstream connection could not be made; ``status`` is the HTTP status a tunnel
-    server answers with (403 policy, 503 unreachable, ...).
+    server answers with (403 policy, 503 unreachable, ...).  ``unprocessed``: the peer never
+    processed the request (beyond its GOAWAY's last stream id, or REFUSED_STREAM), so it is
+    safe to retry on another connection (RFC 9113 §8.7).
     """
 
-    def __init__(self, status: int, reason: str, retryable: bool = False) -> None:
+    def __init__(
+        self, status: int, reason: str, retryable: bool = False, unprocessed: bool = False
+    ) -> None:
         self.status = status
         self.reason = reason
         self.retryable = retryable
+        self.unprocessed = unprocessed
         super().__init__(f"{status} {reason}")

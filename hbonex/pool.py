@@ -90,6 +90,14 @@ class H2Pool:
             try:
                 result = yield conn.open_tunnel(authority, headers, post_path)
             except UpstreamError as e:
+                if e.unprocessed and _drained_after_progress(conn):
+                    # The server served other streams on this connection, then sent GOAWAY
+                    # before ours (e.g. its max requests per connection): the pool no longer
+                    # uses that connection, so the retry goes to another one and costs no
+                    # attempt.  Every such connection makes progress; the cluster's tunnel
+                    # deadline still bounds the whole.
+                    self.stats.tunnels_retried += 1
+                    continue
                 if e.retryable and attempt < self.max_attempts:
                     self.stats.tunnels_retried += 1
                     continue
@@ -224,6 +232,14 @@ class H2Pool:
             conn.send_goaway()
             if not conn.streams:
                 conn.transport.loseConnection()  # type: ignore[union-attr]
+
+
+def _drained_after_progress(conn: H2TunnelClient) -> bool:
+    """
+    Whether ``conn`` got a GOAWAY that covers streams the server did process.
+    """
+    last = getattr(conn, "last_stream_id_allowed", None)
+    return bool(conn.goaway_received and last)
 
 
 __all__ = ["H2Pool", "PoolKey", "H2Stream"]

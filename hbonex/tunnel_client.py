@@ -127,7 +127,8 @@ class H2TunnelClient(H2TunnelConnection):
                 ):
                     retry = True
                 pending.errback(
-                    UpstreamError(503, f"tunnel closed before response: {reason.value}", retry)
+                    UpstreamError(503, f"tunnel closed before response: {reason.value}", retry,
+                                  unprocessed=retry)
                 )
 
         stream.on_closed = closed_before_response
@@ -159,7 +160,8 @@ class H2TunnelClient(H2TunnelConnection):
                 if stream is not None:
                     stream.on_closed = None
                     stream._connection_lost(Failure(ierror.ConnectionDone("GOAWAY")))
-                d.errback(UpstreamError(503, "server sent GOAWAY", retryable=True))
+                d.errback(UpstreamError(503, "server sent GOAWAY", retryable=True,
+                                        unprocessed=True))
         if self.on_capacity is not None:
             self.on_capacity(self)
 

@@ -440,3 +440,44 @@ class RealConnectionTests(unittest.TestCase):
                          6)
         self.assertEqual(sum(s.connection is pairs[1].client for s in streams), 4)
         self.assertEqual(pool.stats.tunnels_retried, 0)
+
+
+class DrainedConnectionRetryTests(unittest.TestCase):
+    """
+    A stream the server never processed because it drained the connection after serving
+    others (GOAWAY, e.g. max requests per connection) is retried without costing an attempt.
+    """
+
+    def setUp(self) -> None:
+        self.addCleanup(lambda: vars(FakeConnection).get("last_stream_id_allowed") is None
+                        or delattr(FakeConnection, "last_stream_id_allowed"))
+
+    def refuse(self, connector: FakeConnector, last_stream_id: int) -> FakeConnection:
+        # The GOAWAY's last stream id, as H2TunnelClient records it (set on the class: the fake
+        # connection refuses as soon as it is connected).
+        FakeConnection.last_stream_id_allowed = last_stream_id  # type: ignore[attr-defined]
+        return connector.connect(
+            refuse_with=UpstreamError(503, "server sent GOAWAY", retryable=True,
+                                      unprocessed=True),
+            goaway_on_refusal=True,
+        )
+
+    def test_drained_refusals_do_not_count_as_attempts(self) -> None:
+        pool, connector, _ = make_pool(max_attempts=2)
+        d = pool.open_tunnel("a:1", [])
+        for _ in range(3):
+            self.refuse(connector, last_stream_id=5)
+            self.assertNoResult(d)
+        connector.connect()
+        stream, _headers = self.successResultOf(d)
+        self.assertEqual(stream[0], "c4")
+        self.assertEqual(pool.stats.tunnels_retried, 3)
+
+    def test_goaway_without_progress_counts(self) -> None:
+        pool, connector, _ = make_pool(max_attempts=2)
+        d = pool.open_tunnel("a:1", [])
+        self.refuse(connector, last_stream_id=0)
+        self.refuse(connector, last_stream_id=0)
+        failure = self.failureResultOf(d, UpstreamError)
+        self.assertTrue(failure.value.unprocessed)
+        self.assertEqual(connector.calls, 2)
