@@ -233,7 +233,9 @@ class ConfigContext:
         elif name is None:
             raise node.error(f"a {what} needs a name or a typed_config")
         try:
-            plugin = extensions.resolve(interface, node.path, name=name, type_url=type_url)
+            plugin = extensions.resolve(
+                interface, node.path, name=name, type_url=type_url, what=what
+            )
         except ConfigError as e:
             key = "typed_config" if type_url else "name"
             child = node.get(key)
@@ -463,9 +465,8 @@ def _parse_bootstrap(root: Node, context: ConfigContext) -> None:
         admin.ignore(*admin.keys())
     for index, ext in enumerate(root.list_field("bootstrap_extensions")):
         _bootstrap_extension(ext, context, index)
-    static = root.map_field("static_resources")
-    if static is None:
-        raise root.error("missing required field 'static_resources'")
+    static = root.map_field("static_resources", required=True)
+    assert static is not None
     listeners = static.list_field("listeners")
     clusters = static.list_field("clusters")
     static.finish()
