@@ -34,8 +34,7 @@ class _ClusterType:
         node.finish()
         return config
 
-    def buildCluster(self, common: dict[str, Any], config: dict[str, Any], path: str,
-                     context: Any) -> Cluster:
+    def buildCluster(self, common: Any, config: Any, path: str, context: Any) -> Cluster:
         node = context.node(config, path)
         if common.get("lb_policy") == "CLUSTER_PROVIDED":
             raise node.error(
@@ -85,8 +84,7 @@ class OriginalDstClusterType(_ClusterType):
 
     name = "ORIGINAL_DST"
 
-    def buildCluster(self, common: dict[str, Any], config: dict[str, Any], path: str,
-                     context: Any) -> Cluster:
+    def buildCluster(self, common: Any, config: Any, path: str, context: Any) -> Cluster:
         node = context.node(config, path)
         if node.has("load_assignment"):
             raise node.error(

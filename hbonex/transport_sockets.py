@@ -72,7 +72,7 @@ class TlsTransportSocket:
         node.finish()
         return TlsConfig(upstream, path, attrs.evolve(settings, sni=sni), alpn_explicit, files)
 
-    def buildTransport(self, parsed: TlsConfig, upstream: bool, context: Any) -> TLSSettings:
+    def buildTransport(self, parsed: Any, upstream: bool, context: Any) -> TLSSettings:
         if parsed.upstream != upstream:
             want = "UpstreamTlsContext" if upstream else "DownstreamTlsContext"
             where = "a cluster" if upstream else "a listener"
@@ -106,7 +106,8 @@ def _version(node: Node, key: str, default: Optional[str]) -> Optional[str]:
 def _common_tls_context(
     node: Node, context: Any, *, upstream: bool, require_peer: bool
 ) -> tuple[TLSSettings, bool, tuple[str, ...]]:
-    min_version, max_version = "TLSv1_2", None
+    min_version: Optional[str] = "TLSv1_2"
+    max_version: Optional[str] = None
     params = node.map_field("tls_params")
     if params is not None:
         min_version = _version(params, "tls_minimum_protocol_version", "TLSv1_2")

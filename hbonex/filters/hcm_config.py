@@ -115,7 +115,7 @@ class HttpConnectionManagerExtension:
                     ) -> HttpConnectionManagerConfig:
         return parse_http_connection_manager(context.node(config, path), context)
 
-    def filterFactory(self, parsed: HttpConnectionManagerConfig, context: Any
+    def filterFactory(self, parsed: Any, context: Any
                       ) -> Callable[[], HttpConnectionManagerFilter]:
         return http_connection_manager_factory(parsed)
 

@@ -352,7 +352,7 @@ class TcpProxyExtension:
     def parseConfig(self, config: dict[str, Any], path: str, context: Any) -> TcpProxyConfig:
         return parse_tcp_proxy(context.node(config, path), context)
 
-    def filterFactory(self, parsed: TcpProxyConfig, context: Any) -> Callable[[], TcpProxyFilter]:
+    def filterFactory(self, parsed: Any, context: Any) -> Callable[[], TcpProxyFilter]:
         return tcp_proxy_factory(parsed)
 
     def describe(self, parsed: TcpProxyConfig) -> list[str]:
