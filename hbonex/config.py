@@ -425,7 +425,8 @@ class ConfigContext:
 
 def load_bootstrap(path_or_text: Any, reactor: Any, *, base_dir: Any = None) -> Bootstrap:
     """
-    The Bootstrap an Envoy v3 bootstrap YAML file (a path) or text describes.
+    The Bootstrap an Envoy v3 bootstrap YAML file or text describes: a ``Path`` or a string
+    without a newline is a file name, any other string is the YAML itself.  Raises ConfigError.
     """
     return load_config(path_or_text, reactor, base_dir=base_dir).bootstrap
 

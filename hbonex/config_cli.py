@@ -346,6 +346,8 @@ def render(side: str, flags: Sequence[str]) -> str:
     from hbonex.cli import CLIError
 
     module: Any = client_tap if side == "client" else server_tap
+    if any(f in ("-c", "--config") or f.startswith(("--config=", "-c")) for f in flags):
+        raise CLIError("render turns command-line flags into YAML; --config is YAML already")
     options = module.Options()
     try:
         options.parseOptions(list(flags))
@@ -353,8 +355,6 @@ def render(side: str, flags: Sequence[str]) -> str:
         raise CLIError(f"hbone-{side} {' '.join(flags)}: {e}")
     except ConfigError as e:
         raise CLIError(str(e))
-    if options["config"]:
-        raise CLIError("render turns command-line flags into YAML; --config is YAML already")
     try:
         data, notes = (render_client if side == "client" else render_server)(options)
     except ConfigError as e:
@@ -375,7 +375,10 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_usage()
+    import sys
+
+    parser.print_usage(sys.stderr)
+    print(f"{parser.prog}: error: a command is required (check or render)", file=sys.stderr)
     return 2
 
 

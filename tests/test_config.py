@@ -931,6 +931,10 @@ class RenderTests(Base):
         self.patch(sys, "stderr", err)
         self.assertEqual(cli.main(["config", "render", "client", "--forward", "nonsense"]), 2)
         self.assertIn("expected LISTEN=TARGET", err.getvalue())
+        self.assertEqual(cli.main(["config", "render", "server", "--config", "x.yaml"]), 2)
+        self.assertIn("--config is YAML already", err.getvalue())
+        self.assertEqual(cli.main(["config"]), 2)
+        self.assertIn("a command is required", err.getvalue())
 
     def assert_clusters_equivalent(self, a: Any, b: Any) -> None:
         if a.type != "ORIGINAL_DST":  # which picks no host: CLUSTER_PROVIDED in the YAML
