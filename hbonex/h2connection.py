@@ -633,14 +633,21 @@ class H2TunnelConnection(Protocol):
 
     # -- keepalive ----------------------------------------------------------------------------
 
-    def _schedule_ping(self) -> None:
+    def _schedule_ping(self, delay: float | None = None) -> None:
         interval = self.settings.keepalive_interval
         if interval > 0 and not self._lost:
-            self._ping_call = self.reactor.callLater(interval, self._send_ping)
+            self._ping_call = self.reactor.callLater(
+                interval if delay is None else delay, self._send_ping
+            )
 
     def _send_ping(self) -> None:
         self._ping_call = None
         if self._lost:
+            return
+        # Only a connection that has been quiet for a whole interval needs probing.
+        quiet = self.reactor.seconds() - self._last_activity
+        if quiet < self.settings.keepalive_interval:
+            self._schedule_ping(self.settings.keepalive_interval - quiet)
             return
         if self._ping_timeout_call is None:
             self.conn.ping(b"hbonex\x00\x00")

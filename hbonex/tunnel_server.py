@@ -162,6 +162,9 @@ class H2TunnelServer(H2TunnelConnection):
             return
         decision = self.router.route(request, self.info)
         # No cluster: a direct_response (which may well be a 200), not a tunnel.
+        if decision.status == 200 and decision.cluster is not None and decision.kind == "http":
+            # Ordinary requests over HTTP/2 are for the HTTP filter chain, not built yet.
+            decision = RouteDecision(501, "HTTP/2 request proxying is not supported")
         if decision.status != 200 or decision.cluster is None:
             self.tunnels.refused_tunnel(self.info, request.authority, decision.status,
                                         decision.reason)
