@@ -28,6 +28,13 @@ from zope.interface import implementer
 from hbonex.fasttls import FastTLSFactory, tune_tcp
 from hbonex.interfaces import IConnectionInfo, INetworkFilter, INetworkFilterCallbacks
 from hbonex.tls import ServerTLS, handshake_failure_reason, peer_identity
+from hbonex.tls_inspector import (
+    MAX_CLIENT_HELLO,
+    ClientHello,
+    NeedMore,
+    looks_like_tls,
+    parse_client_hello,
+)
 
 FilterFactory = Callable[[], INetworkFilter]
 
@@ -235,20 +242,126 @@ class ListenerFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
         listener = self.listener
-        chain = listener.select_chain(addr)
+        if listener.needs_inspection:
+            return InspectingProtocol(listener, addr)
+        chain = listener.select_chain()
         if chain is None:
             listener.log.warn(
                 "{listener}: no filter chain matches a connection from {peer}, closing",
                 listener=listener.name, peer=address_text(addr),
             )
             return None
-        listener.connections_total += 1
-        if chain.tls is not None:
-            wrapper = listener.tls_factories[id(chain)]
-            return wrapper.buildProtocol(addr)  # type: ignore[no-any-return]
-        protocol = ListenerConnection(listener, chain, False)
-        protocol.factory = self
-        return protocol
+        return listener.protocol_for(chain, addr)
+
+
+@implementer(IHalfCloseableProtocol)
+class InspectingProtocol(Protocol):
+    """
+    Envoy's TLS inspector: peeks at the first bytes (TLS or not, SNI, ALPN), picks the filter
+    chain, then hands the connection — and the bytes seen so far — to that chain's protocol.
+    """
+
+    def __init__(self, listener: Listener, addr: Any) -> None:
+        self.listener = listener
+        self.addr = addr
+        self._buffer = b""
+        self._inner: Protocol | None = None
+        self._timeout: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self._timeout = self.listener.reactor.callLater(
+            self.listener.inspection_timeout, self._timed_out
+        )
+
+    def _timed_out(self) -> None:
+        self._timeout = None
+        self.listener.log.warn(
+            "{listener}: {peer} sent no complete ClientHello within {t}s, closing",
+            listener=self.listener.name, peer=address_text(self.addr),
+            t=self.listener.inspection_timeout,
+        )
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._inner is not None:
+            self._inner.dataReceived(data)
+            return
+        self._buffer += data
+        is_tls = looks_like_tls(self._buffer)
+        if is_tls is None:
+            return
+        hello = ClientHello()
+        if is_tls:
+            try:
+                hello = parse_client_hello(self._buffer)
+            except NeedMore:
+                if len(self._buffer) <= MAX_CLIENT_HELLO:
+                    return
+            except ValueError:
+                pass
+        self._pick(is_tls, hello)
+
+    def _pick(self, is_tls: bool, hello: ClientHello) -> None:
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        self._timeout = None
+        listener = self.listener
+        host = self.transport.getHost()  # type: ignore[union-attr]
+        chain = listener.select_chain(
+            local_port=getattr(host, "port", None),
+            server_name=hello.server_name,
+            transport_protocol="tls" if is_tls else "raw_buffer",
+            application_protocols=hello.alpn,
+        )
+        if chain is None:
+            listener.log.warn(
+                "{listener}: no filter chain matches {peer} (transport {transport}, "
+                "SNI {sni!r}, ALPN {alpn}), closing",
+                listener=listener.name, peer=address_text(self.addr),
+                transport="tls" if is_tls else "raw_buffer", sni=hello.server_name,
+                alpn=list(hello.alpn),
+            )
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        inner = listener.protocol_for(chain, self.addr)
+        self._inner = inner
+        inner.makeConnection(self.transport)
+        data, self._buffer = self._buffer, b""
+        if data:
+            inner.dataReceived(data)
+
+    def readConnectionLost(self) -> None:
+        inner = self._inner
+        if inner is not None and IHalfCloseableProtocol.providedBy(inner):
+            inner.readConnectionLost()  # type: ignore[attr-defined]
+        else:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        inner = self._inner
+        if inner is not None and IHalfCloseableProtocol.providedBy(inner):
+            inner.writeConnectionLost()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        if self._inner is not None:
+            self._inner.connectionLost(reason)
+
+
+def _server_name_score(patterns: Sequence[str], name: str) -> int:
+    """
+    Envoy's server_names precedence: exact (highest), then the longest matching '*.suffix'
+    wildcard; -1 when nothing matches.
+    """
+    best = -1
+    for pattern in patterns:
+        p = pattern.lower()
+        if p == name:
+            return 1_000_000
+        if p.startswith("*.") and name.endswith(p[1:]) and len(name) > len(p) - 1:
+            best = max(best, len(p))
+    return best
 
 
 class Listener:
@@ -275,6 +388,8 @@ class Listener:
         self.internal = internal
         self.per_connection_buffer_limit_bytes = per_connection_buffer_limit_bytes
         self.connections_total = 0
+        #: How long the TLS inspector waits for a ClientHello (Envoy: listener_filters_timeout).
+        self.inspection_timeout = 15.0
         self.factory = ListenerFactory(self)
         self.tls_factories: dict[int, FastTLSFactory] = {}
         for chain in self.filter_chains:
@@ -292,21 +407,61 @@ class Listener:
 
         return FastTLSFactory(chain.tls, False, Inner())
 
-    def select_chain(self, addr: Any) -> FilterChain | None:
+    @property
+    def needs_inspection(self) -> bool:
         """
-        The filter chain for a new connection (most specific destination-port match first).
+        Whether choosing a chain needs the connection's first bytes (SNI, ALPN, TLS or not).
         """
-        port = None
-        if self.endpoint is not None:
-            port = _endpoint_port(self.endpoint)
-        best = None
-        for chain in self.filter_chains:
-            want = chain.match.destination_port
-            if want is not None and want != port:
-                continue
-            if best is None or (want is not None and best.match.destination_port is None):
-                best = chain
-        return best
+        if len(self.filter_chains) < 2:
+            return False
+        return any(
+            c.match.server_names or c.match.transport_protocol or c.match.application_protocols
+            for c in self.filter_chains
+        ) or len({c.tls is None for c in self.filter_chains}) > 1
+
+    def protocol_for(self, chain: FilterChain, addr: Any) -> Protocol:
+        self.connections_total += 1
+        if chain.tls is not None:
+            return self.tls_factories[id(chain)].buildProtocol(addr)  # type: ignore
+        protocol = ListenerConnection(self, chain, False)
+        protocol.factory = self.factory
+        return protocol
+
+    def select_chain(
+        self,
+        local_port: int | None = None,
+        server_name: str = "",
+        transport_protocol: str = "",
+        application_protocols: Sequence[str] = (),
+    ) -> FilterChain | None:
+        """
+        The filter chain for a connection, by Envoy's precedence: destination port, then
+        server name (exact, then longest wildcard), transport protocol, application protocols;
+        at each step the most specific matching chains win, chains without the criterion are
+        the fallback.
+        """
+        if local_port is None and self.endpoint is not None:
+            local_port = _endpoint_port(self.endpoint)
+        chains = self.filter_chains
+        exact = [c for c in chains if c.match.destination_port is not None
+                 and c.match.destination_port == local_port]
+        chains = exact or [c for c in chains if c.match.destination_port is None]
+        if server_name:
+            scored = [(_server_name_score(c.match.server_names, server_name), c) for c in chains]
+            best = max((score for score, _ in scored), default=-1)
+            if best >= 0:
+                chains = [c for score, c in scored if score == best]
+            else:
+                chains = [c for c in chains if not c.match.server_names]
+        else:
+            chains = [c for c in chains if not c.match.server_names]
+        if transport_protocol:
+            exact = [c for c in chains if c.match.transport_protocol == transport_protocol]
+            chains = exact or [c for c in chains if not c.match.transport_protocol]
+        offered = set(application_protocols)
+        exact = [c for c in chains if offered & set(c.match.application_protocols)]
+        chains = exact or [c for c in chains if not c.match.application_protocols]
+        return chains[0] if chains else None
 
 
 def _endpoint_port(description: str) -> int | None:

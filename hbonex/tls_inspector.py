@@ -1,0 +1,114 @@
+"""
+Envoy's TLS inspector: read (without consuming) the start of a connection to learn whether it
+is TLS and, if so, the SNI and ALPN protocols its ClientHello offers, so that a listener can pick
+a filter chain (and with it the certificate) before the handshake starts.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Optional
+
+import attrs
+
+#: A ClientHello larger than this is not inspected further (Envoy's limit is 64 KiB too).
+MAX_CLIENT_HELLO = 64 * 1024
+
+
+@attrs.frozen
+class ClientHello:
+    server_name: str = ""
+    alpn: tuple[str, ...] = ()
+
+
+class NeedMore(Exception):
+    """
+    Not enough bytes yet to decide.
+    """
+
+
+def looks_like_tls(data: bytes) -> Optional[bool]:
+    """
+    True/False once the first bytes tell whether this is a TLS handshake; None if too few.
+    """
+    if len(data) < 3:
+        return None if data in (b"", b"\x16", b"\x16\x03") else False
+    return data[0] == 0x16 and data[1] == 0x03 and data[2] <= 0x04
+
+
+def parse_client_hello(data: bytes) -> ClientHello:
+    """
+    SNI and ALPN from the ClientHello at the start of ``data`` (TLS records, possibly several
+    for a fragmented hello).  Raises NeedMore until the whole hello is there, ValueError if it
+    is not a ClientHello.
+    """
+    handshake = bytearray()
+    pos = 0
+    while True:
+        if len(data) < pos + 5:
+            raise NeedMore()
+        content_type, _version, length = struct.unpack_from("!BHH", data, pos)
+        if content_type != 22:
+            raise ValueError("not a TLS handshake record")
+        if len(data) < pos + 5 + length:
+            raise NeedMore()
+        handshake += data[pos + 5 : pos + 5 + length]
+        pos += 5 + length
+        if len(handshake) >= 4:
+            if handshake[0] != 1:
+                raise ValueError("first handshake message is not a ClientHello")
+            body_length = int.from_bytes(handshake[1:4], "big")
+            if body_length > MAX_CLIENT_HELLO:
+                raise ValueError("ClientHello too large")
+            if len(handshake) >= 4 + body_length:
+                return _parse_body(bytes(handshake[4 : 4 + body_length]))
+        if pos > MAX_CLIENT_HELLO:
+            raise ValueError("ClientHello too large")
+
+
+def _parse_body(body: bytes) -> ClientHello:
+    try:
+        pos = 2 + 32  # client_version, random
+        pos += 1 + body[pos]  # session_id
+        (n,) = struct.unpack_from("!H", body, pos)
+        pos += 2 + n  # cipher_suites
+        pos += 1 + body[pos]  # compression_methods
+        if pos == len(body):
+            return ClientHello()
+        (ext_total,) = struct.unpack_from("!H", body, pos)
+        pos += 2
+        end = pos + ext_total
+        server_name = ""
+        alpn: tuple[str, ...] = ()
+        while pos + 4 <= end:
+            ext_type, ext_len = struct.unpack_from("!HH", body, pos)
+            ext = body[pos + 4 : pos + 4 + ext_len]
+            pos += 4 + ext_len
+            if ext_type == 0:  # server_name
+                server_name = _server_name(ext)
+            elif ext_type == 16:  # application_layer_protocol_negotiation
+                alpn = _alpn(ext)
+        return ClientHello(server_name, alpn)
+    except (IndexError, struct.error) as e:
+        raise ValueError(f"malformed ClientHello: {e}")
+
+
+def _server_name(ext: bytes) -> str:
+    pos = 2
+    while pos + 3 <= len(ext):
+        name_type, length = ext[pos], int.from_bytes(ext[pos + 1 : pos + 3], "big")
+        name = ext[pos + 3 : pos + 3 + length]
+        pos += 3 + length
+        if name_type == 0:
+            return name.decode("ascii", "replace").lower().rstrip(".")
+    return ""
+
+
+def _alpn(ext: bytes) -> tuple[str, ...]:
+    protocols = []
+    pos = 2
+    while pos < len(ext):
+        length = ext[pos]
+        protocols.append(ext[pos + 1 : pos + 1 + length].decode("ascii", "replace"))
+        pos += 1 + length
+    return tuple(protocols)
