@@ -258,6 +258,13 @@ def _listener_connection(test: unittest.TestCase) -> Any:
     return connection
 
 
+def _inspecting_protocol() -> Any:
+    from hbonex.listener import FilterChain, InspectingProtocol, Listener
+
+    listener = Listener("test", Clock(), [FilterChain([])])
+    return InspectingProtocol(listener, None)
+
+
 def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
     """
     One instance of each class in hbonex that declares @implementer, keyed by
@@ -289,6 +296,7 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
 
     return {
         "hbonex.listener.ListenerConnection": lambda: _listener_connection(test),
+        "hbonex.listener.InspectingProtocol": lambda: _inspecting_protocol(),
         "hbonex.listener.ConnectionInfo": lambda: ConnectionInfo("l", "1.2.3.4:5", "5.6.7.8:9"),
         "hbonex.filters.tcp_proxy.TcpProxyFilter": tcp_proxy,
         "hbonex.filters.http_connection_manager.HttpConnectionManagerFilter": lambda: (
