@@ -97,14 +97,18 @@ def pseudorandom(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
+class WaitTimeout(AssertionError):
+    """A wait for a log line or a socket event took too long."""
+
+
 def _timeout_deferred(
     d: defer.Deferred[Any], timeout: float, describe: Callable[[], str]
 ) -> defer.Deferred[Any]:
-    """Fail ``d`` with a TimeoutError carrying ``describe()`` if it has not fired in time."""
+    """Fail ``d`` with a WaitTimeout carrying ``describe()`` if it has not fired in time."""
 
     def on_timeout(result: Any, t: float) -> Any:
         if isinstance(result, Failure) and result.check(defer.CancelledError):
-            raise ierror.TimeoutError(f"after {t:g}s: {describe()}")
+            raise WaitTimeout(f"timed out after {t:g}s: {describe()}")
         return result
 
     d.addTimeout(timeout, reactor, onTimeoutCancel=on_timeout)
@@ -139,6 +143,8 @@ class TwistdProcess(protocol.ProcessProtocol):
         #: Listener name -> port, in the order the listeners were bound.
         self.ports: dict[str, int] = {}
         self.pid: int | None = None
+        #: Whether stop() had to send SIGKILL.
+        self.killed = False
 
     # -- output -------------------------------------------------------------------------------
 
@@ -283,11 +289,16 @@ class TwistdProcess(protocol.ProcessProtocol):
         if not self.running:
             return self.wait_exit()
         self.signal("TERM")
-        kill = reactor.callLater(timeout, self.signal, "KILL")
+
+        def kill() -> None:
+            self.killed = True
+            self.signal("KILL")
+
+        killer = reactor.callLater(timeout, kill)
 
         def exited(reason: BaseException) -> BaseException:
-            if kill.active():
-                kill.cancel()
+            if killer.active():
+                killer.cancel()
             return reason
 
         return self.wait_exit().addCallback(exited)
@@ -319,8 +330,9 @@ def start_twistd(
     Spawn ``twistd -n <plugin> <args>`` (repo root on PYTHONPATH, HBONEX_STATE_DIR a temp dir)
     and fire with its :class:`TwistdProcess` once ``listeners`` listener lines appeared.
 
-    A cleanup stops the process and waits for it to exit; with ``check_crashes`` it also fails
-    the test if the output shows a traceback or an unhandled error.
+    A cleanup stops the process and waits for it to exit; it fails the test if the process
+    needed SIGKILL and, with ``check_crashes``, if the output shows a traceback or an
+    unhandled error.
     """
     proc = TwistdProcess(name or plugin)
     workdir = Path(test.mktemp()).resolve()
@@ -338,6 +350,11 @@ def start_twistd(
 
     def cleanup() -> defer.Deferred[None]:
         def check(_: Any) -> None:
+            if proc.killed:
+                raise AssertionError(
+                    f"{proc.name} did not stop within {STOP_TIMEOUT:g}s of SIGTERM; output:\n"
+                    f"{proc.output(last=200)}"
+                )
             crashes = proc.crashes()
             if check_crashes and crashes:
                 raise AssertionError(
