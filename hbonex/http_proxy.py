@@ -9,6 +9,7 @@ over an endpoint that connects through the cluster, with a persistent pool per c
 
 from __future__ import annotations
 
+import time
 from typing import Any, Optional
 
 from twisted.internet import defer, protocol
@@ -106,6 +107,10 @@ class ProxyRequest(http.Request):
 
     def process(self) -> None:
         ctx = self.channel.context
+        self._started = time.monotonic()
+        self._upstream_host = ""
+        if ctx.tunnels is not None:
+            self.notifyFinish().addBoth(self._log)
         method = self.method.decode("latin-1")
         host = (self.getHeader(b"host") or b"").decode("latin-1")
         if method == "CONNECT":
@@ -145,6 +150,16 @@ class ProxyRequest(http.Request):
         self.notifyFinish().addErrback(lambda _: d.cancel())
         d.addCallbacks(self._respond, self._failed)
 
+    def _log(self, result: Any) -> None:
+        ctx = self.channel.context
+        self.content.seek(0, 2)
+        ctx.tunnels.record(
+            ctx.info, (self.getHeader(b"host") or b"").decode("latin-1"), self.code,
+            f"{self.method.decode('latin-1')} {self.uri.decode('latin-1')}",
+            self.content.tell(), self.sentLength, time.monotonic() - self._started,
+            self._upstream_host,
+        )
+
     def _respond(self, response: Any) -> None:
         if self._disconnected:
             return
@@ -178,11 +193,13 @@ class ProxyRequest(http.Request):
 
 class ProxyContext:
     def __init__(self, reactor: Any, router: Any, info: Any, agents: Agents,
-                 route_timeout: float = 15.0) -> None:
+                 tunnels: Any = None, route_timeout: float = 15.0) -> None:
         self.reactor = reactor
         self.router = router
         self.info = info
         self.agents = agents
+        #: hbonex.tunnel_server.TunnelLog: the HCM's counters and access log.
+        self.tunnels = tunnels
         self.route_timeout = route_timeout
 
 

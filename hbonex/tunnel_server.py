@@ -6,7 +6,7 @@ a router where each tunnel goes, connects upstream, and only then answers 200 an
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import h2.events
 import h2.exceptions
@@ -38,18 +38,19 @@ REASONS = {
 
 class TunnelLog:
     """
-    One line per tunnel when it ends (and per refused CONNECT), plus counters.
+    One line per tunnel when it ends (and per refused CONNECT), counters, and the HCM's
+    access log sinks (records keyed as hbonex.formatter expects).
     """
 
     log = Logger(namespace="hbonex.tunnel")
 
-    def __init__(self) -> None:
+    def __init__(self, access_log: Sequence[Callable[[dict[str, str]], None]] = ()) -> None:
         self.opened = 0
         self.refused = 0
         self.active = 0
         self.bytes_in = 0
         self.bytes_out = 0
-        self.on_record: Callable[[dict[str, Any]], None] | None = None
+        self.access_log = tuple(access_log)
 
     def refused_tunnel(self, info: Any, authority: str, status: int, reason: str) -> None:
         self.refused += 1
@@ -58,26 +59,46 @@ class TunnelLog:
             peer=info.remoteAddress, identity=info.peerIdentity or "-", target=authority,
             status=status, reason=reason,
         )
-        if self.on_record is not None:
-            self.on_record({"target": authority, "status": status, "reason": reason,
-                            "peer": info.remoteAddress, "identity": info.peerIdentity})
+        self.record(info, authority, status, reason, 0, 0, 0.0, "")
 
-    def finished(self, info: Any, authority: str, relay: Relay, started: float) -> None:
+    def finished(
+        self, info: Any, authority: str, relay: Relay, started: float, upstream_host: str = ""
+    ) -> None:
         self.active -= 1
         self.bytes_in += relay.a.bytes_in
         self.bytes_out += relay.b.bytes_in
         reason = relay.close_reason or _reason(relay)
+        duration = time.monotonic() - started
         self.log.info(
             "tunnel from {peer} ({identity}) to {target} closed after {duration:.3f}s: "
             "{up} bytes up, {down} bytes down, {reason}",
             peer=info.remoteAddress, identity=info.peerIdentity or "-", target=authority,
-            duration=time.monotonic() - started, up=relay.a.bytes_in, down=relay.b.bytes_in,
-            reason=reason,
+            duration=duration, up=relay.a.bytes_in, down=relay.b.bytes_in, reason=reason,
         )
-        if self.on_record is not None:
-            self.on_record({"target": authority, "status": 200, "up": relay.a.bytes_in,
-                            "down": relay.b.bytes_in, "peer": info.remoteAddress,
-                            "identity": info.peerIdentity, "reason": reason})
+        self.record(info, authority, 200, reason, relay.a.bytes_in, relay.b.bytes_in,
+                     duration, upstream_host)
+
+    def record(
+        self, info: Any, authority: str, status: int, reason: str, up: int, down: int,
+        duration: float, upstream_host: str,
+    ) -> None:
+        if not self.access_log:
+            return
+        record = info.substitutions()
+        record.update(
+            authority=authority,
+            response_code=str(status),
+            termination=reason,
+            bytes_received=str(up),
+            bytes_sent=str(down),
+            duration_ms=str(int(duration * 1000)),
+            upstream_host=upstream_host,
+            start_time=time.strftime(
+                "%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - duration)
+            ) + "Z",
+        )
+        for sink in self.access_log:
+            sink(record)
 
 
 def _reason(relay: Relay) -> str:
@@ -177,7 +198,7 @@ class H2TunnelServer(H2TunnelConnection):
         d = connect_upstream(decision, relay, request, self.info)
         stream.on_closed = lambda reason: d.cancel()
 
-        def connected(_: Any) -> None:
+        def connected(address: Any) -> None:
             stream.on_closed = None
             if stream._closed:
                 relay.b.transport.abortConnection()  # type: ignore[union-attr]
@@ -187,7 +208,7 @@ class H2TunnelServer(H2TunnelConnection):
             self.tunnels.opened += 1
             self.tunnels.active += 1
             relay.on_done = lambda r: self.tunnels.finished(
-                self.info, request.authority, r, started
+                self.info, request.authority, r, started, str(address)
             )
             stream.attach(relay.a)
             relay.start()
@@ -276,7 +297,8 @@ class H1TunnelServer(Protocol):
 
         self._buffer = b""
         channel = ProxyChannel(
-            ProxyContext(self.reactor, self.router, self.info, self.agents), self.idle_timeout
+            ProxyContext(self.reactor, self.router, self.info, self.agents, self.tunnels),
+            self.idle_timeout,
         )
         self._channel = channel
         channel.makeConnection(self.transport)
@@ -313,12 +335,14 @@ class H1TunnelServer(Protocol):
         started = time.monotonic()
         d = self._pending = connect_upstream(decision, relay, request, self.info)
 
-        def connected(_: Any) -> None:
+        def connected(address: Any) -> None:
             self._pending = None
             self.transport.write(b"HTTP/1.1 200 OK\r\n\r\n")  # type: ignore[union-attr]
             self.tunnels.opened += 1
             self.tunnels.active += 1
-            relay.on_done = lambda r: self.tunnels.finished(self.info, target, r, started)
+            relay.on_done = lambda r: self.tunnels.finished(
+                self.info, target, r, started, str(address)
+            )
             self._relay = relay
             relay.a.makeConnection(H1TunnelTransport(self.transport))
             early, self._buffer = self._buffer, b""

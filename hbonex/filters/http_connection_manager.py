@@ -5,7 +5,7 @@ it terminates CONNECT (HTTP/2 streams or HTTP/1.1) and hands each tunnel to the 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import attrs
 from twisted.logger import Logger
@@ -27,7 +27,10 @@ class HttpConnectionManagerConfig:
     h2_settings: H2Settings = H2Settings()
     stream_idle_timeout: float = 300.0
     max_requests_per_connection: int = 0
-    tunnels: TunnelLog = attrs.Factory(TunnelLog)
+    access_log: Sequence[Callable[[dict[str, str]], None]] = ()
+    tunnels: TunnelLog = attrs.field(
+        default=attrs.Factory(lambda self: TunnelLog(self.access_log), takes_self=True)
+    )
 
 
 @implementer(INetworkFilter)
