@@ -68,7 +68,7 @@ class ProxyService(service.MultiService):
             if listener.internal:
                 continue
             assert listener.endpoint is not None
-            endpoint = serverFromString(b.reactor, listener.endpoint)
+            endpoint = serverFromString(b.reactor, _with_backlog(listener))
             d = endpoint.listen(listener.factory)
             failures: list[Any] = []
             d.addCallbacks(lambda port, n=listener.name: self.ports.__setitem__(n, port),
@@ -128,3 +128,15 @@ class ProxyService(service.MultiService):
 
     def port_of(self, listener_name: str) -> int:
         return self.ports[listener_name].getHost().port  # type: ignore[no-any-return]
+
+
+def _with_backlog(listener: Listener) -> str:
+    """
+    The listener's endpoint string with its accept backlog: Twisted's default of 50 drops
+    connections under a burst of new tunnels (Envoy's tcp_backlog_size).
+    """
+    description = listener.endpoint or ""
+    kind = description.split(":", 1)[0]
+    if kind in ("tcp", "tcp6", "unix") and "backlog=" not in description:
+        return f"{description}:backlog={listener.backlog}"
+    return description

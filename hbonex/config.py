@@ -577,6 +577,7 @@ def _parse_listener(node: Node, context: ConfigContext) -> ListenerInfo:
     else:
         raise node.error("one of address, internal_listener is required")
     limit = node.int_field("per_connection_buffer_limit_bytes", 1024 * 1024, minimum=1)
+    backlog = node.int_field("tcp_backlog_size", 1024, minimum=1)
     for item in node.list_field("listener_filters"):
         _listener_filter(item)
     chains: list[ChainInfo] = []
@@ -596,6 +597,7 @@ def _parse_listener(node: Node, context: ConfigContext) -> ListenerInfo:
     listener = Listener(
         name, context.reactor, [c.chain for c in chains], endpoint=endpoint,
         internal=internal is not None, per_connection_buffer_limit_bytes=limit,
+        backlog=backlog,
     )
     return ListenerInfo(listener, chains, node.path, address)
 

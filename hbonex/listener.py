@@ -380,8 +380,10 @@ class Listener:
         endpoint: str | None = None,
         internal: bool = False,
         per_connection_buffer_limit_bytes: int = 1024 * 1024,
+        backlog: int = 1024,
     ) -> None:
         self.name = name
+        self.backlog = backlog
         self.reactor = reactor
         self.filter_chains = list(filter_chains)
         self.endpoint = endpoint
