@@ -254,7 +254,7 @@ class Cluster:
     ) -> defer.Deferred[Any]:
         if isinstance(address, InternalAddress):
             return self.runtime.internal_listeners.connect(address, protocol, request)
-        factory: Factory = _OneShotFactory(protocol)
+        factory: Any = _OneShotFactory(protocol)
         if self.client_tls is not None:
             factory = FastTLSFactory(self.client_tls, True, factory)
         endpoint = _tcp_endpoint(self.reactor, address, self.connect_timeout)
@@ -299,11 +299,11 @@ class Cluster:
                 return tunnel.addCallback(attach)
             return self._open_h1_tunnel(address, protocol, authority, headers)
 
-        d.addCallback(opened)
+        tunnel: defer.Deferred[Any] = d.addCallback(opened)
         timeout = self.connect_timeout + self.tunnel_response_timeout
-        d.addTimeout(timeout, self.reactor, onTimeoutCancel=lambda *_: _raise(
+        tunnel.addTimeout(timeout, self.reactor, onTimeoutCancel=lambda *_: _raise(
             UpstreamError(504, f"no tunnel response within {timeout:g}s")))
-        return d
+        return tunnel
 
     def _open_h1_tunnel(
         self, address: Address, protocol: IProtocol, authority: str,

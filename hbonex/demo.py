@@ -154,6 +154,10 @@ class Pusher(protocol.Protocol):
             self.done.callback(self)
 
 
+def _pid(proc: TwistdProcess) -> object:
+    return getattr(proc.transport, "pid", "?")
+
+
 def _mib(n: float) -> str:
     return f"{n / (1024 * 1024):.1f} MiB"
 
@@ -192,7 +196,7 @@ def run_demo(reactor: Any, tunnels: int, size: int, state_dir: Optional[str]) ->
     try:
         m = yield server.wait_for(LISTEN_RE.pattern, reactor)
         server_port = int(m.group(3))
-        print(f"  hbone-server   twistd pid {server.transport.pid}, mTLS HTTP/2+HTTP/1.1 CONNECT"
+        print(f"  hbone-server   twistd pid {_pid(server)}, mTLS HTTP/2+HTTP/1.1 CONNECT"
               f" on 127.0.0.1:{server_port}")
         client = spawn_twistd(
             reactor, "hbone-client",
@@ -202,7 +206,7 @@ def run_demo(reactor: Any, tunnels: int, size: int, state_dir: Optional[str]) ->
         )
         m = yield client.wait_for(LISTEN_RE.pattern, reactor)
         forward_port = int(m.group(3))
-        print(f"  hbone-client   twistd pid {client.transport.pid}, forwarding 127.0.0.1:"
+        print(f"  hbone-client   twistd pid {_pid(client)}, forwarding 127.0.0.1:"
               f"{forward_port} -> tunnel -> 127.0.0.1:{target_port}")
 
         direct, direct_time = yield _push(reactor, target_port, tunnels, size)

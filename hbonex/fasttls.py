@@ -70,7 +70,7 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
                 chunks.append(self._tlsConnection.bio_read(TCP_BUFFER_SIZE))
             except WantReadError:
                 break
-        if chunks:
+        if chunks and self.transport is not None:
             self.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def _flushReceiveBIO(self) -> None:

@@ -17,7 +17,7 @@ is tied to producer/consumer backpressure in both directions:
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import h2.config
 import h2.connection
@@ -32,6 +32,7 @@ from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
     IHalfCloseableProtocol,
+    IProducer,
     IProtocol,
     IPushProducer,
     IReactorTime,
@@ -180,7 +181,7 @@ class H2Stream:
         if self._outbound_size > STREAM_HIGH_WATER:
             self._update_producer()
 
-    def writeSequence(self, data: list[bytes]) -> None:
+    def writeSequence(self, data: Iterable[bytes]) -> None:
         self.write(b"".join(data))
 
     def loseWriteConnection(self) -> None:
@@ -219,12 +220,12 @@ class H2Stream:
 
     # -- IConsumer ----------------------------------------------------------------------------
 
-    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
         if self._producer is not None:
             raise RuntimeError(f"{self!r} already has a producer")
         if not streaming:
             raise ValueError("H2Stream only takes push producers")
-        self._producer = producer
+        self._producer = producer  # type: ignore[assignment]  # push producers only
         self._producer_paused = False
         if self._closed:
             producer.stopProducing()

@@ -13,7 +13,7 @@ import time
 from typing import Any, Optional
 
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -44,8 +44,8 @@ class ClusterEndpoint:
         self.cluster = cluster
         self.request = request
 
-    def connect(self, protocolFactory: protocol.Factory) -> defer.Deferred[Any]:
-        proto = protocolFactory.buildProtocol(None)
+    def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[Any]:
+        proto = protocolFactory.buildProtocol(None)  # type: ignore[arg-type]
         d = self.cluster.connect_stream(proto, self.request)
         return d.addCallback(lambda _: proto)
 
@@ -110,7 +110,7 @@ class ProxyRequest(http.Request):
         self._started = time.monotonic()
         self._upstream_host = ""
         if ctx.tunnels is not None:
-            self.notifyFinish().addBoth(self._log)
+            self.notifyFinish().addBoth(self._access_log)
         method = self.method.decode("latin-1")
         host = (self.getHeader(b"host") or b"").decode("latin-1")
         if method == "CONNECT":
@@ -136,11 +136,13 @@ class ProxyRequest(http.Request):
         upstream_headers.setRawHeaders(b"host", [host.encode("latin-1")])
         peer = ctx.info.remoteAddress.rsplit(":", 1)[0].strip("[]")
         upstream_headers.addRawHeader(b"x-forwarded-for", peer.encode())
-        self.content.seek(0, 2)
-        length = self.content.tell()
-        self.content.seek(0)
+        content = self.content
+        assert content is not None
+        content.seek(0, 2)
+        length = content.tell()
+        content.seek(0)
         body: Optional[FileBodyProducer] = (
-            FileBodyProducer(self.content) if length or method in ("POST", "PUT", "PATCH")
+            FileBodyProducer(content) if length or method in ("POST", "PUT", "PATCH")
             else None
         )
         agent = ctx.agents.for_cluster(decision.cluster)
@@ -150,13 +152,15 @@ class ProxyRequest(http.Request):
         self.notifyFinish().addErrback(lambda _: d.cancel())
         d.addCallbacks(self._respond, self._failed)
 
-    def _log(self, result: Any) -> None:
+    def _access_log(self, result: Any) -> None:
         ctx = self.channel.context
-        self.content.seek(0, 2)
+        content = self.content
+        assert content is not None
+        content.seek(0, 2)
         ctx.tunnels.record(
             ctx.info, (self.getHeader(b"host") or b"").decode("latin-1"), self.code,
             f"{self.method.decode('latin-1')} {self.uri.decode('latin-1')}",
-            self.content.tell(), self.sentLength, time.monotonic() - self._started,
+            content.tell(), self.sentLength, time.monotonic() - self._started,
             self._upstream_host,
         )
 
@@ -209,5 +213,5 @@ class ProxyChannel(http.HTTPChannel):
     def __init__(self, context: ProxyContext, idle_timeout: float = 300.0) -> None:
         super().__init__()
         self.context = context
-        self.timeOut = idle_timeout
+        self.timeOut = int(idle_timeout)
         self.callLater = context.reactor.callLater  # type: ignore[assignment]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from twisted.internet.interfaces import (
     IConsumer,
+    IProtocol,
     IPushProducer,
     ITransport,
 )
@@ -61,7 +62,7 @@ class INetworkFilterCallbacks(Interface):
         Resume iterating the filter chain after a filter returned STOP from onNewConnection.
         """
 
-    def takeOver(protocol: object) -> None:
+    def takeOver(protocol: IProtocol) -> None:
         """
         Hand the downstream connection to ``protocol`` (an IProtocol): from now on the
         transport delivers its bytes there directly, with no filter in between.

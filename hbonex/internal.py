@@ -11,7 +11,7 @@ producer is paused.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import Any, Iterable
 
 import attrs
 from twisted.internet import defer
@@ -20,6 +20,7 @@ from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
     IHalfCloseableProtocol,
+    IProducer,
     IProtocol,
     IPushProducer,
     ITransport,
@@ -104,7 +105,7 @@ class InternalTransport:
                 self._producer_paused = True
                 self._producer.pauseProducing()
 
-    def writeSequence(self, data: list[bytes]) -> None:
+    def writeSequence(self, data: Iterable[bytes]) -> None:
         self.write(b"".join(data))
 
     def loseWriteConnection(self) -> None:
@@ -146,16 +147,16 @@ class InternalTransport:
 
     # -- IConsumer ----------------------------------------------------------------------------
 
-    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
         if self._producer is not None:
             raise RuntimeError("a producer is already registered")
-        self._producer = producer
+        self._producer = producer  # type: ignore[assignment]  # push producers only
         self._producer_paused = False
         if self.lost:
             producer.stopProducing()
         elif self.other is not None and self.other._queued > self.buffer_size:
             self._producer_paused = True
-            producer.pauseProducing()
+            self._producer.pauseProducing()  # type: ignore[union-attr]
 
     def unregisterProducer(self) -> None:
         self._producer = None

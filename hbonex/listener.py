@@ -407,6 +407,7 @@ class Listener:
             def buildProtocol(self, addr: Any) -> Protocol:
                 return ListenerConnection(listener, chain, True)
 
+        assert chain.tls is not None
         return FastTLSFactory(chain.tls, False, Inner())
 
     @property

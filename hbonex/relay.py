@@ -115,11 +115,11 @@ class Relay:
             for data in early:
                 dst.transport.write(data)  # type: ignore[union-attr]
         if not a.eof_received:
-            b.transport.registerProducer(a.transport, True)  # type: ignore[union-attr]
+            b.transport.registerProducer(a.transport, True)  # type: ignore
         else:
             b.send_eof()
         if not b.eof_received:
-            a.transport.registerProducer(b.transport, True)  # type: ignore[union-attr]
+            a.transport.registerProducer(b.transport, True)  # type: ignore
         else:
             a.send_eof()
         if self.idle_timeout > 0:

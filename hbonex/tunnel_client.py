@@ -5,7 +5,7 @@ HTTP/1.1 (one TLS connection per tunnel).  What it hands back is a byte-stream t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import h2.events
 import h2.exceptions
@@ -202,7 +202,7 @@ class H1TunnelTransport:
     def write(self, data: bytes) -> None:
         self._t.write(data)
 
-    def writeSequence(self, data: list[bytes]) -> None:
+    def writeSequence(self, data: Iterable[bytes]) -> None:
         self._t.writeSequence(data)
 
     def loseWriteConnection(self) -> None:
