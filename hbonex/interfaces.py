@@ -64,8 +64,15 @@ class INetworkFilterCallbacks(Interface):
 
     def takeOver(protocol: IProtocol) -> None:
         """
-        Hand the downstream connection to ``protocol`` (an IProtocol): from now on the
-        transport delivers its bytes there directly, with no filter in between.
+        Hand the downstream connection to ``protocol`` (a terminal filter's codec or relay).
+        Filters before the calling one keep seeing the bytes (onData) first; with none, the
+        transport delivers its bytes to ``protocol`` directly.
+        """
+
+    def injectReadData(filter: INetworkFilter, data: bytes, endStream: bool) -> None:
+        """
+        Continue the chain after ``filter`` with ``data`` (e.g. bytes a filter transformed
+        after returning False from onData).
         """
 
 

@@ -106,6 +106,8 @@ class ListenerConnection(Protocol):
         self._next = 0
         self._started = False
         self._delegate: IProtocol | None = None
+        self._pre: list[INetworkFilter] = []
+        self._iterating = False
         self._handshake_call: IDelayedCall | None = None
         self._stopped_data: list[tuple[bytes, bool]] = []
 
@@ -154,54 +156,71 @@ class ListenerConnection(Protocol):
     # -- INetworkFilterCallbacks ----------------------------------------------------------------
 
     def continueReading(self) -> None:
-        while self._next < len(self.filters):
-            f = self.filters[self._next]
-            self._next += 1
-            if self._delegate is not None:
-                return
-            if not f.onNewConnection(self):
-                return
+        self._iterating = True
+        try:
+            while self._next < len(self.filters) and self._delegate is None:
+                f = self.filters[self._next]
+                self._next += 1
+                if not f.onNewConnection(self) and self._delegate is None:
+                    return  # the filter calls continueReading() when it is ready
+        finally:
+            self._iterating = False
+        self._replay()
+
+    def _replay(self) -> None:
         pending, self._stopped_data = self._stopped_data, []
         for data, end in pending:
-            self._filter_data(data, end)
+            self._read(data, end, 0)
 
     def takeOver(self, protocol: IProtocol) -> None:
+        # Filters before the one taking over keep seeing the bytes (onData); if there are
+        # none, the transport's bytes go straight to ``protocol``.
+        self._pre = self.filters[: max(0, self._next - 1)]
         self._delegate = protocol
         protocol.makeConnection(self.transport)  # type: ignore[arg-type]
+        if not self._iterating:
+            self._replay()
+
+    def injectReadData(self, filter: INetworkFilter, data: bytes, endStream: bool) -> None:
+        filters = self._pre if self._delegate is not None else self.filters
+        self._read(data, endStream, filters.index(filter) + 1)
 
     # -- IProtocol ----------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         delegate = self._delegate
-        if delegate is not None:
+        if delegate is not None and not self._pre:
             delegate.dataReceived(data)
             return
-        self._filter_data(data, False)
+        self._read(data, False, 0)
 
-    def _filter_data(self, data: bytes, end: bool) -> None:
-        if self._next < len(self.filters) or not self._started:
+    def _read(self, data: bytes, end: bool, start: int) -> None:
+        delegate = self._delegate
+        if delegate is None and (self._next < len(self.filters) or not self._started):
             # A filter stopped iteration at connection time: hold data until it continues.
             self._stopped_data.append((data, end))
             return
-        for f in self.filters:
+        for f in (self._pre if delegate is not None else self.filters)[start:]:
             if not f.onData(data, end):
-                break
-            if self._delegate is not None:
-                if data:
-                    self._delegate.dataReceived(data)
-                if end:
-                    self.readConnectionLost()
                 return
+        if delegate is not None:
+            if data:
+                delegate.dataReceived(data)
+            if end:
+                self._eof_to_delegate(delegate)
+
+    def _eof_to_delegate(self, delegate: IProtocol) -> None:
+        if IHalfCloseableProtocol.providedBy(delegate):
+            delegate.readConnectionLost()  # type: ignore[attr-defined]
+        else:
+            self.transport.loseConnection()  # type: ignore[union-attr]
 
     def readConnectionLost(self) -> None:
         delegate = self._delegate
-        if delegate is not None:
-            if IHalfCloseableProtocol.providedBy(delegate):
-                delegate.readConnectionLost()  # type: ignore[attr-defined]
-            else:
-                self.transport.loseConnection()  # type: ignore[union-attr]
+        if delegate is not None and not self._pre:
+            self._eof_to_delegate(delegate)
             return
-        self._filter_data(b"", True)
+        self._read(b"", True, 0)
 
     def writeConnectionLost(self) -> None:
         delegate = self._delegate
