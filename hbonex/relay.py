@@ -33,7 +33,7 @@ class RelayEnd(Protocol):
         self.lost = False
         self.reason: Failure | None = None
         #: Bytes that arrived before the other side was connected (bounded by the pause).
-        self._early: list[bytes] = []
+        self._early: list[bytes] | None = []
 
     def connectionMade(self) -> None:
         tune_tcp(self.transport)
@@ -43,7 +43,8 @@ class RelayEnd(Protocol):
         self.relay.last_activity = self.relay.reactor.seconds()
         peer = self.peer
         if peer is None or peer.transport is None:
-            self._early.append(data)
+            if self._early is not None:
+                self._early.append(data)
             return
         peer.transport.write(data)
 
@@ -111,7 +112,7 @@ class Relay:
         a, b = self.a, self.b
         assert a.transport is not None and b.transport is not None
         for src, dst in ((a, b), (b, a)):
-            early, src._early = src._early, []
+            early, src._early = src._early or [], None
             for data in early:
                 dst.transport.write(data)  # type: ignore[union-attr]
         if not a.eof_received:

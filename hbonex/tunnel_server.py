@@ -193,6 +193,7 @@ class H2TunnelServer(H2TunnelConnection):
             return
         stream = H2Stream(self, sid)
         self.add_stream(stream)
+        authority = request.authority  # keep only this for the tunnel's lifetime
         relay = Relay(self.reactor, decision.idle_timeout)
         started = time.monotonic()
         d = connect_upstream(decision, relay, request, self.info)
@@ -208,7 +209,7 @@ class H2TunnelServer(H2TunnelConnection):
             self.tunnels.opened += 1
             self.tunnels.active += 1
             relay.on_done = lambda r: self.tunnels.finished(
-                self.info, request.authority, r, started, str(address)
+                self.info, authority, r, started, str(address)
             )
             stream.attach(relay.a)
             relay.start()
