@@ -106,7 +106,14 @@ class ProxyRequest(http.Request):
     channel: ProxyChannel
 
     def process(self) -> None:
-        ctx = self.channel.context
+        # Kept for the access log: twisted.web drops ``channel`` and ``content`` before it
+        # fires notifyFinish.
+        ctx = self._context = self.channel.context
+        content = self.content
+        assert content is not None
+        content.seek(0, 2)
+        self._received = content.tell()
+        content.seek(0)
         self._started = time.monotonic()
         self._upstream_host = ""
         if ctx.tunnels is not None:
@@ -136,13 +143,8 @@ class ProxyRequest(http.Request):
         upstream_headers.setRawHeaders(b"host", [host.encode("latin-1")])
         peer = ctx.info.remoteAddress.rsplit(":", 1)[0].strip("[]")
         upstream_headers.addRawHeader(b"x-forwarded-for", peer.encode())
-        content = self.content
-        assert content is not None
-        content.seek(0, 2)
-        length = content.tell()
-        content.seek(0)
         body: Optional[FileBodyProducer] = (
-            FileBodyProducer(content) if length or method in ("POST", "PUT", "PATCH")
+            FileBodyProducer(content) if self._received or method in ("POST", "PUT", "PATCH")
             else None
         )
         agent = ctx.agents.for_cluster(decision.cluster)
@@ -153,14 +155,11 @@ class ProxyRequest(http.Request):
         d.addCallbacks(self._respond, self._failed)
 
     def _access_log(self, result: Any) -> None:
-        ctx = self.channel.context
-        content = self.content
-        assert content is not None
-        content.seek(0, 2)
+        ctx = self._context
         ctx.tunnels.record(
             ctx.info, (self.getHeader(b"host") or b"").decode("latin-1"), self.code,
             f"{self.method.decode('latin-1')} {self.uri.decode('latin-1')}",
-            content.tell(), self.sentLength, time.monotonic() - self._started,
+            self._received, self.sentLength, time.monotonic() - self._started,
             self._upstream_host,
         )
 
