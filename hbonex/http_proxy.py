@@ -138,7 +138,8 @@ class ProxyRequest(http.Request):
             return
         upstream_headers = Headers()
         for name, values in self.requestHeaders.getAllRawHeaders():
-            if name.lower() not in HOP_BY_HOP and name.lower() != b"host":
+            # Content-Length: the Agent sets it from the body; a second one is a 400.
+            if name.lower() not in HOP_BY_HOP and name.lower() not in (b"host", b"content-length"):
                 upstream_headers.setRawHeaders(name, values)
         upstream_headers.setRawHeaders(b"host", [host.encode("latin-1")])
         peer = ctx.info.remoteAddress.rsplit(":", 1)[0].strip("[]")
