@@ -52,10 +52,14 @@ class ProxyService(service.MultiService):
 
     log = Logger()
 
-    def __init__(self, bootstrap: Bootstrap, drain_timeout: float = 5.0) -> None:
+    def __init__(
+        self, bootstrap: Bootstrap, drain_timeout: float = 5.0, source: str = ""
+    ) -> None:
         super().__init__()
         self.bootstrap = bootstrap
         self.drain_timeout = drain_timeout
+        #: Where the configuration came from (``--config FILE``), for startup errors.
+        self.source = source
         self.ports: dict[str, Any] = {}
 
     def startService(self) -> None:
@@ -75,11 +79,15 @@ class ProxyService(service.MultiService):
                            failures.append)
             if failures:
                 self._stop_ports()
-                raise ConfigError(
+                error = ConfigError(
                     b.listener_paths[listener.name],
                     f"cannot listen on {listener.endpoint}: "
                     f"{failures[0].getErrorMessage()} (is another process using it?)",
                 )
+                # twistd would print any other exception from startService as a traceback:
+                # one line and exit status 1, like a bad --config.
+                prefix = f"{self.source}: " if self.source else ""
+                raise SystemExit(f"twistd: error: {prefix}{error}")
             address = self.ports[listener.name].getHost()
             self.log.info(
                 "listener {name} listening on {host}:{port} ({endpoint})",

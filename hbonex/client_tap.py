@@ -146,5 +146,7 @@ def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
     if options["config"]:
-        return ProxyService(options.config_bootstrap(reactor))
+        return ProxyService(
+            options.config_bootstrap(reactor), source=f"--config {options['config']}"
+        )
     return ProxyService(build(options, reactor))

@@ -120,5 +120,8 @@ def makeService(options: Options) -> service.MultiService:
 
     if options["config"]:
         bootstrap = options.config_bootstrap(reactor)
-        return ProxyService(bootstrap, drain_timeout=options["drain-timeout"])
+        return ProxyService(
+            bootstrap, drain_timeout=options["drain-timeout"],
+            source=f"--config {options['config']}",
+        )
     return ProxyService(build(options, reactor), drain_timeout=options["drain-timeout"])
