@@ -343,16 +343,7 @@ class Cluster:
         return pool
 
     def _connect_h2(self, address: Address) -> defer.Deferred[H2TunnelClient]:
-        client = H2TunnelClient(self.h2_settings, self.reactor)
-        if self.client_tls is None:
-            # Plain-text HTTP/2 (h2c, as the article's configs use): no handshake to wait for.
-            original = client.connectionMade
-
-            def made() -> None:
-                original()
-                client.handshakeCompleted()
-
-            client.connectionMade = made  # type: ignore[method-assign]
+        client = H2TunnelClient(self.h2_settings, self.reactor, tls=self.client_tls is not None)
         d = self._connect_to(address, client, UpstreamRequest())
         d.addCallback(lambda _: client.ready)
         d.addTimeout(self.connect_timeout, self.reactor, onTimeoutCancel=lambda *_: _raise(

@@ -42,8 +42,10 @@ class H2TunnelClient(H2TunnelConnection):
     client_side = True
     log = Logger()
 
-    def __init__(self, settings: H2Settings, reactor: IReactorTime) -> None:
+    def __init__(self, settings: H2Settings, reactor: IReactorTime, tls: bool = True) -> None:
         super().__init__(settings, reactor)
+        #: False for plain-text HTTP/2 (h2c, as the article's configs use).
+        self.tls = tls
         self.ready: defer.Deferred[H2TunnelClient] = defer.Deferred()
         self._settings_seen = False
         self._handshake_done = False
@@ -54,8 +56,10 @@ class H2TunnelClient(H2TunnelConnection):
         self.last_stream_id_allowed: int | None = None
 
     def connectionMade(self) -> None:
-        # Wait for the handshake: nothing HTTP/2 goes out before the server is verified.
-        pass
+        # Over TLS, wait for the handshake: nothing HTTP/2 goes out before the server is
+        # verified.
+        if not self.tls:
+            self.handshakeCompleted()
 
     def handshakeCompleted(self) -> None:
         self._handshake_done = True
