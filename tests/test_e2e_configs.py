@@ -257,7 +257,7 @@ class FixedPortsLock:
         self.fd: int | None = None
 
     def acquire(self) -> defer.Deferred[None]:
-        fd = self.fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = self.fd = os.open(LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o666)
         d: defer.Deferred[None] = defer.Deferred()
 
         def fire(failure: Failure | None) -> None:
