@@ -239,11 +239,31 @@ class Cluster:
         d = self.pick(request)
 
         def connect(address: Address) -> defer.Deferred[Address]:
-            return self._connect_to(address, protocol, request).addCallback(lambda _: address)
+            def connected(_: Any) -> Address:
+                self._track(address, protocol)
+                return address
+
+            return self._connect_to(address, protocol, request).addCallback(connected)
 
         d.addCallback(connect)
         d.addErrback(self._count_failure)
         return d
+
+    def _track(self, address: Address, protocol: IProtocol) -> None:
+        """
+        Count the connection against ``address`` until ``protocol`` loses it (LEAST_REQUEST
+        balances on these counts; the stats report the active total).
+        """
+        self._active[address] = self._active.get(address, 0) + 1
+        self.stats.upstream_cx_active += 1
+        lost = protocol.connectionLost
+
+        def connection_lost(reason: Any) -> None:
+            self._active[address] -= 1
+            self.stats.upstream_cx_active -= 1
+            lost(reason)
+
+        protocol.connectionLost = connection_lost  # type: ignore[method-assign]
 
     def _count_failure(self, f: Any) -> Any:
         self.stats.upstream_cx_connect_fail += 1
@@ -293,6 +313,7 @@ class Cluster:
 
                 def attach(result: Any) -> Any:
                     stream, response_headers = result
+                    self._track(address, protocol)
                     stream.attach(protocol)
                     return address, response_headers
 
@@ -316,6 +337,7 @@ class Cluster:
             return client.response
 
         def established(status: int) -> Any:
+            self._track(address, protocol)
             client.attach(protocol)
             return address, {b":status": str(status).encode()}
 
