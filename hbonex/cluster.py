@@ -5,7 +5,6 @@ protocol (raw TCP, or HTTP/1.1 / HTTP/2 CONNECT tunnels), optional TLS and a con
 
 from __future__ import annotations
 
-import ipaddress
 import random
 import socket
 from typing import TYPE_CHECKING, Any, Union
@@ -17,7 +16,7 @@ from twisted.internet.interfaces import IProtocol, IReactorCore, IReactorTCP, IR
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from hbonex.connect import Authority, BadAuthority, TargetPolicy, parse_authority
+from hbonex.connect import Authority, BadAuthority, TargetPolicy, ip_of, parse_authority
 from hbonex.errors import UpstreamError
 from hbonex.fasttls import FastTLSFactory
 from hbonex.h2settings import H2Settings
@@ -192,9 +191,8 @@ class Cluster:
 
         def check(address: Address) -> Address:
             assert isinstance(address, SocketAddress)
-            if policy is not None and not policy.allows(
-                ipaddress.ip_address(address.host), address.port
-            ):
+            ip = ip_of(address.host)
+            if policy is not None and (ip is None or not policy.allows(ip, address.port)):
                 raise UpstreamError(
                     403, f"target {authority} ({address}) is outside the allowed targets"
                 )
@@ -203,11 +201,8 @@ class Cluster:
         return d.addCallback(check)
 
     def _resolve(self, address: SocketAddress) -> defer.Deferred[Address]:
-        try:
-            ipaddress.ip_address(address.host)
+        if ip_of(address.host) is not None:
             return defer.succeed(address)
-        except ValueError:
-            pass
 
         def lookup() -> list[Any]:
             return socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)

@@ -5,6 +5,7 @@ RFC 9110 §9.3.6), and the target policy that decides where a tunnel may go.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Union
 
@@ -50,9 +51,22 @@ class Authority:
         return f"{self.host}:{self.port}"
 
 
+@functools.lru_cache(maxsize=4096)
+def ip_of(host: str) -> IPAddress | None:
+    """
+    ``host`` as an IP address, or None if it is a name (cached).
+    """
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=4096)
 def parse_authority(text: str) -> Authority:
     """
     Parse a CONNECT authority: ``1.2.3.4:80``, ``[::1]:80`` or ``host.example:443``.
+    (Cached: a server sees the same few targets again and again.)
     """
     if not text or len(text) > 300 or any(c.isspace() or ord(c) < 0x21 for c in text):
         raise BadAuthority(f"authority {text!r} is not host:port")
@@ -247,6 +261,7 @@ class TargetPolicy:
 
     rules: tuple[TargetRule, ...] = LOOPBACK_RULES
 
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - policies live as long as the process
     def allows(self, ip: IPAddress, port: int) -> bool:
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped

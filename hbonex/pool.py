@@ -76,34 +76,56 @@ class H2Pool:
 
     # -- tunnels ------------------------------------------------------------------------------
 
-    @defer.inlineCallbacks
     def open_tunnel(
         self, authority: str, headers: list[tuple[str, str]], post_path: str | None = None
-    ) -> Any:
+    ) -> defer.Deferred[Any]:
         """
         Fire with (stream, response headers) for a new tunnel, or fail with UpstreamError.
+        (Plain callbacks, not inlineCallbacks: this runs once per tunnel.)
         """
         attempt = 0
-        while True:
+        conn: H2TunnelClient | None = None
+        current: defer.Deferred[Any] | None = None
+        result: defer.Deferred[Any] = defer.Deferred(
+            lambda _: current.cancel() if current is not None else None
+        )
+
+        def start() -> None:
+            nonlocal attempt, current
             attempt += 1
-            conn = yield self._acquire()
-            try:
-                result = yield conn.open_tunnel(authority, headers, post_path)
-            except UpstreamError as e:
-                if e.unprocessed and _drained_after_progress(conn):
+            current = self._acquire().addCallback(opening)
+            current.addCallbacks(opened, failed)
+
+        def opening(c: H2TunnelClient) -> defer.Deferred[Any]:
+            nonlocal conn
+            conn = c
+            return c.open_tunnel(authority, headers, post_path)
+
+        def opened(value: Any) -> None:
+            self.stats.tunnels_opened += 1
+            result.callback(value)
+
+        def failed(failure: Any) -> None:
+            e = failure.value
+            if isinstance(e, UpstreamError) and not result.called:
+                if e.unprocessed and conn is not None and _drained_after_progress(conn):
                     # The server served other streams on this connection, then sent GOAWAY
                     # before ours (e.g. its max requests per connection): the pool no longer
                     # uses that connection, so the retry goes to another one and costs no
                     # attempt.  Every such connection makes progress; the cluster's tunnel
                     # deadline still bounds the whole.
                     self.stats.tunnels_retried += 1
-                    continue
+                    start()
+                    return
                 if e.retryable and attempt < self.max_attempts:
                     self.stats.tunnels_retried += 1
-                    continue
-                raise
-            self.stats.tunnels_opened += 1
-            return result
+                    start()
+                    return
+            if not result.called:
+                result.errback(failure)
+
+        start()
+        return result
 
     def _acquire(self) -> defer.Deferred[H2TunnelClient]:
         if self._closed:
@@ -141,7 +163,7 @@ class H2Pool:
         self._connecting -= 1
         if self._closed:
             conn.send_goaway()
-            conn.transport.loseConnection()  # type: ignore[union-attr]
+            conn.close()
             return
         self.connections.append(conn)
         conn.on_capacity = self._capacity_changed
@@ -184,7 +206,7 @@ class H2Pool:
         if conn.goaway_received or conn.goaway_sent:
             self._drop(conn)
             if not conn.streams:
-                conn.transport.loseConnection()  # type: ignore[union-attr]
+                conn.close()
         elif self._waiters:
             self._serve_waiters()
         self._touch(conn)
@@ -219,7 +241,7 @@ class H2Pool:
         self.log.info("closing idle HBONE connection to {address}", address=self.key.address)
         self._drop(conn)
         conn.send_goaway()
-        conn.transport.loseConnection()  # type: ignore[union-attr]
+        conn.close()
 
     def close(self) -> None:
         """
@@ -231,7 +253,7 @@ class H2Pool:
             self._drop(conn)
             conn.send_goaway()
             if not conn.streams:
-                conn.transport.loseConnection()  # type: ignore[union-attr]
+                conn.close()
 
 
 def _drained_after_progress(conn: H2TunnelClient) -> bool:

@@ -14,7 +14,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from hbonex.fasttls import tune_tcp
+from hbonex.fasttls import tune_tcp, writer_for
 
 
 @implementer(IHalfCloseableProtocol)
@@ -37,6 +37,7 @@ class RelayEnd(Protocol):
 
     def connectionMade(self) -> None:
         tune_tcp(self.transport)
+        self.write = writer_for(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes_in += len(data)
@@ -46,7 +47,7 @@ class RelayEnd(Protocol):
             if self._early is not None:
                 self._early.append(data)
             return
-        peer.transport.write(data)
+        peer.write(data)
 
     def readConnectionLost(self) -> None:
         self.eof_received = True

@@ -30,6 +30,7 @@ from hbonex.interfaces import IHalfCloseableTransport
 from hbonex.tls import handshake_failure_reason
 
 MAX_RESPONSE_HEAD = 64 * 1024
+_UNIQUE_PER_TUNNEL = frozenset({b"traceparent", b"forwarded"})
 
 
 @implementer(IHandshakeListener)
@@ -104,7 +105,10 @@ class H2TunnelClient(H2TunnelConnection):
                 (b":authority", authority.encode("latin-1")),
                 (b":path", post_path.encode("latin-1")),
             ]
-        request += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        for k, v in headers:
+            name = k.lower().encode("latin-1")
+            # Values unique to each tunnel only churn the HPACK table: never index them.
+            request.append((name, v.encode("latin-1"), name in _UNIQUE_PER_TUNNEL))  # type: ignore
         try:
             self.conn.send_headers(stream_id, request)
         except h2.exceptions.TooManyStreamsError:

@@ -54,9 +54,15 @@ class TunnelLog:
 
     def refused_tunnel(self, info: Any, authority: str, status: int, reason: str) -> None:
         self.refused += 1
+        # The line is formatted here, once: Twisted's formatter re-parses a format string
+        # per event, which for one line per tunnel was a fifth of the server's CPU per tunnel.
+        # The fields stay on the event for structured observers.
+        identity = info.peerIdentity or "-"
         self.log.info(
-            "tunnel from {peer} ({identity}) to {target} refused: {status} {reason}",
-            peer=info.remoteAddress, identity=info.peerIdentity or "-", target=authority,
+            "{tunnel}",
+            tunnel=f"tunnel from {info.remoteAddress} ({identity}) to {authority} refused: "
+                   f"{status} {reason}",
+            peer=info.remoteAddress, identity=identity, target=authority,
             status=status, reason=reason,
         )
         self.record(info, authority, status, reason, 0, 0, 0.0, "")
@@ -69,11 +75,14 @@ class TunnelLog:
         self.bytes_out += relay.b.bytes_in
         reason = relay.close_reason or _reason(relay)
         duration = time.monotonic() - started
+        identity = info.peerIdentity or "-"
+        up, down = relay.a.bytes_in, relay.b.bytes_in
         self.log.info(
-            "tunnel from {peer} ({identity}) to {target} closed after {duration:.3f}s: "
-            "{up} bytes up, {down} bytes down, {reason}",
-            peer=info.remoteAddress, identity=info.peerIdentity or "-", target=authority,
-            duration=duration, up=relay.a.bytes_in, down=relay.b.bytes_in, reason=reason,
+            "{tunnel}",
+            tunnel=f"tunnel from {info.remoteAddress} ({identity}) to {authority} closed "
+                   f"after {duration:.3f}s: {up} bytes up, {down} bytes down, {reason}",
+            peer=info.remoteAddress, identity=identity, target=authority,
+            duration=duration, up=up, down=down, reason=reason,
         )
         self.record(info, authority, 200, reason, relay.a.bytes_in, relay.b.bytes_in,
                      duration, upstream_host)

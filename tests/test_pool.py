@@ -36,6 +36,10 @@ class FakeConnection:
         self.authorities: list[str] = []
         self._next_id = 1
 
+    def close(self) -> None:
+        # H2TunnelConnection.close(): flush, then lose the transport.
+        self.transport.loseConnection()
+
     def __repr__(self) -> str:
         return f"<FakeConnection {self.name}>"
 
