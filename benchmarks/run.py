@@ -81,7 +81,7 @@ class Child:
         self.log = workdir / f"{name}.log"
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out,
-                                         stderr=subprocess.STDOUT, env=env, cwd=REPO)
+                                         stderr=subprocess.STDOUT, env=env, cwd=workdir)
 
     def wait_for(self, pattern: re.Pattern[str], timeout: float = 30) -> re.Match[str]:
         deadline = time.monotonic() + timeout
