@@ -28,6 +28,7 @@ PKI
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import random
@@ -35,7 +36,7 @@ import re
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Coroutine
 
 import attrs
 import h2.config
@@ -113,6 +114,26 @@ def _timeout_deferred(
 
     d.addTimeout(timeout, reactor, onTimeoutCancel=on_timeout)
     return d
+
+
+def e2e(
+    f: Callable[[Any], Coroutine[Any, Any, None]],
+) -> Callable[[Any], defer.Deferred[None]]:
+    """Run an ``async def`` test as a Deferred-returning trial test."""
+
+    @functools.wraps(f)
+    def run(self: Any) -> defer.Deferred[None]:
+        return defer.ensureDeferred(f(self))
+
+    return run
+
+
+async def gather(ds: list[Any]) -> list[Any]:
+    """Wait for all Deferreds (or coroutines); fail with the first failure."""
+    ds = [defer.ensureDeferred(d) for d in ds]
+    return await defer.gatherResults(ds, consumeErrors=True).addErrback(
+        lambda f: f.value.subFailure  # the first failure itself, not FirstError
+    )
 
 
 # --- twistd processes ------------------------------------------------------------------------

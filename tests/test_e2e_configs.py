@@ -20,7 +20,6 @@ startup errors) use ephemeral ports and run in parallel.
 from __future__ import annotations
 
 import fcntl
-import functools
 import io
 import os
 import re
@@ -31,7 +30,7 @@ import tempfile
 import textwrap
 import threading
 from pathlib import Path
-from typing import Any, Callable, Coroutine
+from typing import Any, Callable
 
 import h2.events
 from twisted.internet import defer, endpoints, protocol, reactor, utils
@@ -59,7 +58,9 @@ from tests.support import (
     TwistdProcess,
     connect_tcp,
     connect_tls,
+    e2e,
     exchange,
+    gather,
     pseudorandom,
     response_status,
     sha256,
@@ -103,22 +104,6 @@ LOCK_TIMEOUT = 60.0
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def e2e(
-    f: Callable[[Any], Coroutine[Any, Any, None]],
-) -> Callable[[Any], defer.Deferred[None]]:
-    """Run an ``async def`` test as a Deferred-returning trial test."""
-
-    @functools.wraps(f)
-    def run(self: Any) -> defer.Deferred[None]:
-        return defer.ensureDeferred(f(self))
-
-    return run
-
-
-async def gather(ds: list[defer.Deferred[Any]]) -> list[Any]:
-    return await defer.gatherResults(ds, consumeErrors=True).addErrback(
-        lambda f: f.value.subFailure  # the first failure itself, not FirstError
-    )
 
 
 def with_timeout(

@@ -8,9 +8,8 @@ certificates made with hbonex.pki, real loopback sockets (127.0.0.1 only).
 
 from __future__ import annotations
 
-import functools
 import re
-from typing import Any, Callable, Coroutine
+from typing import Any
 
 import h2.errors
 import h2.events
@@ -29,7 +28,9 @@ from tests.support import (
     TwistdProcess,
     connect_tcp,
     connect_tls,
+    e2e,
     exchange,
+    gather,
     make_pki,
     port_of,
     pseudorandom,
@@ -53,22 +54,6 @@ def client_failed_re(target: str, status: int) -> str:
     )
 
 
-def e2e(
-    f: Callable[[Any], Coroutine[Any, Any, None]],
-) -> Callable[[Any], defer.Deferred[None]]:
-    """Run an ``async def`` test as a Deferred-returning trial test."""
-
-    @functools.wraps(f)
-    def run(self: Any) -> defer.Deferred[None]:
-        return defer.ensureDeferred(f(self))
-
-    return run
-
-
-async def gather(ds: list[defer.Deferred[Any]]) -> list[Any]:
-    return await defer.gatherResults(ds, consumeErrors=True).addErrback(
-        lambda f: f.value.subFailure  # the first failure itself, not FirstError
-    )
 
 
 class E2ETestCase(unittest.TestCase):

@@ -11,7 +11,6 @@ Node (>= 18) is required: the tests fail, not skip, when it is missing.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -19,7 +18,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, Callable, Coroutine
+from typing import Any, Callable
 
 from twisted.internet import defer, endpoints, protocol, reactor
 from twisted.internet import error as ierror
@@ -37,6 +36,8 @@ from tests.support import (
     Target,
     TwistdProcess,
     connect_tcp,
+    e2e,
+    gather,
     make_pki,
     port_of,
     pseudorandom,
@@ -77,24 +78,6 @@ def node_binary() -> str:
     return node
 
 
-def interop(
-    f: Callable[[Any], Coroutine[Any, Any, None]],
-) -> Callable[[Any], defer.Deferred[None]]:
-    """Run an ``async def`` test as a Deferred-returning trial test."""
-
-    @functools.wraps(f)
-    def run(self: Any) -> defer.Deferred[None]:
-        return defer.ensureDeferred(f(self))
-
-    return run
-
-
-async def gather(ds: list[Any]) -> list[Any]:
-    """Wait for all Deferreds (or coroutines); fail with the first failure."""
-    ds = [defer.ensureDeferred(d) for d in ds]
-    return await defer.gatherResults(ds, consumeErrors=True).addErrback(
-        lambda f: f.value.subFailure  # the first failure itself, not FirstError
-    )
 
 
 def with_timeout(d: defer.Deferred[Any], timeout: float, what: Callable[[], str]) -> Any:
@@ -420,7 +403,7 @@ class NodeClientTests(InteropTestCase):
         )
         return node, records, done[0]
 
-    @interop
+    @e2e
     async def test_20_streams_of_2mib_echoed(self) -> None:
         """
         20 concurrent CONNECT streams on one Node session, 2 MiB each through the server to an
@@ -455,7 +438,7 @@ class NodeClientTests(InteropTestCase):
         self.assertEqual(len({port_of(m["peer"]) for m in lines}), 1, "not one session")
         self.assertEqual(echo.connections_made, 20)
 
-    @interop
+    @e2e
     async def test_target_outside_policy_is_403(self) -> None:
         echo = await start_hashing_echo(self)
         server = await self.start_server("--allow-target", "127.0.0.2/32")
@@ -471,7 +454,7 @@ class NodeClientTests(InteropTestCase):
         )
         self.assertEqual(echo.connections_made, 0)
 
-    @interop
+    @e2e
     async def test_refused_target_port_is_503(self) -> None:
         dead, server = await gather([unused_port(self), self.start_server()])
         node, [r], done = await self.run_client(server, dead, 1, 1000)
@@ -483,7 +466,7 @@ class NodeClientTests(InteropTestCase):
         self.assertEqual((m["target"], m["status"]), (f"127.0.0.1:{dead}", "503"))
         self.assertEqual(server.matches(TUNNEL_CLOSED_RE), [])
 
-    @interop
+    @e2e
     async def test_node_checks_the_server_identity(self) -> None:
         """
         The positive tests' --server-spiffe check is real: expecting another identity, Node
@@ -560,7 +543,7 @@ class NodeServerTests(InteropTestCase):
             t = by_port[port]
             self.assertEqual((t["bytes_up"], t["bytes_down"]), (up, down), t)
 
-    @interop
+    @e2e
     async def test_32mib_echoed(self) -> None:
         echo = await start_hashing_echo(self)
         node, client = await self.start_pair(echo.port)
@@ -575,7 +558,7 @@ class NodeServerTests(InteropTestCase):
         self.assertEqual(session["uris"], [CLIENT_ID])
         self.assert_no_session_errors(node)
 
-    @interop
+    @e2e
     async def test_50_concurrent_tunnels(self) -> None:
         echo = await start_hashing_echo(self)
         node, client = await self.start_pair(echo.port)
@@ -593,7 +576,7 @@ class NodeServerTests(InteropTestCase):
         self.assertEqual(client.matches(r"tunnel for .* failed"), [])
         self.assert_no_session_errors(node)
 
-    @interop
+    @e2e
     async def test_half_close(self) -> None:
         """
         The downstream sends, shuts down writing, and still gets the sink's reply (the SHA-256
@@ -612,7 +595,7 @@ class NodeServerTests(InteropTestCase):
         self.assert_tunnel_logs(tunnels, sink.port, {local: (len(payload), 64)})
         self.assert_no_session_errors(node)
 
-    @interop
+    @e2e
     async def test_30_tunnels_over_max_streams_6(self) -> None:
         """
         Node allows 6 concurrent streams per session; 30 downstream connections are made
@@ -644,7 +627,7 @@ class NodeServerTests(InteropTestCase):
         self.assertEqual({tuple(s["uris"]) for s in sessions}, {(CLIENT_ID,)})
         self.assert_no_session_errors(node)
 
-    @interop
+    @e2e
     async def test_client_identity_rejected_by_node(self) -> None:
         """
         Node drops sessions whose client SPIFFE ID lacks its required prefix: the tunnel
