@@ -9,6 +9,7 @@ from typing import Any, Iterable
 
 import h2.events
 import h2.exceptions
+from hpack import NeverIndexedHeaderTuple
 from twisted.internet import defer
 from twisted.internet import error as ierror
 from twisted.internet.interfaces import (
@@ -108,7 +109,11 @@ class H2TunnelClient(H2TunnelConnection):
         for k, v in headers:
             name = k.lower().encode("latin-1")
             # Values unique to each tunnel only churn the HPACK table: never index them.
-            request.append((name, v.encode("latin-1"), name in _UNIQUE_PER_TUNNEL))  # type: ignore
+            value = v.encode("latin-1")
+            if name in _UNIQUE_PER_TUNNEL:
+                request.append(NeverIndexedHeaderTuple(name, value))
+            else:
+                request.append((name, value))
         try:
             self.conn.send_headers(stream_id, request)
         except h2.exceptions.TooManyStreamsError:
