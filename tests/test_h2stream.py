@@ -189,11 +189,12 @@ class H2Pair:
         conn = self.client.conn
         sid = conn.get_next_available_stream_id()
         config = conn.config
+        saved = config.validate_outbound_headers, config.normalize_outbound_headers
         config.validate_outbound_headers = config.normalize_outbound_headers = False
         try:
             conn.send_headers(sid, headers, end_stream=end)
         finally:
-            config.validate_outbound_headers = config.normalize_outbound_headers = True
+            config.validate_outbound_headers, config.normalize_outbound_headers = saved
         self.client._flush()
         self.pump()
         return sid
