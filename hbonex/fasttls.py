@@ -102,8 +102,13 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
         chunks = []
         while True:
             try:
-                chunks.append(self._tlsConnection.bio_read(TCP_BUFFER_SIZE))
+                chunk = self._tlsConnection.bio_read(TCP_BUFFER_SIZE)
             except WantReadError:
+                break
+            chunks.append(chunk)
+            # A memory BIO hands out all it has up to the size asked for: a shorter chunk
+            # means it is empty, and asking again would only raise (and cost) WantReadError.
+            if len(chunk) < TCP_BUFFER_SIZE:
                 break
         if chunks and self.transport is not None:
             write_now(self.transport, chunks[0] if len(chunks) == 1 else b"".join(chunks))
