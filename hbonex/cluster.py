@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any, Union
 import attrs
 from twisted.internet import defer, endpoints, threads
 from twisted.internet import error as ierror
-from twisted.internet.interfaces import IProtocol, IReactorCore, IReactorTCP, IReactorTime
+from twisted.internet.interfaces import IProtocol
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from hbonex.connect import Authority, BadAuthority, TargetPolicy, ip_of, parse_authority
+from hbonex.connect import BadAuthority, TargetPolicy, ip_of, parse_authority
 from hbonex.errors import UpstreamError
 from hbonex.fasttls import FastTLSFactory
 from hbonex.h2settings import H2Settings
@@ -413,13 +413,9 @@ def _tcp_endpoint(reactor: Any, address: SocketAddress, timeout: float) -> Any:
 
 __all__ = [
     "Address",
-    "Authority",
     "CircuitBreakers",
     "Cluster",
     "InternalAddress",
-    "IReactorCore",
-    "IReactorTCP",
-    "IReactorTime",
     "Runtime",
     "SocketAddress",
     "UpstreamRequest",

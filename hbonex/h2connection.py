@@ -25,7 +25,6 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import hpack
-from h2.frame_buffer import FrameBuffer
 from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
 from twisted.internet import error as ierror
 from twisted.internet.interfaces import (
@@ -749,7 +748,6 @@ def headers_dict(headers: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
 
 __all__ = [
     "ErrorCodes",
-    "FrameBuffer",
     "H2Stream",
     "H2TunnelConnection",
     "QuietH2Connection",

@@ -21,7 +21,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hbonex.errors import UpstreamError
-from hbonex.h2connection import H2Stream
 from hbonex.tunnel_client import H2TunnelClient
 
 Connector = Callable[[], "defer.Deferred[H2TunnelClient]"]
@@ -264,4 +263,4 @@ def _drained_after_progress(conn: H2TunnelClient) -> bool:
     return bool(conn.goaway_received and last)
 
 
-__all__ = ["H2Pool", "PoolKey", "H2Stream"]
+__all__ = ["H2Pool", "PoolKey"]

@@ -5,7 +5,7 @@ it terminates CONNECT (HTTP/2 streams or HTTP/1.1) and hands each tunnel to the 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import attrs
 from twisted.logger import Logger
@@ -80,4 +80,4 @@ def http_connection_manager_factory(
     return lambda: HttpConnectionManagerFilter(config)
 
 
-__all__ = ["HttpConnectionManagerConfig", "HttpConnectionManagerFilter", "Optional"]
+__all__ = ["HttpConnectionManagerConfig", "HttpConnectionManagerFilter"]

@@ -15,7 +15,6 @@ from typing import Any, Callable, Sequence
 
 import attrs
 from twisted.internet import defer
-from twisted.internet import error as ierror
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
@@ -375,5 +374,4 @@ __all__ = [
     "TunnelingConfig",
     "WeightedCluster",
     "tcp_proxy_factory",
-    "ierror",
 ]
