@@ -141,6 +141,11 @@ class Cluster:
         self.upstream_protocol = upstream_protocol
         self.tls = tls
         self.client_tls = ClientTLS(tls) if tls is not None else None
+        #: (expected server identity, own identity) of this cluster's pool keys; computed once,
+        #: not per tunnel (it parses the certificate's SANs).
+        self._pool_identities = (
+            (tls.peer_policy.describe(), _identity_of(tls)) if tls is not None else ("", "")
+        )
         self.h2_settings = h2_settings
         self.max_streams_per_connection = max_streams_per_connection
         self.pool_idle_timeout = pool_idle_timeout
@@ -339,12 +344,7 @@ class Cluster:
         return d.addCallback(connected).addCallback(established)
 
     def _pool_for(self, address: Address) -> H2Pool:
-        own = ""
-        expected = ""
-        if self.tls is not None:
-            own = _identity_of(self.tls)
-            expected = self.tls.peer_policy.describe()
-        key = PoolKey(str(address), expected, own)
+        key = PoolKey(str(address), *self._pool_identities)
         pool = self.pools.get(key)
         if pool is None:
             pool = H2Pool(
