@@ -32,3 +32,12 @@ class UpstreamError(Exception):
         self.retryable = retryable
         self.unprocessed = unprocessed
         super().__init__(f"{status} {reason}")
+
+
+def status_and_reason(error: BaseException | None) -> tuple[int, str]:
+    """
+    What a tunnel failure answers with: an UpstreamError's own status, otherwise 503.
+    """
+    if isinstance(error, UpstreamError):
+        return error.status, error.reason
+    return 503, str(error)

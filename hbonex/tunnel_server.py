@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from hbonex.cluster import UpstreamRequest
 from hbonex.connect import ConnectRequest, MalformedRequest, parse_h2_request
-from hbonex.errors import UpstreamError
+from hbonex.errors import status_and_reason
 from hbonex.h2connection import ErrorCodes, H2Stream, H2TunnelConnection
 from hbonex.h2settings import H2Settings
 from hbonex.relay import Relay
@@ -84,8 +84,7 @@ class TunnelLog:
             peer=info.remoteAddress, identity=identity, target=authority,
             duration=duration, up=up, down=down, reason=reason,
         )
-        self.record(info, authority, 200, reason, relay.a.bytes_in, relay.b.bytes_in,
-                     duration, upstream_host)
+        self.record(info, authority, 200, reason, up, down, duration, upstream_host)
 
     def record(
         self, info: Any, authority: str, status: int, reason: str, up: int, down: int,
@@ -227,8 +226,7 @@ class H2TunnelServer(H2TunnelConnection):
             if f.check(defer.CancelledError):
                 return
             error = f.value
-            status = error.status if isinstance(error, UpstreamError) else 503
-            reason = error.reason if isinstance(error, UpstreamError) else str(error)
+            status, reason = status_and_reason(error)
             self.tunnels.refused_tunnel(self.info, request.authority, status, reason)
             stream.on_closed = None
             if not stream._closed:
@@ -366,8 +364,7 @@ class H1TunnelServer(Protocol):
             if f.check(defer.CancelledError):
                 return
             error = f.value
-            status = error.status if isinstance(error, UpstreamError) else 503
-            reason = error.reason if isinstance(error, UpstreamError) else str(error)
+            status, reason = status_and_reason(error)
             self.tunnels.refused_tunnel(self.info, target, status, reason)
             self._reply(status, close=True)
 

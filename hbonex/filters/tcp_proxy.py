@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from hbonex.cluster import UpstreamRequest
-from hbonex.errors import UpstreamError
+from hbonex.errors import status_and_reason
 from hbonex.formatter import Template
 from hbonex.interfaces import INetworkFilter, INetworkFilterCallbacks, INetworkFilterExtension
 from hbonex.relay import Relay
@@ -178,8 +178,7 @@ class TcpProxyFilter:
         if self._attempt < self.config.max_connect_attempts and not self.relay.a.lost:
             self._connect()
             return
-        status = error.status if isinstance(error, UpstreamError) else 503
-        reason = error.reason if isinstance(error, UpstreamError) else str(error)
+        status, reason = status_and_reason(error)
         self.status = str(status)
         info = self.callbacks.info
         log.warn(
