@@ -109,6 +109,9 @@ class ListenerConnection(Protocol):
         self._pre: list[INetworkFilter] = []
         self._iterating = False
         self._handshake_call: IDelayedCall | None = None
+        #: Why the handshake failed when we ended it ourselves (the abort's own reason,
+        #: "lost in a non-clean fashion", would hide it).
+        self._handshake_failure = ""
         self._stopped_data: list[tuple[bytes, bool]] = []
 
     def connectionMade(self) -> None:
@@ -129,10 +132,9 @@ class ListenerConnection(Protocol):
 
     def _handshake_timeout(self) -> None:
         self._handshake_call = None
-        self.log.warn(
-            "{listener}: TLS handshake from {peer} timed out after {t}s",
-            listener=self.listener.name, peer=self.info.remoteAddress,
-            t=self.chain.handshake_timeout,
+        # connectionLost logs the failure, once, with this reason.
+        self._handshake_failure = (
+            f"handshake timed out after {self.chain.handshake_timeout:g} s"
         )
         self.transport.abortConnection()  # type: ignore[union-attr]
 
@@ -236,7 +238,8 @@ class ListenerConnection(Protocol):
                 "{listener}: TLS handshake from {peer} failed: {reason}",
                 listener=self.listener.name,
                 peer=self.info.remoteAddress,
-                reason=handshake_failure_reason(tls_conn, _reason_text(reason)),
+                reason=self._handshake_failure
+                or handshake_failure_reason(tls_conn, _reason_text(reason)),
             )
         for f in self.filters:
             f.onClose(reason)

@@ -303,6 +303,24 @@ class MutualTLSTests(E2ETestCase):
         self.assertEqual(server.matches(r"tunnel from"), [])
 
     @e2e
+    async def test_handshake_timeout(self) -> None:
+        """
+        A client that connects and never starts TLS is cut at --handshake-timeout, and the log
+        says so (not the abort's "lost in a non-clean fashion").
+        """
+        server = await self.start_server("--handshake-timeout", "0.3")
+        c = StreamClient()
+        await connect_tcp(server.port, c)
+        local_port = c.transport.getHost().port
+        await c.done
+        m = await server.wait_for(
+            rf"TLS handshake from 127\.0\.0\.1:{local_port} failed: (?P<why>.*)"
+        )
+        self.assertEqual(m["why"], "handshake timed out after 0.3 s")
+        self.assertEqual(server.matches("non-clean"), [])
+        self.assertEqual(len(server.matches("TLS handshake from")), 1, server.output())
+
+    @e2e
     async def test_client_certificate_from_other_ca(self) -> None:
         """An hbone-client whose certificate another CA signed is refused in the handshake."""
         echo, server = await gather([start_echo(self), self.start_server()])
