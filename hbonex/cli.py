@@ -9,6 +9,7 @@ which :func:`main` prints as ``hbonex: error: ...`` with exit status 2.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from hbonex.pki import (
     CA_CERT,
     CA_KEY,
     PKIError,
+    ca_trust_domain,
     format_time,
     init_ca,
     issue,
@@ -59,6 +61,36 @@ def _san_summary(cert: x509.Certificate) -> str:
     return ", ".join(parts)
 
 
+def _git_work_tree(path: Path) -> Path | None:
+    """The git work tree ``path`` is in (a ``.git`` directory or file above it), or None."""
+    for parent in [path, *path.parents]:
+        if (parent / ".git").exists():
+            return parent
+    return None
+
+
+def _warn_if_committable(key_path: Path) -> None:
+    """
+    A CA key inside a git work tree is one ``git add -A`` away from a commit: say so, unless
+    git says the path is ignored.
+    """
+    key_path = key_path.absolute()
+    tree = _git_work_tree(key_path.parent)
+    if tree is None:
+        return
+    try:
+        ignored = subprocess.run(
+            ["git", "-C", str(tree), "check-ignore", "-q", str(key_path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10,
+        ).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        ignored = False  # no git to ask: warn
+    if not ignored:
+        print(f"hbonex: warning: {key_path} is inside the git work tree {tree} and not "
+              "ignored; keep it out of commits (add its directory to .gitignore)",
+              file=sys.stderr)
+
+
 def _cmd_pki_init(args: argparse.Namespace) -> int:
     init_ca(args.dir, trust_domain=args.trust_domain, days=args.days, force=args.force)
     d = Path(args.dir)
@@ -67,12 +99,16 @@ def _cmd_pki_init(args: argparse.Namespace) -> int:
     expires = format_time(not_after(material.certificate))
     print(f"wrote {d / CA_CERT} (CA for trust domain {args.trust_domain}, expires {expires})")
     print(f"wrote {d / CA_KEY} (CA private key, mode 0600)")
+    _warn_if_committable(d / CA_KEY)
     return 0
 
 
 def _cmd_pki_issue(args: argparse.Namespace) -> int:
+    # Default: the CA's own trust domain, so a typo'd or foreign SPIFFE ID is refused.
+    trust_domain = args.trust_domain or ca_trust_domain(args.dir)
     cert_path, key_path = issue(
-        args.dir, args.name, spiffe=args.spiffe, dns=args.dns, ip=args.ip, days=args.days
+        args.dir, args.name, spiffe=args.spiffe, dns=args.dns, ip=args.ip, days=args.days,
+        force=args.force, trust_domain=trust_domain,
     )
     # Re-load through the same checks a server would apply, and report what is really in it.
     material = load_material(cert_path, key_path, Path(args.dir) / CA_CERT)
@@ -128,6 +164,13 @@ def add_subcommand(subparsers: Any) -> None:
         "--ip", action="append", default=[], metavar="ADDR", help="IP SAN (repeatable)"
     )
     iss.add_argument("--days", type=int, default=365, metavar="N", help="validity (365)")
+    iss.add_argument(
+        "--trust-domain",
+        default=None,
+        metavar="TD",
+        help="the trust domain the SPIFFE ID must be in (default: the CA's)",
+    )
+    iss.add_argument("--force", action="store_true", help="replace an existing NAME")
     iss.set_defaults(func=_cmd_pki_issue)
 
 

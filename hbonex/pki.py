@@ -39,8 +39,10 @@ from OpenSSL import crypto
 from hbonex.spiffe import SpiffeId, SpiffeIdError, spiffe_id_of
 
 __all__ = [
+    "DEV_PKI_LOCATION",
     "PKIError",
     "TLSMaterial",
+    "ca_trust_domain",
     "default_state_dir",
     "ensure_dev_pki",
     "format_time",
@@ -53,6 +55,12 @@ __all__ = [
 ]
 
 StrPath = Union[str, "os.PathLike[str]"]
+
+#: Where the dev PKI is kept, in the words of every help text and the README.
+DEV_PKI_LOCATION = (
+    "STATE/dev-pki, where STATE is --state-dir, else $HBONEX_STATE_DIR, else "
+    "$XDG_STATE_HOME/hbonex, else ~/.local/state/hbonex"
+)
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca-key.pem"
@@ -470,6 +478,28 @@ def _load_ca(
     return ca_cert, ca_key
 
 
+def ca_trust_domain(directory: StrPath) -> str | None:
+    """
+    The trust domain DIR's CA is for: its ``spiffe://TD`` URI SAN (SPIFFE signing
+    certificates may carry one), else the ``hbonex CA TD`` common name ``init_ca`` writes;
+    ``None`` if the CA names none.
+    """
+    cert_p = Path(directory) / CA_CERT
+    cert = _parse_certs(cert_p, _read(cert_p))[0]
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+            if uri.startswith("spiffe://"):
+                return SpiffeId.parse(uri).trust_domain
+    except (x509.ExtensionNotFound, SpiffeIdError):
+        pass
+    for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+        value = attr.value if isinstance(attr.value, str) else attr.value.decode()
+        if value.startswith("hbonex CA "):
+            return value[len("hbonex CA "):]
+    return None
+
+
 def _check_name(d: Path, name: str) -> None:
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
         raise PKIError(
@@ -486,11 +516,14 @@ def issue(
     ip: Iterable[str] = (),
     days: int = 365,
     *,
+    force: bool = False,
+    trust_domain: str | None = None,
     now: datetime.datetime | None = None,
 ) -> tuple[Path, Path]:
     """Issue DIR/NAME/cert.pem + key.pem signed by DIR's CA; returns (cert_path, key_path).
 
-    Re-issuing an existing NAME replaces it (rotation). The leaf never outlives the CA.
+    An existing NAME is replaced (rotation) only with ``force``, as ``init_ca`` does for the
+    CA. With ``trust_domain``, the SPIFFE ID must be in it. The leaf never outlives the CA.
     ``now`` backdates issuance (for tests).
     """
     d = Path(directory)
@@ -499,6 +532,12 @@ def issue(
     cert_p, key_p = leaf_dir / LEAF_CERT, leaf_dir / LEAF_KEY
     _check_days(days, cert_p)
     now = _aware(now)
+    if not force:
+        for p in (cert_p, key_p):
+            if p.exists():
+                raise PKIError(
+                    f"{p}: already exists; refusing to replace identity {name!r} (use --force)"
+                )
 
     sans: list[x509.GeneralName] = []
     if spiffe is not None:
@@ -506,6 +545,11 @@ def issue(
             sid = SpiffeId.parse(spiffe)
         except SpiffeIdError as e:
             raise PKIError(f"{cert_p}: {e}")
+        if trust_domain is not None and sid.trust_domain != trust_domain:
+            raise PKIError(
+                f"{cert_p}: {sid} is not in trust domain {trust_domain}; pass --trust-domain "
+                f"{sid.trust_domain} to issue it anyway"
+            )
         sans.append(x509.UniformResourceIdentifier(str(sid)))
     for host in dns:
         try:
@@ -681,5 +725,6 @@ def ensure_dev_pki(
             init_ca(dev, trust_domain=trust_domain, force=True, now=now)
         for ident in _dev_identities(trust_domain):
             if not _leaf_is_current(dev, ident.name, ident.spiffe, now):
-                issue(dev, ident.name, spiffe=ident.spiffe, dns=ident.dns, ip=ident.ip, now=now)
+                issue(dev, ident.name, spiffe=ident.spiffe, dns=ident.dns, ip=ident.ip,
+                      force=True, now=now)
     return dev

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,45 @@ class PKIInitTests(CLITestCase):
         self.assertIn("invalid trust domain 'A_B'", err)
 
 
+class PKIInitGitTests(CLITestCase):
+    """
+    ``pki init`` inside a git work tree warns that the CA key could be committed, unless git
+    ignores it.
+    """
+
+    def setUp(self) -> None:
+        if shutil.which("git") is None:
+            raise unittest.SkipTest("needs git")
+        self.tree = Path(self.mktemp()).absolute()
+        self.tree.mkdir()
+        subprocess.run(["git", "init", "-q", str(self.tree)], check=True, timeout=60)
+
+    def test_warns_in_a_work_tree(self) -> None:
+        code, out, err = self.run_cli("pki", "init", str(self.tree / "pki"))
+        self.assertEqual(code, 0)
+        self.assertIn("wrote", out)
+        self.assertEqual(
+            err,
+            f"hbonex: warning: {self.tree / 'pki' / 'ca-key.pem'} is inside the git work tree "
+            f"{self.tree} and not ignored; keep it out of commits (add its directory to "
+            ".gitignore)\n",
+        )
+
+    def test_quiet_when_ignored(self) -> None:
+        (self.tree / ".gitignore").write_text("pki/\n")
+        code, _, err = self.run_cli("pki", "init", str(self.tree / "pki"))
+        self.assertEqual((code, err), (0, ""))
+
+    def test_quiet_outside_a_work_tree(self) -> None:
+        # self.mktemp() is under _trial_temp, inside the checkout: use the system's temp dir.
+        outside = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, outside)
+        if any((p / ".git").exists() for p in [outside, *outside.parents]):
+            raise unittest.SkipTest(f"{outside} is inside a git work tree")
+        code, _, err = self.run_cli("pki", "init", str(outside / "pki"))
+        self.assertEqual((code, err), (0, ""))
+
+
 class PKIIssueTests(CLITestCase):
     def setUp(self) -> None:
         self.dir = Path(self.mktemp())
@@ -127,6 +168,38 @@ class PKIIssueTests(CLITestCase):
         code, _, err = self.run_cli("pki", "issue", str(self.dir), "x", "--spiffe", SERVER_ID)
         self.assertEqual(code, 2)
         self.assertIn(f"{self.dir / 'ca-key.pem'}: not a PEM private key", err)
+
+    def test_refuses_overwrite_then_force(self) -> None:
+        self.assertEqual(self.run_cli("pki", "issue", str(self.dir), "x", "--spiffe",
+                                      SERVER_ID)[0], 0)
+        before = (self.dir / "x" / "key.pem").read_bytes()
+        code, out, err = self.run_cli("pki", "issue", str(self.dir), "x", "--spiffe", SERVER_ID)
+        self.assertEqual((code, out), (2, ""))
+        self.assertEqual(
+            err,
+            f"hbonex: error: {self.dir / 'x' / 'cert.pem'}: already exists; refusing to replace "
+            "identity 'x' (use --force)\n",
+        )
+        self.assertEqual((self.dir / "x" / "key.pem").read_bytes(), before)
+        code, _, err = self.run_cli("pki", "issue", str(self.dir), "x", "--spiffe", SERVER_ID,
+                                    "--force")
+        self.assertEqual((code, err), (0, ""))
+        self.assertNotEqual((self.dir / "x" / "key.pem").read_bytes(), before)
+
+    def test_other_trust_domain_needs_the_flag(self) -> None:
+        other = "spiffe://other.domain/ns/default/sa/server"
+        code, out, err = self.run_cli("pki", "issue", str(self.dir), "x", "--spiffe", other)
+        self.assertEqual((code, out), (2, ""))
+        self.assertEqual(
+            err,
+            f"hbonex: error: {self.dir / 'x' / 'cert.pem'}: {other} is not in trust domain "
+            "cluster.local; pass --trust-domain other.domain to issue it anyway\n",
+        )
+        self.assertFalse((self.dir / "x").exists())
+        code, _, err = self.run_cli("pki", "issue", str(self.dir), "x", "--spiffe", other,
+                                    "--trust-domain", "other.domain")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(str(load_pki_dir(self.dir / "x").spiffe_id), other)
 
     def test_spiffe_required(self) -> None:
         code, _, err = self.run_cli("pki", "issue", str(self.dir), "x")

@@ -268,12 +268,30 @@ class IssueTests(PKITestCase):
         cert_p, _ = issue(d, "x", spiffe=CLIENT_ID, days=365)
         self.assertEqual(pki.not_after(read_cert(cert_p)), pki.not_after(read_cert(d / "ca.pem")))
 
-    def test_reissue_replaces(self) -> None:
+    def test_reissue_needs_force(self) -> None:
         d = self.make_pki()
         before = (d / "client" / "key.pem").read_bytes()
-        issue(d, "client", spiffe=CLIENT_ID)
+        self.assertPKIError(
+            ["client/cert.pem: already exists; refusing to replace identity 'client' "
+             "(use --force)"],
+            issue, d, "client", spiffe=CLIENT_ID,
+        )
+        self.assertEqual((d / "client" / "key.pem").read_bytes(), before)
+        issue(d, "client", spiffe=CLIENT_ID, force=True)
         self.assertNotEqual((d / "client" / "key.pem").read_bytes(), before)
         load_pki_dir(d / "client")
+
+    def test_trust_domain(self) -> None:
+        d = self.make_pki()
+        self.assertEqual(pki.ca_trust_domain(d), "cluster.local")
+        self.assertPKIError(
+            ["x/cert.pem: spiffe://example.org/ns/a/sa/b is not in trust domain cluster.local;"
+             " pass --trust-domain example.org to issue it anyway"],
+            issue, d, "x", spiffe="spiffe://example.org/ns/a/sa/b", trust_domain="cluster.local",
+        )
+        self.assertFalse((d / "x").exists())
+        issue(d, "x", spiffe="spiffe://example.org/ns/a/sa/b", trust_domain="example.org")
+        issue(d, "y", spiffe="spiffe://example.org/ns/a/sa/b")  # no trust_domain: no check
 
     def test_errors(self) -> None:
         d = Path(self.mktemp())
@@ -732,6 +750,7 @@ class DevPKITests(unittest.TestCase):
             dns=["localhost"],
             days=1,
             now=now() - datetime.timedelta(days=5),
+            force=True,
         )
         self.assertRaises(PKIError, load_pki_dir, dev / "server")
         before = snapshot(dev)
@@ -748,7 +767,8 @@ class DevPKITests(unittest.TestCase):
         state = Path(self.mktemp())
         dev = ensure_dev_pki(state)
         # Valid now, but for only about 12 more hours.
-        issue(dev, "client", spiffe=CLIENT_ID, days=2, now=now() - datetime.timedelta(hours=36))
+        issue(dev, "client", spiffe=CLIENT_ID, days=2, now=now() - datetime.timedelta(hours=36),
+              force=True)
         load_pki_dir(dev / "client")
         before = (dev / "client" / "cert.pem").read_bytes()
         ensure_dev_pki(state)
@@ -768,7 +788,7 @@ class DevPKITests(unittest.TestCase):
     def test_reissues_leaf_with_wrong_identity(self) -> None:
         state = Path(self.mktemp())
         dev = ensure_dev_pki(state)
-        issue(dev, "client", spiffe="spiffe://cluster.local/ns/other/sa/x")
+        issue(dev, "client", spiffe="spiffe://cluster.local/ns/other/sa/x", force=True)
         ensure_dev_pki(state)
         self.assertEqual(str(load_pki_dir(dev / "client").spiffe_id), CLIENT_ID)
 
