@@ -213,6 +213,11 @@ class Cluster:
             return socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
 
         d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), lookup)
+        # getaddrinfo cannot be interrupted: the tunnel stops waiting for it, the thread
+        # finishes on its own.
+        timeout = self.connect_timeout
+        d.addTimeout(timeout, self.reactor, onTimeoutCancel=lambda *_: _raise(
+            UpstreamError(503, f"cannot resolve {address.host} within {timeout:g}s")))
 
         def first(infos: list[Any]) -> Address:
             if not infos:
@@ -220,7 +225,7 @@ class Cluster:
             return SocketAddress(infos[0][4][0], address.port)
 
         def failed(f: Any) -> Any:
-            if f.check(UpstreamError):
+            if f.check(UpstreamError, defer.CancelledError):
                 return f
             raise UpstreamError(503, f"cannot resolve {address.host}: {f.value}")
 
@@ -266,7 +271,9 @@ class Cluster:
         protocol.connectionLost = connection_lost  # type: ignore[method-assign]
 
     def _count_failure(self, f: Any) -> Any:
-        self.stats.upstream_cx_connect_fail += 1
+        # A connect the downstream gave up on did not fail.
+        if not f.check(defer.CancelledError):
+            self.stats.upstream_cx_connect_fail += 1
         return f
 
     def _connect_to(
@@ -355,6 +362,7 @@ class Cluster:
                 idle_timeout=self.pool_idle_timeout,
                 max_connections=self.circuit_breakers.max_connections,
                 max_pending=self.circuit_breakers.max_pending_requests,
+                pending_timeout=self.connect_timeout,
             )
             self.pools[key] = pool
         return pool

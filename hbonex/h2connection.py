@@ -16,6 +16,7 @@ is tied to producer/consumer backpressure in both directions:
 
 from __future__ import annotations
 
+import enum
 from typing import Any, Callable, Iterable
 
 import h2.config
@@ -24,8 +25,9 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 import hpack
-from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
+from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 from twisted.internet import error as ierror
 from twisted.internet.interfaces import (
     IConsumer,
@@ -42,6 +44,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from hbonex.fasttls import pending_write_bytes
 from hbonex.h2settings import H2Settings
 from hbonex.interfaces import IHalfCloseableTransport
 
@@ -52,19 +55,53 @@ STREAM_HIGH_WATER = 256 * 1024
 STREAM_LOW_WATER = 64 * 1024
 
 
+#: After we close a connection, how long the peer gets to answer (TLS close_notify, FIN)
+#: before the socket is aborted; the clock restarts while our own last bytes are still
+#: draining into the socket (Envoy's delayed_close_timeout, 1 s by default).
+CLOSE_GRACE = 1.0
+
+
+def error_code_name(code: int) -> str:
+    """``NO_ERROR``, ``CONNECT_ERROR``...; unknown codes in hex (RFC 9113 §7)."""
+    try:
+        return ErrorCodes(code).name
+    except ValueError:
+        return f"0x{code:x}"
+
+
 class StreamReset(ierror.ConnectionLost):
     """
     The stream was reset (RST_STREAM) by the peer or by us.
     """
 
     def __init__(self, code: int, by_peer: bool) -> None:
-        try:
-            name = ErrorCodes(code).name
-        except ValueError:
-            name = f"0x{code:x}"
         self.code = code
         self.by_peer = by_peer
-        super().__init__(f"stream reset {'by peer' if by_peer else 'locally'}: {name}")
+        super().__init__(
+            f"stream reset {'by peer' if by_peer else 'locally'}: {error_code_name(code)}"
+        )
+
+
+class ConnectionClosed(ierror.ConnectionLost):
+    """
+    The HTTP/2 connection went away under a stream that had not ended in both directions:
+    whatever the stream still carried is lost, so this is never a clean end, however the
+    connection itself ended (TLS close_notify included).
+    """
+
+
+class ConnectionState(enum.Enum):
+    """
+    One lifecycle per connection; every send path, the keepalive and the pool ask it.
+    """
+
+    #: Streams come and go.
+    OPEN = "open"
+    #: GOAWAY sent or received: the streams it covers finish, no new ones start.
+    DRAINING = "draining"
+    #: Nothing more is sent (a protocol error, an error GOAWAY, close(), or the transport is
+    #: gone); every stream still open has been failed.
+    CLOSED = "closed"
 
 
 class LeanEncoder(hpack.Encoder):
@@ -115,6 +152,29 @@ class QuietH2Connection(h2.connection.H2Connection):
         else:
             self._prepare_for_sending(frames)
         return events
+
+    def _receive_headers_frame(self, frame: HeadersFrame) -> tuple[list[Frame], list[Any]]:
+        try:
+            return super()._receive_headers_frame(frame)  # type: ignore[no-any-return]
+        except h2.exceptions.TooManyStreamsError:
+            return self._refuse_stream(frame)
+
+    def _refuse_stream(self, frame: HeadersFrame) -> tuple[list[Frame], list[Any]]:
+        """
+        A stream beyond our MAX_CONCURRENT_STREAMS is refused alone with REFUSED_STREAM, which
+        the peer may retry (RFC 9113 §5.1.2); h2 would fail the whole connection.  The header
+        block is still decoded (HPACK state is connection-wide) and the stream id is used up,
+        as for any stream that opened and was reset at once.
+        """
+        h2.connection._decode_headers(self.decoder, frame.data)
+        self.state_machine.process_input(h2.connection.ConnectionInputs.RECV_HEADERS)
+        stream = self._get_or_create_stream(
+            frame.stream_id, h2.connection.AllowedStreamIDs(not self.config.client_side)
+        )
+        stream.state_machine.process_input(h2.stream.StreamInputs.RECV_HEADERS)
+        if "END_STREAM" in frame.flags:
+            stream.state_machine.process_input(h2.stream.StreamInputs.RECV_END_STREAM)
+        return stream.reset_stream(ErrorCodes.REFUSED_STREAM), []
 
     def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Frame], list[Any]]:
         """
@@ -214,7 +274,11 @@ class H2Stream:
         self.loseWriteConnection()
 
     def abortConnection(self) -> None:
-        self.reset(ErrorCodes.CANCEL)
+        """
+        What a relay calls when the TCP connection on its other side failed: RFC 9113 §8.5
+        signals a TCP error (a reset above all) as CONNECT_ERROR.
+        """
+        self.reset(ErrorCodes.CONNECT_ERROR)
 
     def reset(self, code: int = ErrorCodes.CANCEL) -> None:
         if self._closed:
@@ -288,7 +352,9 @@ class H2Stream:
             self._inbound.append((data, flow_length))
             return
         self.protocol.dataReceived(data)
-        self.connection._ack(self.stream_id, flow_length)
+        # The protocol may have ended the stream from inside dataReceived.
+        if not self._closed:
+            self.connection._ack(self.stream_id, flow_length)
 
     def _remote_ended(self) -> None:
         self._ended_remote = True
@@ -305,6 +371,10 @@ class H2Stream:
         while inbound and not self._paused:
             data, flow_length = inbound.pop(0)
             protocol.dataReceived(data)
+            if self._closed:
+                # Finished from inside dataReceived (the protocol aborted, say): it has had
+                # its connectionLost and gets nothing more.
+                return
             self.connection._ack(self.stream_id, flow_length)
         if inbound or self._paused:
             return
@@ -322,8 +392,11 @@ class H2Stream:
         if self._closed:
             return
         if self._reset is not None:
-            # Clean resets (NO_ERROR/CANCEL after END_STREAM) still deliver what arrived.
-            if self._reset.code in (ErrorCodes.NO_ERROR, ErrorCodes.CANCEL) and self._ended_remote:
+            # Clean resets (NO_ERROR/CANCEL after END_STREAM) still deliver what arrived, to a
+            # protocol that is there to take it; a stream nobody is attached to yet (the
+            # server still connecting upstream) ends now, so that connect is cancelled.
+            clean = self._reset.code in (ErrorCodes.NO_ERROR, ErrorCodes.CANCEL)
+            if clean and self._ended_remote and self.protocol is not None:
                 if self._inbound or not self._read_closed:
                     return
                 self._finish(Failure(ierror.ConnectionDone("stream closed by peer")))
@@ -353,10 +426,12 @@ class H2Stream:
             self.connection._ack(self.stream_id, flow_length)
         self._inbound.clear()
 
-    def _connection_lost(self, reason: Failure) -> None:
+    def _connection_closed(self, reason: Failure) -> None:
+        """
+        The connection can carry nothing more for this stream.
+        """
         self._outbound.clear()
         self._outbound_size = 0
-        self._inbound.clear()
         self._reset = self._reset or StreamReset(ErrorCodes.CANCEL, by_peer=False)
         self._finish(reason)
 
@@ -383,8 +458,9 @@ class H2Stream:
 
 class H2TunnelConnection(Protocol):
     """
-    The HTTP/2 machinery common to both ends: frame I/O, flow control, keepalive, and the
-    fan-in producer that pauses every stream when the socket is full.
+    The HTTP/2 machinery common to both ends: frame I/O, flow control, keepalive, the
+    connection's lifecycle (:class:`ConnectionState`), and the fan-in producer that pauses
+    every stream when the socket is full.
     """
 
     log = Logger()
@@ -408,14 +484,19 @@ class H2TunnelConnection(Protocol):
             )
         )
         self.streams: dict[int, H2Stream] = {}
+        self.state = ConnectionState.OPEN
+        #: Why the connection is CLOSED (what the streams it failed were told).
+        self.close_reason: str | None = None
         self._paused = False
         self._lost = False
-        self._failed = False
         self._receiving = False
         self.goaway_received = False
         self.goaway_sent = False
         self._ping_call: IDelayedCall | None = None
         self._ping_timeout_call: IDelayedCall | None = None
+        self._close_call: IDelayedCall | None = None
+        self._closing = False  # close() or abort() has been called on the transport
+        self._registered = False
         self._last_activity = 0.0
         self.peer_max_concurrent_streams = 100
 
@@ -426,6 +507,93 @@ class H2TunnelConnection(Protocol):
         return f"h2 {host}:{port}"
 
     # -- lifecycle ----------------------------------------------------------------------------
+
+    @property
+    def may_send(self) -> bool:
+        """
+        Whether anything (frames, WINDOW_UPDATEs, PINGs) may still be sent.
+        """
+        return self.state is not ConnectionState.CLOSED
+
+    @property
+    def accepting_streams(self) -> bool:
+        """
+        Whether new streams may start on this connection.
+        """
+        return self.state is ConnectionState.OPEN
+
+    def _drain(self) -> None:
+        if self.state is ConnectionState.OPEN:
+            self.state = ConnectionState.DRAINING
+            self.state_changed()
+
+    def _shut(self, why: str) -> bool:
+        """
+        Enter CLOSED: stop keepalive and fail every stream still open with ``why``.  False if
+        the connection was closed already.
+        """
+        if self.state is ConnectionState.CLOSED:
+            return False
+        self.state = ConnectionState.CLOSED
+        self.close_reason = why
+        self._cancel_ping()
+        failure = Failure(ConnectionClosed(why))
+        for stream in list(self.streams.values()):
+            stream._connection_closed(failure)
+        self.streams.clear()
+        self.state_changed()
+        return True
+
+    def close(self, why: str = "HTTP/2 connection closed") -> None:
+        """
+        Close the connection after what h2 has queued (a GOAWAY, say); streams still open
+        are failed with ``why``.  A peer that does not close its side within CLOSE_GRACE is cut.
+        """
+        self._flush(force=True)
+        self._shut(why)
+        transport = self.transport
+        if transport is None or self._lost or self._closing:
+            return
+        self._closing = True
+        # Twisted's TLS transport only sends close_notify (and closes) once no producer is
+        # registered: a connection that stays registered never closes.
+        if self._registered:
+            self._registered = False
+            transport.unregisterProducer()  # type: ignore[attr-defined]
+        transport.loseConnection()
+        self._close_call = self.reactor.callLater(CLOSE_GRACE, self._close_timed_out, None)
+
+    def _close_timed_out(self, pending_before: int | None) -> None:
+        self._close_call = None
+        if self._lost or self.transport is None:
+            return
+        pending = pending_write_bytes(self.transport)
+        if pending and (pending_before is None or pending < pending_before):
+            # Our last bytes are still leaving (a slow reader): wait while they move.
+            self._close_call = self.reactor.callLater(
+                CLOSE_GRACE, self._close_timed_out, pending
+            )
+            return
+        self.log.info(
+            "{conn}: peer did not close within {grace}s of our close; aborting",
+            conn=self.describe(), grace=CLOSE_GRACE,
+        )
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def abort(self, why: str) -> None:
+        """
+        Cut the connection now (RST); streams still open are failed with ``why``.
+        """
+        self._flush(force=True)
+        self._shut(why)
+        if self.transport is not None and not self._lost:
+            self._closing = True
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def state_changed(self) -> None:
+        """
+        Hook: the connection went DRAINING or CLOSED.
+        """
 
     def connectionMade(self) -> None:
         s = self.settings
@@ -450,37 +618,42 @@ class H2TunnelConnection(Protocol):
         if extra > 0:
             self.conn.increment_flow_control_window(extra)
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+        self._registered = True
         self._flush()
         self._last_activity = self.reactor.seconds()
         self._schedule_ping()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._failed:
+        if not self.may_send:
             return
         self._last_activity = self.reactor.seconds()
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as e:
-            self.log.warn(
-                "{conn}: HTTP/2 protocol error from peer: {error}", conn=self.describe(), error=e
-            )
-            self._failed = True
-            self.close()  # after the GOAWAY h2 prepared
+            why = f"HTTP/2 protocol error from peer: {e}"
+            self.log.warn("{conn}: {why}; GOAWAY {code}", conn=self.describe(), why=why,
+                          code=error_code_name(e.error_code))
+            self.close(why)  # after the GOAWAY h2 prepared
             return
         self._receiving = True
         try:
             for event in events:
                 self._dispatch(event)
+                if not self.may_send:
+                    break
         finally:
             self._receiving = False
         self._flush()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
-        self._cancel_ping()
-        for stream in list(self.streams.values()):
-            stream._connection_lost(reason)
-        self.streams.clear()
+        if self._close_call is not None and self._close_call.active():
+            self._close_call.cancel()
+        self._close_call = None
+        why = reason.getErrorMessage()
+        if reason.check(ierror.ConnectionDone):
+            why = "peer closed the connection"
+        self._shut(f"HTTP/2 connection lost before the stream ended ({why})")
 
     # -- events -------------------------------------------------------------------------------
 
@@ -501,7 +674,7 @@ class H2TunnelConnection(Protocol):
         elif isinstance(event, h2.events.StreamReset):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
-                stream._was_reset(event.error_code, by_peer=True)
+                stream._was_reset(event.error_code, by_peer=event.remote_reset)
             else:
                 self.stream_reset_before_attach(event)
         elif isinstance(event, h2.events.WindowUpdated):
@@ -519,14 +692,7 @@ class H2TunnelConnection(Protocol):
                 self._ping_timeout_call.cancel()
             self._ping_timeout_call = None
         elif isinstance(event, h2.events.ConnectionTerminated):
-            self.goaway_received = True
-            self.log.info(
-                "{conn}: GOAWAY from peer ({code}), last stream {last}",
-                conn=self.describe(),
-                code=event.error_code,
-                last=event.last_stream_id,
-            )
-            self.goaway(event)
+            self._goaway_received(event)
         elif isinstance(event, h2.events.RequestReceived):
             self.request_received(event)
         elif isinstance(event, h2.events.ResponseReceived):
@@ -535,6 +701,22 @@ class H2TunnelConnection(Protocol):
             pass
         elif isinstance(event, h2.events.InformationalResponseReceived):
             pass
+
+    def _goaway_received(self, event: h2.events.ConnectionTerminated) -> None:
+        self.goaway_received = True
+        code = error_code_name(event.error_code or 0)
+        self.log.info(
+            "{conn}: GOAWAY from peer ({code}), last stream {last}",
+            conn=self.describe(), code=code, last=event.last_stream_id,
+        )
+        self._drain()
+        self.goaway(event)
+        if event.error_code != ErrorCodes.NO_ERROR:
+            # An error GOAWAY ends the connection (h2 is closed already): nothing more can be
+            # sent on any stream.
+            self.close(f"GOAWAY from peer: {code}")
+        else:
+            self._close_if_drained()
 
     # Hooks for the client and server subclasses.
     def request_received(self, event: h2.events.RequestReceived) -> None:
@@ -563,14 +745,6 @@ class H2TunnelConnection(Protocol):
         if data and self.transport is not None and not self._lost:
             self.transport.write(data)
 
-    def close(self) -> None:
-        """
-        Close the connection after everything h2 has queued.
-        """
-        self._flush(force=True)
-        if self.transport is not None and not self._lost:
-            self.transport.loseConnection()
-
     def add_stream(self, stream: H2Stream) -> None:
         self.streams[stream.stream_id] = stream
 
@@ -578,7 +752,9 @@ class H2TunnelConnection(Protocol):
         """
         Send what the peer's windows allow from the stream's queue (and END_STREAM after it).
         """
-        if stream._ended_local or stream._reset is not None or stream._closed or self._lost:
+        if stream._ended_local or stream._reset is not None or stream._closed:
+            return
+        if not self.may_send:
             return
         conn = self.conn
         sid = stream.stream_id
@@ -605,7 +781,11 @@ class H2TunnelConnection(Protocol):
                 conn.end_stream(sid)
                 stream._ended_local = True
                 sent_any = True
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
+        except h2.exceptions.StreamClosedError as e:
+            if conn._stream_closed_by(sid) is h2.stream.StreamClosedBy.RECV_RST_STREAM:
+                # The peer's RST_STREAM is in the batch being processed: its event tells the
+                # stream how it ended (a clean NO_ERROR must not turn into our own error).
+                return
             self.log.debug("{stream}: cannot send: {e}", stream=stream, e=e)
             stream._was_reset(ErrorCodes.STREAM_CLOSED, by_peer=False)
             return
@@ -627,21 +807,24 @@ class H2TunnelConnection(Protocol):
                 self._send_stream_data(stream)
 
     def _reset_stream(self, stream: H2Stream, code: int) -> None:
-        try:
-            self.conn.reset_stream(stream.stream_id, code)
-        except h2.exceptions.StreamClosedError:
-            pass
-        except h2.exceptions.ProtocolError:
-            pass
-        self._flush()
+        if self.may_send:
+            try:
+                self.conn.reset_stream(stream.stream_id, code)
+            except h2.exceptions.StreamClosedError:
+                pass
+            self._flush()
         stream._was_reset(code, by_peer=False)
 
     def _ack(self, stream_id: int, flow_length: int) -> None:
         """
         Data was consumed: give its window back (h2 batches the WINDOW_UPDATEs).
         """
-        if flow_length and not self._lost:
-            self.conn.acknowledge_received_data(flow_length, stream_id)
+        if flow_length and self.may_send:
+            try:
+                self.conn.acknowledge_received_data(flow_length, stream_id)
+            except h2.exceptions.StreamClosedError:
+                # Closed meanwhile: h2 still returns the connection-level window itself.
+                return
             self._flush()
 
     def _forget_stream(self, stream: H2Stream) -> None:
@@ -671,14 +854,14 @@ class H2TunnelConnection(Protocol):
 
     def _schedule_ping(self, delay: float | None = None) -> None:
         interval = self.settings.keepalive_interval
-        if interval > 0 and not self._lost:
+        if interval > 0 and self.may_send:
             self._ping_call = self.reactor.callLater(
                 interval if delay is None else delay, self._send_ping
             )
 
     def _send_ping(self) -> None:
         self._ping_call = None
-        if self._lost:
+        if not self.may_send:
             return
         # Only a connection that has been quiet for a whole interval needs probing.
         quiet = self.reactor.seconds() - self._last_activity
@@ -695,12 +878,9 @@ class H2TunnelConnection(Protocol):
 
     def _ping_timed_out(self) -> None:
         self._ping_timeout_call = None
-        self.log.warn(
-            "{conn}: no PING ack within {timeout}s, closing",
-            conn=self.describe(),
-            timeout=self.settings.keepalive_timeout,
-        )
-        self.transport.abortConnection()  # type: ignore[union-attr]
+        why = f"no PING ack within {self.settings.keepalive_timeout:g}s"
+        self.log.warn("{conn}: {why}, closing", conn=self.describe(), why=why)
+        self.abort(why)
 
     def _cancel_ping(self) -> None:
         for call in (self._ping_call, self._ping_timeout_call):
@@ -712,21 +892,24 @@ class H2TunnelConnection(Protocol):
 
     def send_goaway(self, code: int = ErrorCodes.NO_ERROR) -> None:
         """
-        GOAWAY: graceful (NO_ERROR) lets open streams finish, then the connection closes.
+        GOAWAY: graceful (NO_ERROR) lets open streams finish, then the connection closes; an
+        error code closes it at once.
         """
-        if self._lost or self.goaway_sent:
+        if not self.may_send or self.goaway_sent:
             return
         self.goaway_sent = True
         if code == ErrorCodes.NO_ERROR:
             self.conn.graceful_goaway()
+            self._flush()
+            self._drain()
+            self._close_if_drained()
         else:
             self.conn.close_connection(error_code=code)
-        self._flush()
-        self._close_if_drained()
+            self.close(f"GOAWAY sent: {error_code_name(code)}")
 
     def _close_if_drained(self) -> None:
-        if (self.goaway_sent or self.goaway_received) and not self.streams and not self._lost:
-            self.close()
+        if self.state is ConnectionState.DRAINING and not self.streams:
+            self.close("drained")
 
     @property
     def open_stream_count(self) -> int:
@@ -747,10 +930,13 @@ def headers_dict(headers: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
 
 
 __all__ = [
+    "ConnectionClosed",
+    "ConnectionState",
     "ErrorCodes",
     "H2Stream",
     "H2TunnelConnection",
     "QuietH2Connection",
     "StreamReset",
+    "error_code_name",
     "headers_dict",
 ]

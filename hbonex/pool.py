@@ -54,6 +54,7 @@ class H2Pool:
         max_connections: int = 1024,
         max_pending: int = 1024,
         max_attempts: int = 3,
+        pending_timeout: float = 5.0,
     ) -> None:
         self.key = key
         self.connector = connector
@@ -63,9 +64,12 @@ class H2Pool:
         self.max_connections = max_connections
         self.max_pending = max_pending
         self.max_attempts = max_attempts
+        #: How long a tunnel may wait for a free stream (the cluster's connect timeout).
+        self.pending_timeout = pending_timeout
         self.connections: list[H2TunnelClient] = []
         self._connecting = 0
         self._waiters: deque[defer.Deferred[H2TunnelClient]] = deque()
+        self._waiter_timers: dict[defer.Deferred[H2TunnelClient], IDelayedCall] = {}
         self._idle_calls: dict[H2TunnelClient, IDelayedCall] = {}
         self.stats = PoolStats()
         self._closed = False
@@ -137,8 +141,30 @@ class H2Pool:
             return defer.fail(UpstreamError(503, "too many tunnels waiting for a connection"))
         d: defer.Deferred[H2TunnelClient] = defer.Deferred(lambda d: self._cancel_waiter(d))
         self._waiters.append(d)
+        if self.pending_timeout > 0:
+            self._waiter_timers[d] = self.reactor.callLater(
+                self.pending_timeout, self._waiter_timed_out, d
+            )
+            d.addBoth(self._waiter_done, d)
         self._connect_more()
         return d
+
+    def _waiter_done(self, result: Any, d: defer.Deferred[H2TunnelClient]) -> Any:
+        timer = self._waiter_timers.pop(d, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        return result
+
+    def _waiter_timed_out(self, d: defer.Deferred[H2TunnelClient]) -> None:
+        self._waiter_timers.pop(d, None)
+        if d.called:
+            return
+        self._cancel_waiter(d)
+        limits = sorted({c.peer_max_concurrent_streams for c in self.connections})
+        why = f"no free stream to {self.key.address} within {self.pending_timeout:g}s"
+        if limits:
+            why += f" (the server allows {'/'.join(map(str, limits))} concurrent streams)"
+        d.errback(UpstreamError(503, why))
 
     def _cancel_waiter(self, d: defer.Deferred[H2TunnelClient]) -> None:
         try:
@@ -147,8 +173,17 @@ class H2Pool:
             pass
 
     def _connect_more(self) -> None:
-        # Enough connections in progress to take every waiter, one stream slot each.
-        needed = math.ceil(len(self._waiters) / max(1, self.max_streams)) - self._connecting
+        # Enough connections in progress to take every waiter, one stream slot each.  A
+        # connection whose peer allows no streams at all (MAX_CONCURRENT_STREAMS 0, for now)
+        # counts as one in progress: another one to the same peer would get the same answer,
+        # and opening one per waiter would be a connection storm.
+        blocked = sum(
+            1 for c in self.connections
+            if c.accepting_streams and c.peer_max_concurrent_streams <= 0
+        )
+        needed = (
+            math.ceil(len(self._waiters) / max(1, self.max_streams)) - self._connecting - blocked
+        )
         while needed > 0 and len(self.connections) + self._connecting < self.max_connections:
             needed -= 1
             self._connecting += 1
@@ -202,10 +237,14 @@ class H2Pool:
             self._connect_more()
 
     def _capacity_changed(self, conn: H2TunnelClient) -> None:
-        if conn.goaway_received or conn.goaway_sent:
+        if not conn.accepting_streams:
+            # Draining (GOAWAY) or closed (a protocol error, say): never used again; the
+            # next tunnel gets another connection.
             self._drop(conn)
             if not conn.streams:
                 conn.close()
+            if self._waiters:
+                self._connect_more()
         elif self._waiters:
             self._serve_waiters()
         self._touch(conn)

@@ -48,7 +48,9 @@ class H2TunnelClient(H2TunnelConnection):
         super().__init__(settings, reactor)
         #: False for plain-text HTTP/2 (h2c, as the article's configs use).
         self.tls = tls
-        self.ready: defer.Deferred[H2TunnelClient] = defer.Deferred()
+        # Giving up on a connection (the pool's readiness timeout) cuts it: one that finished
+        # its handshake later would otherwise live on outside any pool.
+        self.ready: defer.Deferred[H2TunnelClient] = defer.Deferred(lambda _: self._abandon())
         self._settings_seen = False
         self._handshake_done = False
         self._pending: dict[int, defer.Deferred[tuple[H2Stream, dict[bytes, bytes]]]] = {}
@@ -71,11 +73,21 @@ class H2TunnelClient(H2TunnelConnection):
             return
         super().connectionMade()
 
+    def _abandon(self) -> None:
+        if self.transport is not None and not self._lost:
+            self.abort("abandoned before it was ready")
+
     def settings_changed(self) -> None:
         if not self._settings_seen:
             self._settings_seen = True
-            self.ready.callback(self)
+            if not self.ready.called:
+                self.ready.callback(self)
         elif self.on_capacity is not None:
+            self.on_capacity(self)
+
+    def state_changed(self) -> None:
+        # DRAINING or CLOSED: the pool stops using this connection at once.
+        if self.on_capacity is not None:
             self.on_capacity(self)
 
     @property
@@ -83,7 +95,7 @@ class H2TunnelClient(H2TunnelConnection):
         """
         How many more streams the peer lets us open now.
         """
-        if self.goaway_received or self.goaway_sent or self._lost or not self._settings_seen:
+        if not self.accepting_streams or not self._settings_seen:
             return 0
         return self.peer_max_concurrent_streams - len(self.streams)
 
@@ -118,6 +130,8 @@ class H2TunnelClient(H2TunnelConnection):
             self.conn.send_headers(stream_id, request)
         except h2.exceptions.TooManyStreamsError:
             return defer.fail(UpstreamError(503, "peer stream limit reached", retryable=True))
+        except h2.exceptions.ProtocolError as e:  # pragma: no cover - capacity says 0 first
+            return defer.fail(UpstreamError(503, f"connection unusable: {e}", retryable=True))
         stream = H2Stream(self, stream_id)
         self.add_stream(stream)
 
@@ -172,7 +186,7 @@ class H2TunnelClient(H2TunnelConnection):
                 stream = self.streams.get(stream_id)
                 if stream is not None:
                     stream.on_closed = None
-                    stream._connection_lost(Failure(ierror.ConnectionDone("GOAWAY")))
+                    stream._connection_closed(Failure(ierror.ConnectionDone("GOAWAY")))
                 d.errback(UpstreamError(503, "server sent GOAWAY", retryable=True,
                                         unprocessed=True))
         if self.on_capacity is not None:

@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 
 import h2.events
 import h2.exceptions
+from h2.stream import StreamState
 from twisted.internet import defer
 from twisted.internet import error as ierror
 from twisted.internet.interfaces import IReactorTime
@@ -169,7 +170,7 @@ class H2TunnelServer(H2TunnelConnection):
         return f"h2 from {self.info.remoteAddress}"
 
     def request_received(self, event: h2.events.RequestReceived) -> None:
-        if self.goaway_sent:
+        if not self.accepting_streams:
             # Past our GOAWAY: the client retries it on another connection.
             self.conn.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
             return
@@ -209,10 +210,20 @@ class H2TunnelServer(H2TunnelConnection):
 
         def connected(address: Any) -> None:
             stream.on_closed = None
-            if stream._closed:
+            if stream._closed or stream._reset is not None or not self.may_send:
+                # The client (or the whole connection) went away while we connected.
                 relay.b.transport.abortConnection()  # type: ignore[union-attr]
+                if not stream._closed:
+                    stream._finish(Failure(stream._reset or ierror.ConnectionLost("gone")))
                 return
-            self.conn.send_headers(sid, [(b":status", b"200")])
+            try:
+                self.conn.send_headers(sid, [(b":status", b"200")])
+            except h2.exceptions.ProtocolError as e:  # StreamClosedError included
+                self.log.debug("{conn}: stream {sid} gone before its 200: {e}",
+                               conn=self.describe(), sid=sid, e=e)
+                relay.b.transport.abortConnection()  # type: ignore[union-attr]
+                stream._finish(Failure(ierror.ConnectionLost(f"stream gone: {e}")))
+                return
             self._flush()
             self.tunnels.opened += 1
             self.tunnels.active += 1
@@ -236,6 +247,11 @@ class H2TunnelServer(H2TunnelConnection):
         d.addCallbacks(connected, failed)
 
     def _respond(self, sid: int, status: int, body: bytes = b"") -> None:
+        """
+        A complete response (with END_STREAM) to a request we do not tunnel.
+        """
+        if not self.may_send:
+            return
         try:
             headers = [(b":status", str(status).encode())]
             if body:
@@ -244,9 +260,20 @@ class H2TunnelServer(H2TunnelConnection):
                 self.conn.send_data(sid, body, end_stream=True)
             else:
                 self.conn.send_headers(sid, headers, end_stream=True)
-        except h2.exceptions.StreamClosedError:
+            self._stop_request_body(sid)
+        except h2.exceptions.ProtocolError:  # the stream (StreamClosedError) or connection
             pass
         self._flush()
+
+    def _stop_request_body(self, sid: int) -> None:
+        """
+        After a complete response, a client still sending (a refused CONNECT's stream stays
+        open on its side) is told to stop with RST_STREAM(NO_ERROR) (RFC 9113 §8.1): the
+        stream then stops counting against MAX_CONCURRENT_STREAMS.
+        """
+        stream = self.conn.streams.get(sid)
+        if stream is not None and stream.state_machine.state is StreamState.HALF_CLOSED_LOCAL:
+            self.conn.reset_stream(sid, ErrorCodes.NO_ERROR)
 
 
 class H1TunnelServer(Protocol):

@@ -32,8 +32,11 @@ from zope.interface.verify import verifyObject
 from hbonex.cluster import SocketAddress
 from hbonex.errors import UpstreamError
 from hbonex.h2connection import (
+    CLOSE_GRACE,
     STREAM_HIGH_WATER,
     STREAM_LOW_WATER,
+    ConnectionClosed,
+    ConnectionState,
     H2Stream,
     H2TunnelConnection,
     StreamReset,
@@ -610,14 +613,20 @@ class ResetTests(unittest.TestCase):
         self.assertEqual(other.protocol.data, b"more")
 
     def test_abort_resets_and_aborts_upstream(self) -> None:
+        """
+        abortConnection is what a relay calls when the TCP side failed: CONNECT_ERROR
+        (RFC 9113 §8.5), and the server resets its upstream TCP connection.
+        """
         pair = H2Pair()
         tunnel = pair.open_tunnel()
         tunnel.stream.abortConnection()
         reason = reason_of(tunnel.protocol)
-        self.assertEqual((reason.value.code, reason.value.by_peer), (ErrorCodes.CANCEL, False))
+        self.assertEqual(
+            (reason.value.code, reason.value.by_peer), (ErrorCodes.CONNECT_ERROR, False)
+        )
         pair.pump()
         rst = frames(pair.to_server, RstStreamFrame, tunnel.stream.stream_id)
-        self.assertEqual([f.error_code for f in rst], [ErrorCodes.CANCEL])
+        self.assertEqual([f.error_code for f in rst], [ErrorCodes.CONNECT_ERROR])
         self.assertTrue(tunnel.upstream.aborted)
         self.assertEqual(pair.server.streams, {})
 
@@ -946,3 +955,210 @@ class BaseConnectionTests(unittest.TestCase):
                 client.dataReceived(b)
         failure = self.failureResultOf(d, UpstreamError)
         self.assertTrue(failure.value.retryable)  # REFUSED_STREAM may be retried
+
+
+def raw_frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
+    """One HTTP/2 frame as bytes, whatever hyperframe would refuse to build."""
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream_id.to_bytes(
+        4, "big"
+    ) + payload
+
+
+#: WINDOW_UPDATE with a zero increment on stream 0: a connection error (RFC 9113 §6.9).
+ZERO_WINDOW_UPDATE = raw_frame(0x8, 0, 0, b"\x00\x00\x00\x00")
+
+
+class LifecycleTests(unittest.TestCase):
+    """
+    One lifecycle per connection (OPEN -> DRAINING -> CLOSED) that the send paths, the
+    keepalive and the pool all ask.
+    """
+
+    def protocol_error_from_server(self, pair: H2Pair) -> None:
+        pair.client.dataReceived(ZERO_WINDOW_UPDATE)
+        pair.pump()
+
+    def test_protocol_error_closes_and_fails_every_stream(self) -> None:
+        pair = H2Pair()
+        tunnels = [pair.open_tunnel() for _ in range(2)]
+        seen: list[Any] = []
+        pair.client.on_capacity = seen.append
+        self.protocol_error_from_server(pair)
+        self.assertIs(pair.client.state, ConnectionState.CLOSED)
+        self.assertEqual(pair.client.capacity, 0)
+        self.assertIn(pair.client, seen)  # the pool hears of it at once
+        for tunnel in tunnels:
+            reason = reason_of(tunnel.protocol)
+            self.assertTrue(reason.check(ConnectionClosed), reason)
+            self.assertIn("protocol error", reason.getErrorMessage())
+        self.assertEqual(pair.client.streams, {})
+        goaways = frames(pair.to_server, GoAwayFrame)
+        self.assertEqual([g.error_code for g in goaways], [ErrorCodes.PROTOCOL_ERROR])
+        # The transport is closed for real: no producer left registered (a TLS transport
+        # would otherwise never send close_notify).
+        self.assertEqual(pair.client_transport.calls[-2:], ["unregisterProducer",
+                                                            "loseConnection"])
+        self.assertIsNone(pair.client_transport.producer)
+
+    def test_no_ping_after_a_protocol_error(self) -> None:
+        settings = H2Settings(keepalive_interval=1, keepalive_timeout=1)
+        pair = H2Pair(server_settings=settings, client_settings=settings)
+        pair.server.dataReceived(ZERO_WINDOW_UPDATE)
+        self.assertIs(pair.server.state, ConnectionState.CLOSED)
+        pair.server_transport.clear()
+        pair.clock.advance(5)  # raised "SEND_PING in state CLOSED" in a timed call
+        self.assertEqual(pair.server_transport.value(), b"")
+        # What is left is the close grace timer only; it aborts a peer that never closes.
+        pair.clock.advance(CLOSE_GRACE)
+        self.assertTrue(pair.server_transport.aborted)
+        self.assertEqual(pair.clock.getDelayedCalls(), [])
+
+    def test_peer_closing_in_time_is_not_aborted(self) -> None:
+        pair = H2Pair()
+        pair.client.close()
+        pair.client.connectionLost(Failure(ierror.ConnectionDone()))
+        pair.clock.advance(CLOSE_GRACE * 2)
+        self.assertFalse(pair.client_transport.aborted)
+
+    def test_error_goaway_from_peer_closes(self) -> None:
+        pair = H2Pair()
+        tunnel = pair.open_tunnel()
+        pair.server.send_goaway(ErrorCodes.INTERNAL_ERROR)
+        pair.pump()
+        self.assertIs(pair.client.state, ConnectionState.CLOSED)
+        reason = reason_of(tunnel.protocol)
+        self.assertTrue(reason.check(ConnectionClosed))
+        self.assertIn("GOAWAY from peer: INTERNAL_ERROR", reason.getErrorMessage())
+        self.assertIn("loseConnection", pair.client_transport.calls)
+        pair.clock.advance(60)  # keepalive stays quiet on a closed connection
+        self.assertNotIn(b"hbonex", pair.client_transport.value())
+
+    def test_graceful_goaway_drains(self) -> None:
+        pair = H2Pair()
+        tunnel = pair.open_tunnel()
+        pair.server.send_goaway()
+        pair.pump()
+        self.assertIs(pair.client.state, ConnectionState.DRAINING)
+        self.assertIs(pair.server.state, ConnectionState.DRAINING)
+        self.assertEqual(pair.client.capacity, 0)
+        tunnel.stream.loseConnection()
+        tunnel.upstream_protocol.transport.loseConnection()
+        tunnel.upstream_protocol.readConnectionLost()
+        pair.pump()
+        self.assertIs(pair.client.state, ConnectionState.CLOSED)
+        self.assertIs(pair.server.state, ConnectionState.CLOSED)
+
+    def test_connection_lost_mid_stream_is_never_clean(self) -> None:
+        """
+        A TLS close_notify (ConnectionDone) under a stream that never saw END_STREAM still
+        fails the stream: a truncated transfer must not look like a clean end.
+        """
+        pair = H2Pair()
+        tunnel = pair.open_tunnel()
+        tunnel.upstream_protocol.dataReceived(b"x" * 5000)
+        pair.pump()
+        pair.client.connectionLost(Failure(ierror.ConnectionDone("close_notify")))
+        reason = reason_of(tunnel.protocol)
+        self.assertTrue(reason.check(ConnectionClosed), reason)
+        self.assertFalse(reason.check(ierror.ConnectionDone))
+        self.assertEqual(tunnel.protocol.data, b"x" * 5000)
+        # And on the server side the target is reset, not FIN-closed.
+        pair.server.connectionLost(Failure(ierror.ConnectionDone("close_notify")))
+        self.assertTrue(tunnel.upstream.aborted)
+        self.assertFalse(tunnel.upstream.write_closed)
+
+    def test_late_upstream_connect_after_a_connection_error(self) -> None:
+        pair = H2Pair()
+        pair.request_tunnel()
+        [pending] = pair.cluster.pending
+        pair.server.dataReceived(ZERO_WINDOW_UPDATE)
+        self.assertTrue(pending.cancelled)  # the connect is given up at once
+        self.assertEqual(pair.server.streams, {})
+        self.assertEqual(pair.tunnels.opened, 0)
+
+    def test_delivery_stops_once_the_protocol_aborted(self) -> None:
+        class AbortOnFirst(HalfCloseProtocol):
+            def dataReceived(self, data: bytes) -> None:
+                super().dataReceived(data)
+                self.transport.abortConnection()  # type: ignore[union-attr]
+
+            def readConnectionLost(self) -> None:
+                raise AssertionError("readConnectionLost after connectionLost")
+
+        pair = H2Pair()
+        tunnel = pair.open_tunnel()
+        tunnel.stream.pauseProducing()
+        tunnel.upstream_protocol.dataReceived(b"one")
+        pair.pump()
+        tunnel.upstream_protocol.dataReceived(b"two")
+        tunnel.upstream_protocol.readConnectionLost()
+        pair.pump()
+        protocol = AbortOnFirst()
+        tunnel.stream.protocol = protocol
+        protocol.makeConnection(tunnel.stream)
+        tunnel.stream.resumeProducing()
+        self.assertEqual(protocol.received, [b"one"])
+        self.assertTrue(reason_of(protocol).check(StreamReset))
+
+
+class StreamLimitTests(unittest.TestCase):
+    def test_stream_over_the_limit_is_refused_alone(self) -> None:
+        """
+        RFC 9113 §5.1.2: REFUSED_STREAM for that stream; the connection and its tunnels
+        live on, and HPACK stays in step (later requests still decode).
+        """
+        pair = H2Pair(server_settings=H2Settings(max_concurrent_streams=2))
+        tunnels = [pair.open_tunnel() for _ in range(2)]
+        headers = [(b":method", b"CONNECT"), (b":authority", b"127.0.0.1:8080"),
+                   (b"x-indexed", b"kept in the dynamic table")]
+        # The client's own h2 would not send beyond the limit: pretend it saw no limit.
+        pair.client.conn.remote_settings.acknowledge()
+        pair.client.conn.remote_settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = 10
+        pair.client.conn.remote_settings.acknowledge()
+        sid = pair.send_raw_request(headers)
+        rst = frames(pair.to_client, RstStreamFrame, sid)
+        self.assertEqual([f.error_code for f in rst], [ErrorCodes.REFUSED_STREAM])
+        self.assertEqual(frames(pair.to_client, GoAwayFrame), [])
+        self.assertIs(pair.server.state, ConnectionState.OPEN)
+        for i, tunnel in enumerate(tunnels):
+            tunnel.stream.write(b"still here %d" % i)
+            pair.pump()
+            self.assertEqual(tunnel.upstream.value(), b"still here %d" % i)
+        # A stream freed, the same (now indexed) headers decode and are served.
+        tunnels[0].stream.abortConnection()
+        pair.pump()
+        sid = pair.send_raw_request(headers)
+        self.assertEqual(frames(pair.to_client, RstStreamFrame, sid), [])
+        self.assertEqual(len(pair.cluster.pending), 1)
+
+    def test_refused_connect_gets_rst_no_error(self) -> None:
+        """
+        A 403 ends our side; the client's side is closed with RST_STREAM(NO_ERROR), so refused
+        CONNECTs stop counting against MAX_CONCURRENT_STREAMS.
+        """
+        pair = H2Pair(server_settings=H2Settings(max_concurrent_streams=2))
+        sids = [pair.send_raw_request([(b":method", b"GET"), (b":scheme", b"https"),
+                                       (b":authority", b"a:1"), (b":path", b"/")])
+                for _ in range(2)]
+        for sid in sids:
+            [headers] = frames(pair.to_client, HeadersFrame, sid)
+            self.assertIn("END_STREAM", headers.flags)
+            rst = frames(pair.to_client, RstStreamFrame, sid)
+            self.assertEqual([f.error_code for f in rst], [ErrorCodes.NO_ERROR])
+        tunnel = pair.open_tunnel()
+        tunnel.stream.write(b"ok")
+        pair.pump()
+        self.assertEqual(tunnel.upstream.value(), b"ok")
+
+    def test_end_stream_then_cancel_before_upstream_connects(self) -> None:
+        pair = H2Pair()
+        sid = pair.send_raw_request(
+            [(b":method", b"CONNECT"), (b":authority", b"127.0.0.1:8080")]
+        )
+        [pending] = pair.cluster.pending
+        pair.client.conn.send_data(sid, b"early", end_stream=True)
+        pair.client.conn.reset_stream(sid, ErrorCodes.CANCEL)
+        pair.client._flush()
+        pair.pump()
+        self.assertTrue(pending.cancelled)
+        self.assertEqual(pair.server.streams, {})

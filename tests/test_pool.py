@@ -33,6 +33,7 @@ class FakeConnection:
         self.on_lost: Any = None
         self.refuse_with: UpstreamError | None = None
         self.goaway_on_refusal = False
+        self.closed = False
         self.authorities: list[str] = []
         self._next_id = 1
 
@@ -44,8 +45,12 @@ class FakeConnection:
         return f"<FakeConnection {self.name}>"
 
     @property
+    def accepting_streams(self) -> bool:
+        return not (self.goaway_received or self.goaway_sent or self.closed)
+
+    @property
     def capacity(self) -> int:
-        if self.goaway_received or self.goaway_sent:
+        if not self.accepting_streams:
             return 0
         return self.peer_max_concurrent_streams - len(self.streams)
 
@@ -94,7 +99,9 @@ class FakeConnector:
         self, peer_max: int | None = None, refuse_with: UpstreamError | None = None,
         goaway_on_refusal: bool = False,
     ) -> FakeConnection:
-        conn = FakeConnection(f"c{len(self.made) + 1}", peer_max or self.peer_max)
+        conn = FakeConnection(
+            f"c{len(self.made) + 1}", self.peer_max if peer_max is None else peer_max
+        )
         conn.refuse_with = refuse_with
         conn.goaway_on_refusal = goaway_on_refusal
         self.made.append(conn)
@@ -214,6 +221,60 @@ class PeerLimitTests(unittest.TestCase):
         self.assertEqual(len(first.streams), 3)
         second = connector.connect()
         self.assertEqual(len(second.streams), 2)
+
+
+class ZeroLimitTests(unittest.TestCase):
+    def test_peer_allowing_no_streams_gets_one_connection_not_a_storm(self) -> None:
+        """
+        MAX_CONCURRENT_STREAMS 0: the tunnel waits on the one connection (no new connection
+        per waiter), then fails with 503 naming why after the pending timeout.
+        """
+        pool, connector, clock = make_pool(peer_max=100, pending_timeout=2.0)
+        [d] = open_many(pool, 1)
+        connector.connect(peer_max=0)
+        self.assertEqual(connector.calls, 1)
+        self.assertNoResult(d)
+        clock.advance(1.9)
+        self.assertEqual(connector.calls, 1)
+        self.assertNoResult(d)
+        clock.advance(0.1)
+        error = self.failureResultOf(d, UpstreamError).value
+        self.assertEqual(error.status, 503)
+        self.assertIn("no free stream to 10.0.0.1:15008 within 2s", error.reason)
+        self.assertIn("allows 0 concurrent streams", error.reason)
+        self.assertEqual(connector.calls, 1)
+        self.assertEqual(pool._waiter_timers, {})
+
+    def test_zero_limit_raised_later_serves_the_waiter(self) -> None:
+        pool, connector, clock = make_pool(pending_timeout=2.0)
+        [d] = open_many(pool, 1)
+        conn = connector.connect(peer_max=0)
+        self.assertNoResult(d)
+        conn.peer_max_concurrent_streams = 5
+        conn.on_capacity(conn)
+        self.successResultOf(d)
+        clock.advance(10)  # the served waiter's timer is gone
+        self.assertEqual(len(conn.streams), 1)
+
+
+class ClosedConnectionTests(unittest.TestCase):
+    def test_closed_connection_leaves_the_pool_at_once(self) -> None:
+        """
+        A connection that hit a protocol error (CLOSED, transport not yet gone) takes no
+        more tunnels: the next one gets a new connection.
+        """
+        pool, connector, _ = make_pool()
+        [first_tunnel] = open_many(pool, 1)
+        first = connector.connect()
+        self.successResultOf(first_tunnel)
+        first.closed = True
+        first.on_capacity(first)  # what the connection's state change does
+        self.assertNotIn(first, pool.connections)
+        [d] = open_many(pool, 1)
+        self.assertEqual(connector.calls, 2)
+        second = connector.connect()
+        stream, _headers = self.successResultOf(d)
+        self.assertEqual(stream[0], second.name)
 
 
 class RetryAndGoawayTests(unittest.TestCase):
