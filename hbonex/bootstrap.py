@@ -126,7 +126,7 @@ class ProxyService(service.MultiService):
                 done.callback(None)
             elif reactor.seconds() >= deadline:
                 for conn in list(connections):
-                    conn.transport.abortConnection()
+                    conn.abort("closed at the drain deadline")
                 done.callback(None)
             else:
                 reactor.callLater(0.05, check)
