@@ -30,6 +30,7 @@ from hbonex.tls import PeerPolicy, tls_settings_from_material
 
 
 class Options(TLSOptions):
+    tapname = "hbone-client"
     synopsis = "[options] --forward 127.0.0.1:9000=127.0.0.1:8080"
     longdesc = (
         "Forward local TCP connections through HBONE tunnels (HTTP CONNECT over mutual TLS) "
@@ -73,7 +74,8 @@ class Options(TLSOptions):
 
     def postOptions(self) -> None:
         if not self["forward"] and not self["config"]:
-            raise usage.UsageError("give at least one --forward LISTEN=TARGET (or --config)")
+            hint = " (or --config FILE)" if self.accepts_config else ""
+            raise usage.UsageError(f"give at least one --forward LISTEN=TARGET{hint}")
         try:
             parse_authority(self["server"])
         except BadAuthority as e:

@@ -247,8 +247,8 @@ def add_subcommand(subparsers: Any) -> None:
     )
     parser.add_argument("--tunnels", type=int, default=8, help="concurrent tunnels (8)")
     parser.add_argument("--mib", type=int, default=16, help="MiB echoed per tunnel (16)")
-    parser.add_argument("--state-dir", default=None,
-                        help="dev PKI location (default: $HBONEX_STATE_DIR or ~/.local/state)")
+    parser.add_argument("--state-dir", default=None, metavar="STATE",
+                        help=f"where the dev PKI is kept: {pki.DEV_PKI_LOCATION}")
     parser.set_defaults(func=_main)
 
 

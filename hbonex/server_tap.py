@@ -28,6 +28,9 @@ from hbonex.tls import PeerPolicy, ServerTLS, tls_settings_from_material
 
 
 class Options(TLSOptions):
+    tapname = "hbone-server"
+    # Not part of the YAML: how long shutdown waits for open tunnels.
+    with_config = ("drain-timeout",)
     synopsis = "[options]"
     longdesc = "Terminate HBONE tunnels (HTTP CONNECT over mutual TLS) and relay them."
     optParameters = [
@@ -56,7 +59,8 @@ class Options(TLSOptions):
 
     def opt_allow_target(self, value: str) -> None:
         """
-        CIDR[:PORT|:LO-HI] tunnels may connect to. Repeatable. Default: loopback only.
+        CIDR[:PORT|:LO-HI] tunnels may connect to. Repeatable. Replaces the default
+        (loopback only: 127.0.0.0/8 and ::1/128), it does not add to it.
         """
         try:
             self["allow-target"].append(TargetRule.parse(value))

@@ -4,7 +4,9 @@ Options shared by ``twistd hbone-client`` and ``twistd hbone-server``.
 
 from __future__ import annotations
 
-from typing import Any
+import getopt
+import sys
+from typing import Any, Sequence
 
 from twisted.python import usage
 
@@ -34,8 +36,16 @@ def endpoint_string(text: str, option: str) -> str:
 
 class TLSOptions(usage.Options):
     """
-    Mixin: certificates and HTTP/2 settings.
+    Mixin: certificates and HTTP/2 settings, and what both plugins do with their flags under
+    twistd (one error line, no pidfile with --nodaemon, --config alone).
     """
+
+    #: The twistd plugin name, for error lines.
+    tapname = ""
+    #: Flags that still apply next to --config (every other one is refused there).
+    with_config: tuple[str, ...] = ()
+    #: False when ``hbonex config render`` parses the flags (it refuses --config).
+    accepts_config = True
 
     optParameters = [
         ["pki", None, None, "Identity directory DIR/NAME (cert.pem, key.pem; CA DIR/ca.pem). "
@@ -43,16 +53,81 @@ class TLSOptions(usage.Options):
         ["ca", None, None, "Trust bundle (PEM) to verify the peer with (default DIR/ca.pem)."],
         ["trust-domain", None, "cluster.local", "SPIFFE trust domain."],
         ["tls-min", None, "1.3", "Minimum TLS version: 1.3 or 1.2."],
-        ["state-dir", None, None, "Where the dev PKI lives (default $HBONEX_STATE_DIR or "
-         "~/.local/state/hbonex)."],
+        ["state-dir", None, None, f"Where the dev PKI is kept: {pki.DEV_PKI_LOCATION}."],
         ["stream-window", None, 4 * 1024 * 1024, "HTTP/2 initial stream window.", int],
         ["connection-window", None, 16 * 1024 * 1024, "HTTP/2 connection window.", int],
         ["max-frame-size", None, 1024 * 1024, "HTTP/2 SETTINGS_MAX_FRAME_SIZE.", int],
         ["keepalive-interval", None, 10.0, "HTTP/2 PING interval in seconds (0: off).", float],
         ["keepalive-timeout", None, 20.0, "Close when a PING is unanswered this long.", float],
         ["connect-timeout", None, 5.0, "Upstream connect timeout in seconds.", float],
-        ["config", "c", None, "Envoy v3 bootstrap YAML file (replaces the other options)."],
+        ["config", "c", None, "Envoy v3 bootstrap YAML file, instead of the other options."],
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        # textwrap keeps a docstring's indentation as runs of spaces inside --help's lines.
+        for name, doc in self.docs.items():
+            if doc:
+                self.docs[name] = " ".join(doc.split())
+        also = " ".join(f"--{f}" for f in self.with_config)
+        self.docs["config"] = "Envoy v3 bootstrap YAML file, instead of the other options " + (
+            f"(only {also} applies next to it)." if also else "(none may be given with it)."
+        )
+        #: The flags given on the command line (long names), whatever their values.
+        self.given: set[str] = set()
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        argv = list(sys.argv[1:] if options is None else options)
+        self.given = self._given_flags(argv)
+        try:
+            super().parseOptions(argv)
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise  # hbonex config render (or a test) reports it its own way
+            # Under twistd: one line, as for a bad --config; twistd itself would print its
+            # whole usage text above the one line that matters.
+            raise SystemExit(
+                f"twistd: error: {self.tapname}: {e} (see twistd {self.tapname} --help)"
+            )
+        self._no_pidfile_in_foreground()
+
+    def _given_flags(self, argv: list[str]) -> set[str]:
+        try:
+            opts, _ = getopt.getopt(argv, self.shortOpt, self.longOpt)
+        except getopt.GetoptError:
+            return set()  # parseOptions reports it
+        given = set()
+        for opt, _ in opts:
+            name = opt.lstrip("-")
+            given.add(self.synonyms.get(name) or self.synonyms.get(name.replace("-", "_"), name))
+        return given
+
+    def _no_pidfile_in_foreground(self) -> None:
+        """
+        ``twistd -n`` (foreground) would still write ./twistd.pid, so a second plugin in the
+        same directory refuses to start: with -n, twistd's default pidfile becomes none.  An
+        explicit --pidfile other than the default is kept.
+        """
+        parent = self.parent
+        if parent is None or not parent.get("nodaemon"):
+            return
+        defaults = getattr(parent, "defaults", {})
+        if "pidfile" in defaults and parent.get("pidfile") == defaults["pidfile"]:
+            parent["pidfile"] = ""
+
+    def refuse_flags_with_config(self) -> None:
+        """
+        The YAML describes every listener, cluster and certificate: a flag next to --config
+        would be silently ignored, so it is an error (but for ``with_config``).
+        """
+        ignored = sorted(self.given - {"config", *self.with_config})
+        if ignored:
+            also = " ".join(f"--{f}" for f in self.with_config)
+            only = f"; only {also} may be given next to it" if also else ""
+            raise usage.UsageError(
+                f"{', '.join('--' + f for f in ignored)}: cannot be given with --config (the "
+                f"YAML describes everything{only})"
+            )
 
     def load_material(self, identity: str) -> None:
         """
@@ -60,6 +135,7 @@ class TLSOptions(usage.Options):
         the file and the problem, not a traceback.
         """
         if self["config"]:
+            self.refuse_flags_with_config()
             self.load_config()
             return
         try:

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import pkgutil
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from twisted.application.service import IService, IServiceMaker
@@ -15,6 +19,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.plugin import IPlugin, getPlugins
 from twisted.python import usage
+from twisted.scripts.twistd import ServerOptions
 from twisted.trial import unittest
 from zope.interface import implementedBy, providedBy
 from zope.interface.verify import verifyObject
@@ -236,6 +241,153 @@ class ServerOptionsTests(OptionsTestCase):
     def test_error_names_the_flag(self) -> None:
         self.assertIn("--allow-target", self.rejects("--allow-target", "10.0.0.0/8:90-80"))
         self.assertIn("--listen", self.rejects("--listen", "nowhere"))
+
+
+class HelpTests(unittest.TestCase):
+    """What --help says (the README and docs/ say the same)."""
+
+    def usage(self, module: Any) -> str:
+        return " ".join(str(module.Options()).split())
+
+    def test_no_stray_spaces(self) -> None:
+        for module in MAKERS.values():
+            for name, doc in module.Options().docs.items():
+                self.assertNotIn("  ", doc or "", f"--{name}")
+        self.assertIn("LISTEN=TARGET: tunnel connections accepted on LISTEN (host:port or "
+                      "endpoint) to TARGET (host:port). Repeatable.", self.usage(client_tap))
+
+    def test_allow_target_replaces_the_default(self) -> None:
+        self.assertIn("CIDR[:PORT|:LO-HI] tunnels may connect to. Repeatable. Replaces the "
+                      "default (loopback only: 127.0.0.0/8 and ::1/128), it does not add to it.",
+                      self.usage(server_tap))
+
+    def test_config_says_what_applies_next_to_it(self) -> None:
+        self.assertIn("Envoy v3 bootstrap YAML file, instead of the other options (none may be "
+                      "given with it).", self.usage(client_tap))
+        self.assertIn("Envoy v3 bootstrap YAML file, instead of the other options (only "
+                      "--drain-timeout applies next to it).", self.usage(server_tap))
+
+    def test_state_dir(self) -> None:
+        for module in MAKERS.values():
+            self.assertIn(f"Where the dev PKI is kept: {pki.DEV_PKI_LOCATION}.",
+                          self.usage(module))
+
+
+class AllowTargetTests(OptionsTestCase):
+    module = server_tap
+
+    def test_replaces_the_loopback_default(self) -> None:
+        from ipaddress import ip_address
+
+        def policy(*args: str) -> Any:
+            built = server_tap.build(self.parse(*args), Clock())
+            return built.clusters["original_dst"].target_policy
+
+        narrow = policy("--allow-target", "127.0.0.1/32:8080")
+        self.assertTrue(narrow.allows(ip_address("127.0.0.1"), 8080))
+        self.assertFalse(narrow.allows(ip_address("127.0.0.1"), 8081))
+        self.assertFalse(narrow.allows(ip_address("::1"), 8080))
+        default = policy()
+        self.assertTrue(default.allows(ip_address("127.0.0.1"), 8081))
+        self.assertTrue(default.allows(ip_address("::1"), 22))
+        self.assertFalse(default.allows(ip_address("10.0.0.1"), 80))
+
+
+CONFIG = Path(__file__).parent / "configs" / "seed-internal-listener-chain.yaml"
+
+
+class TwistdCommandLineTests(unittest.TestCase):
+    """
+    The plugins' flags as twistd itself parses them (its own ServerOptions, in-process).
+    """
+
+    def setUp(self) -> None:
+        self.state_dir = self.mktemp()
+
+    def twistd(self, *argv: str) -> Any:
+        config = ServerOptions()
+        config.parseOptions(list(argv))
+        return config
+
+    def plugin_args(self, plugin: str) -> list[str]:
+        forward = ["--forward", "127.0.0.1:0=127.0.0.1:1"] if plugin == "hbone-client" else []
+        return ["--state-dir", self.state_dir, *forward]
+
+    def test_no_pidfile_in_the_foreground(self) -> None:
+        """
+        With -n, two plugins can run in one directory: no ./twistd.pid unless asked for.
+        """
+        for plugin in MAKERS:
+            args = self.plugin_args(plugin)
+            self.assertEqual(self.twistd("-n", plugin, *args)["pidfile"], "")
+            self.assertEqual(self.twistd("--nodaemon", plugin, *args)["pidfile"], "")
+            self.assertEqual(self.twistd("-n", "--pidfile", "my.pid", plugin, *args)["pidfile"],
+                             os.path.abspath("my.pid"))
+            # A daemon needs one: twistd's default stays.
+            self.assertEqual(self.twistd(plugin, *args)["pidfile"],
+                             os.path.abspath("twistd.pid"))
+
+    def error_line(self, *argv: str) -> str:
+        error = self.assertRaises(SystemExit, self.twistd, *argv)
+        self.assertIsInstance(error.code, str)
+        return str(error.code)
+
+    def test_bad_flags_are_one_line(self) -> None:
+        self.assertEqual(
+            self.error_line("-n", "hbone-client", "--bogus"),
+            "twistd: error: hbone-client: option --bogus not recognized "
+            "(see twistd hbone-client --help)",
+        )
+        self.assertEqual(
+            self.error_line("-n", "hbone-client", "--state-dir", self.state_dir),
+            "twistd: error: hbone-client: give at least one --forward LISTEN=TARGET "
+            "(or --config FILE) (see twistd hbone-client --help)",
+        )
+        self.assertEqual(
+            self.error_line("hbone-server", "--state-dir", self.state_dir, "--listen", "x"),
+            "twistd: error: hbone-server: --listen: 'x' is neither host:port nor an endpoint "
+            "string (see twistd hbone-server --help)",
+        )
+
+    def test_bad_flag_process_output(self) -> None:
+        """A real twistd: exit status 1, one line on stderr, nothing on stdout."""
+        env = {**os.environ, "PYTHONPATH": str(Path(hbonex.__file__).parent.parent)}
+        result = subprocess.run(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+             "hbone-server", "--bogus"],
+            capture_output=True, text=True, env=env, timeout=60,
+        )
+        self.assertEqual(
+            (result.returncode, result.stdout, result.stderr),
+            (1, "", "twistd: error: hbone-server: option --bogus not recognized "
+                    "(see twistd hbone-server --help)\n"),
+        )
+
+    def test_config_alone(self) -> None:
+        """Every flag next to --config is refused, but the server's --drain-timeout."""
+        self.assertEqual(
+            self.error_line("-n", "hbone-client", "--config", str(CONFIG),
+                            "--forward", "127.0.0.1:9005=127.0.0.1:1"),
+            "twistd: error: hbone-client: --forward: cannot be given with --config (the YAML "
+            "describes everything) (see twistd hbone-client --help)",
+        )
+        self.assertEqual(
+            self.error_line("-n", "hbone-server", "-c", str(CONFIG), "--listen", "9",
+                            "--state-dir", self.state_dir),
+            "twistd: error: hbone-server: --listen, --state-dir: cannot be given with --config "
+            "(the YAML describes everything; only --drain-timeout may be given next to it) "
+            "(see twistd hbone-server --help)",
+        )
+        config = self.twistd("-n", "hbone-server", "--config", str(CONFIG),
+                             "--drain-timeout", "3")
+        service = server_tap.makeService(config.subOptions)
+        self.assertEqual(service.drain_timeout, 3.0)
+        # Without twistd around (hbonex config render, tests): the same words, as UsageError.
+        options = client_tap.Options()
+        error = self.assertRaises(usage.UsageError, options.parseOptions,
+                                  ["--header", "a=b", "--config", str(CONFIG)])
+        self.assertEqual(str(error), "--header: cannot be given with --config (the YAML "
+                                     "describes everything)")
 
 
 # -- verifyObject on every @implementer class ------------------------------------------------
