@@ -331,6 +331,9 @@ def render_server(options: Any) -> tuple[dict[str, Any], list[str]]:
         "metadata": {"filter_metadata": {"hbonex": {"allowed_targets": targets}}},
     }
     notes = _notes(options)
+    if options["allow-target"]:
+        notes.append("--allow-target replaces the loopback default: allowed_targets holds "
+                     "exactly the targets given")
     if options["drain-timeout"] != 5.0:
         notes.append(f"--drain-timeout {options['drain-timeout']:g} is not part of the YAML; "
                      "pass it to twistd hbone-server along with --config")
@@ -349,10 +352,11 @@ def render(side: str, flags: Sequence[str]) -> str:
     if any(f in ("-c", "--config") or f.startswith(("--config=", "-c")) for f in flags):
         raise CLIError("render turns command-line flags into YAML; --config is YAML already")
     options = module.Options()
+    options.accepts_config = False
     try:
         options.parseOptions(list(flags))
     except usage.UsageError as e:
-        raise CLIError(f"hbone-{side} {' '.join(flags)}: {e}")
+        raise CLIError(f"{' '.join([f'hbone-{side}', *flags])}: {e}")
     except ConfigError as e:
         raise CLIError(str(e))
     try:

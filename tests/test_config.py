@@ -936,6 +936,33 @@ class RenderTests(Base):
         self.assertEqual(cli.main(["config"]), 2)
         self.assertIn("a command is required", err.getvalue())
 
+    def test_render_client_without_forward(self) -> None:
+        """One line naming what is missing, no stray space, no --config hint (render has none)."""
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        self.in_pki_dir()
+        self.assertEqual(cli.main(["config", "render", "client", "--pki", "pki/client"]), 2)
+        self.assertEqual(err.getvalue(), "hbonex: error: hbone-client --pki pki/client: give "
+                                         "at least one --forward LISTEN=TARGET\n")
+        err.truncate(0)
+        err.seek(0)
+        self.assertEqual(cli.main(["config", "render", "client", "--server", "nowhere"]), 2)
+        self.assertTrue(err.getvalue().startswith("hbonex: error: hbone-client --server "
+                                                  "nowhere: "), err.getvalue())
+
+    def test_render_server_allow_target_replaces_loopback(self) -> None:
+        self.in_pki_dir()
+        text = self.render("server", "--pki", "pki/server", "--allow-target", "127.0.0.1/32:8080")
+        self.assertIn("# note: --allow-target replaces the loopback default: allowed_targets "
+                      "holds exactly the targets given\n", text)
+        cluster = yaml.safe_load(text)["static_resources"]["clusters"][0]
+        self.assertEqual(cluster["metadata"]["filter_metadata"]["hbonex"]["allowed_targets"],
+                         ["127.0.0.1/32:8080"])
+        default = yaml.safe_load(self.render("server", "--pki", "pki/server"))
+        self.assertEqual(default["static_resources"]["clusters"][0]["metadata"]
+                         ["filter_metadata"]["hbonex"]["allowed_targets"],
+                         ["127.0.0.0/8", "::1/128"])
+
     def assert_clusters_equivalent(self, a: Any, b: Any) -> None:
         if a.type != "ORIGINAL_DST":  # which picks no host: CLUSTER_PROVIDED in the YAML
             self.assertEqual(a.lb_policy, b.lb_policy)
