@@ -26,6 +26,7 @@ from zope.interface.verify import verifyObject
 
 import hbonex
 from hbonex import client_tap, pki, server_tap
+from hbonex.bootstrap import ProxyService
 from hbonex.connect import TargetRule
 from hbonex.h2settings import H2Settings
 
@@ -381,6 +382,8 @@ class TwistdCommandLineTests(unittest.TestCase):
         config = self.twistd("-n", "hbone-server", "--config", str(CONFIG),
                              "--drain-timeout", "3")
         service = server_tap.makeService(config.subOptions)
+        self.assertIsInstance(service, ProxyService)
+        assert isinstance(service, ProxyService)
         self.assertEqual(service.drain_timeout, 3.0)
         # Without twistd around (hbonex config render, tests): the same words, as UsageError.
         options = client_tap.Options()
