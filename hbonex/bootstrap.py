@@ -120,16 +120,20 @@ class ProxyService(service.MultiService):
         reactor = self.bootstrap.reactor
         deadline = reactor.seconds() + self.drain_timeout
         done: defer.Deferred[None] = defer.Deferred()
+        aborted = False
 
         def check() -> None:
-            if not connections:
+            nonlocal aborted
+            if not connections or reactor.seconds() >= deadline + 1.0:
                 done.callback(None)
-            elif reactor.seconds() >= deadline:
+                return
+            if reactor.seconds() >= deadline and not aborted:
+                aborted = True
                 for conn in list(connections):
                     conn.abort("closed at the drain deadline")
-                done.callback(None)
-            else:
-                reactor.callLater(0.05, check)
+            # After the aborts too: wait (briefly) until the connections and their tunnels
+            # are gone, so their log lines are written before the process exits.
+            reactor.callLater(0.05, check)
 
         check()
         return done

@@ -290,6 +290,9 @@ class Cluster:
         def failed(f: Any) -> Any:
             if f.check(defer.CancelledError):
                 return f
+            if f.check(ierror.ConnectingCancelledError):
+                # Twisted's endpoints report a cancelled connect with their own error.
+                raise defer.CancelledError()
             if f.check(ierror.TimeoutError):
                 raise UpstreamError(503, f"connect to {address} timed out "
                                          f"after {self.connect_timeout:g}s")

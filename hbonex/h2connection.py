@@ -848,7 +848,9 @@ class H2TunnelConnection(Protocol):
             stream._update_producer()
 
     def stopProducing(self) -> None:
-        self.close()
+        # The transport is going away; its connectionLost follows with the reason, which
+        # is what the streams are told.
+        pass
 
     # -- keepalive ----------------------------------------------------------------------------
 

@@ -9,18 +9,31 @@ from __future__ import annotations
 from typing import Callable
 
 from twisted.internet import error as ierror
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from hbonex.fasttls import tune_tcp, writer_for
 
+#: RST_STREAM CANCEL (RFC 9113 §7), for HTTP/2 stream transports.
+CANCEL = 0x8
 
-@implementer(IHalfCloseableProtocol)
+
+@implementer(IHalfCloseableProtocol, IPushProducer)
 class RelayEnd(Protocol):
     """
     One side of a relay.  Bytes it receives are written to the other side's transport.
+
+    It is also the producer registered on the other side's transport, passing pause and
+    resume on to its own transport.  A transport that goes away calls ``stopProducing`` first
+    and says why only in ``connectionLost``: the relay acts on the reason there (a FIN is
+    passed on as EOF, a reset as a reset, CONNECT_ERROR on an HTTP/2 stream).
     """
 
     def __init__(self, relay: Relay, name: str) -> None:
@@ -74,6 +87,20 @@ class RelayEnd(Protocol):
         if self.eof_received and self.eof_sent and not self.lost:
             self.transport.loseConnection()  # type: ignore[union-attr]
 
+    # -- IPushProducer, for the other side's transport ------------------------------------------
+
+    def pauseProducing(self) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        # The other side's connectionLost follows with the reason; Relay._end_lost acts on it.
+        pass
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.lost:
             return
@@ -105,6 +132,8 @@ class Relay:
         self._idle_call: IDelayedCall | None = None
         self.done = False
         self.close_reason = ""
+        #: The end that was lost first: its reason is the tunnel's.
+        self.first_lost: RelayEnd | None = None
 
     def start(self) -> None:
         """
@@ -117,11 +146,11 @@ class Relay:
             for data in early:
                 dst.transport.write(data)  # type: ignore[union-attr]
         if not a.eof_received:
-            b.transport.registerProducer(a.transport, True)  # type: ignore
+            b.transport.registerProducer(a, True)  # type: ignore[union-attr,attr-defined]
         else:
             b.send_eof()
         if not b.eof_received:
-            a.transport.registerProducer(b.transport, True)  # type: ignore
+            a.transport.registerProducer(b, True)  # type: ignore[union-attr,attr-defined]
         else:
             a.send_eof()
         if self.idle_timeout > 0:
@@ -139,11 +168,21 @@ class Relay:
         self._idle_call = self.reactor.callLater(self.idle_timeout - idle, self._check_idle)
 
     def abort(self) -> None:
+        """
+        Cut both ends (the idle timeout): an HTTP/2 stream is reset with CANCEL, not with the
+        CONNECT_ERROR its abortConnection means for a failed TCP connection.
+        """
         for end in (self.a, self.b):
             if end.transport is not None and not end.lost:
-                end.transport.abortConnection()  # type: ignore[attr-defined]
+                reset = getattr(end.transport, "reset", None)
+                if reset is not None:
+                    reset(CANCEL)
+                else:
+                    end.transport.abortConnection()  # type: ignore[attr-defined]
 
     def _end_lost(self, end: RelayEnd, reason: Failure) -> None:
+        if self.first_lost is None:
+            self.first_lost = end
         other = end.peer
         assert other is not None
         if other.transport is not None and not other.lost:

@@ -111,7 +111,10 @@ class TunnelLog:
 
 
 def _reason(relay: Relay) -> str:
-    for end in (relay.a, relay.b):
+    # The end lost first holds the cause; the other end's loss is its consequence.
+    first = relay.first_lost
+    ends = (first, first.peer) if first is not None and first.peer is not None else ()
+    for end in (*ends, relay.a, relay.b):
         if end.reason is not None and not end.reason.check(ierror.ConnectionDone):
             return f"{end.name}: {end.reason.getErrorMessage()}"
     return "closed cleanly"

@@ -43,7 +43,7 @@ import h2.config
 import h2.connection
 import h2.events
 from OpenSSL import SSL
-from twisted.internet import defer, endpoints, protocol, reactor
+from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.internet import error as ierror
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
@@ -387,6 +387,73 @@ def start_twistd(
     test.addCleanup(cleanup)
     d = proc.wait_for_count(LISTENER_RE, listeners)
     return d.addCallback(lambda _: proc)
+
+
+# --- sockets of a process --------------------------------------------------------------------
+
+#: /proc/net/tcp state codes.
+TCP_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "04": "FIN_WAIT1",
+              "05": "FIN_WAIT2", "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT",
+              "09": "LAST_ACK", "0A": "LISTEN", "0B": "CLOSING"}
+
+
+@attrs.frozen
+class SocketInfo:
+    state: str
+    local_port: int
+    remote_port: int
+
+
+def sockets_of(pid: int) -> list[SocketInfo]:
+    """
+    The TCP sockets process ``pid`` holds open (its fds matched to /proc/net/tcp{,6} by
+    inode: /proc/<pid>/net/tcp alone lists the whole network namespace).
+    """
+    inodes = set()
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in fd_dir.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    result = []
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[9] in inodes:
+                result.append(SocketInfo(
+                    TCP_STATES.get(fields[3], fields[3]),
+                    int(fields[1].rsplit(":", 1)[1], 16),
+                    int(fields[2].rsplit(":", 1)[1], 16),
+                ))
+    return result
+
+
+def connections_to(pid: int, port: int, states: tuple[str, ...] = ("ESTABLISHED",)) -> int:
+    """How many of ``pid``'s sockets connect to 127.0.0.1:``port`` in one of ``states``."""
+    return sum(1 for s in sockets_of(pid) if s.remote_port == port and s.state in states)
+
+
+async def wait_until(
+    predicate: Callable[[], bool], what: Callable[[], str] | str,
+    timeout: float = WAIT_TIMEOUT, interval: float = 0.05,
+) -> None:
+    """
+    Poll ``predicate`` (something outside this process: another process's sockets) until it
+    holds; fail with WaitTimeout after ``timeout`` seconds.
+    """
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() >= deadline:
+            text = what() if callable(what) else what
+            raise WaitTimeout(f"timed out after {timeout:g}s waiting for {text}")
+        await task.deferLater(reactor, interval, lambda: None)
 
 
 # --- PKI -------------------------------------------------------------------------------------
@@ -954,6 +1021,10 @@ class RawH2Client(protocol.Protocol):
             self.transport.write(data)  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
+        if self.conn.state_machine.state is h2.connection.ConnectionState.CLOSED:
+            # After our GOAWAY (close()) the server may still finish or reset streams; h2
+            # refuses any input once closed.
+            return
         for event in self.conn.receive_data(data):
             self.events.append(event)
             if isinstance(event, h2.events.DataReceived):

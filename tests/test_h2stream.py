@@ -390,7 +390,7 @@ class SendFlowControlTests(unittest.TestCase):
         self.producer = FakeProducer()
         self.tunnel.stream.registerProducer(self.producer, True)
         # The target is slow: the relay pauses the server's stream, which stops acknowledging.
-        self.assertIs(self.tunnel.upstream.producer, self.tunnel.server_stream)
+        self.assertIs(self.tunnel.upstream.producer.transport, self.tunnel.server_stream)
         self.tunnel.upstream.producer.pauseProducing()
 
     def open_window(self, increment: int) -> None:
@@ -481,10 +481,19 @@ class FanInTests(unittest.TestCase):
         self.assertEqual(producer.state, "paused")
         self.assertEqual(other_producer.state, "producing")
 
-    def test_stop_producing_closes_the_connection(self) -> None:
+    def test_stop_producing_leaves_the_reason_to_connection_lost(self) -> None:
+        """
+        A transport calls stopProducing just before connectionLost: the streams are told the
+        real reason then, not a made-up one now.
+        """
         pair = H2Pair()
+        tunnel = pair.open_tunnel()
         pair.client.stopProducing()
-        self.assertTrue(pair.client_transport.disconnecting)
+        self.assertIsNone(tunnel.protocol.lost_reason)
+        pair.client.connectionLost(Failure(ierror.ConnectionLost("socket reset")))
+        reason = reason_of(tunnel.protocol)
+        self.assertTrue(reason.check(ConnectionClosed))
+        self.assertIn("socket reset", reason.getErrorMessage())
 
 
 class HalfCloseTests(unittest.TestCase):

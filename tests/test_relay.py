@@ -56,7 +56,7 @@ class DataTests(unittest.TestCase):
         self.assertIsNone(ta.producer)
         relay.start()
         self.assertEqual((ta.value(), tb.value()), (b"early-b", b"early-a"))
-        self.assertIs(ta.producer, tb)
+        self.assertIs(ta.producer.transport, tb)
 
     def test_bytes_before_peer_connected_are_held(self) -> None:
         clock = Clock()
@@ -75,8 +75,8 @@ class DataTests(unittest.TestCase):
     def test_producers_back_to_back(self) -> None:
         relay, ta, tb, _, _ = relay_pair()
         # Each transport is the (streaming) producer of the other.
-        self.assertIs(tb.producer, ta)
-        self.assertIs(ta.producer, tb)
+        self.assertIs(tb.producer.transport, ta)
+        self.assertIs(ta.producer.transport, tb)
         self.assertTrue(ta.streaming)
         self.assertTrue(tb.streaming)
         # A full upstream pauses reading from downstream.
@@ -97,7 +97,7 @@ class HalfCloseTests(unittest.TestCase):
         self.assertTrue(tb.write_closed)
         # The other direction stays open.
         self.assertFalse(ta.disconnecting)
-        self.assertIs(ta.producer, tb)
+        self.assertIs(ta.producer.transport, tb)
         relay.b.dataReceived(b"reply")
         self.assertEqual(ta.value(), b"reply")
         self.assertEqual(done, [])
@@ -127,7 +127,7 @@ class HalfCloseTests(unittest.TestCase):
         self.assertTrue(tb.write_closed)
         # Downstream already ended: it is not registered as upstream's producer.
         self.assertIsNone(tb.producer)
-        self.assertIs(ta.producer, tb)
+        self.assertIs(ta.producer.transport, tb)
 
     def test_clean_close_of_one_side_finishes_the_other(self) -> None:
         relay, ta, tb, _, done = relay_pair()
@@ -173,6 +173,25 @@ class ErrorTests(unittest.TestCase):
         self.assertTrue(relay.a.reason.check(ierror.ConnectionLost))
 
 
+    def test_stop_producing_leaves_the_decision_to_connection_lost(self) -> None:
+        """
+        A transport going away calls its producer's stopProducing before connectionLost:
+        that must not end the other side early (the reason decides: FIN or reset).
+        """
+        relay, ta, tb, _, _ = relay_pair()
+        tb.producer.stopProducing()
+        self.assertFalse(ta.aborted)
+        self.assertEqual(ta.calls, [])
+        relay.b.connectionLost(Failure(ierror.ConnectionLost("reset by peer")))
+        self.assertTrue(ta.aborted)
+
+    def test_first_end_lost_is_remembered(self) -> None:
+        relay, ta, tb, _, _ = relay_pair()
+        relay.b.connectionLost(Failure(ierror.ConnectionLost("reset by peer")))
+        relay.a.connectionLost(Failure(ierror.ConnectionAborted()))
+        self.assertIs(relay.first_lost, relay.b)
+
+
 class IdleTimeoutTests(unittest.TestCase):
     def test_idle_relay_is_aborted(self) -> None:
         relay, ta, tb, clock, _ = relay_pair(idle_timeout=10)
@@ -201,6 +220,26 @@ class IdleTimeoutTests(unittest.TestCase):
         relay.b.connectionLost(DONE)
         self.assertEqual(done, [relay])
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_idle_timeout_resets_streams_with_cancel(self) -> None:
+        class StreamLike(HalfCloseTransport):
+            def __init__(self) -> None:
+                super().__init__()
+                self.resets: list[int] = []
+
+            def reset(self, code: int) -> None:
+                self.resets.append(code)
+
+        clock = Clock()
+        relay = Relay(clock, 10)
+        stream, tcp = StreamLike(), HalfCloseTransport()
+        relay.a.makeConnection(stream)
+        relay.b.makeConnection(tcp)
+        relay.start()
+        clock.advance(10)
+        self.assertEqual(stream.resets, [0x8])  # CANCEL, not CONNECT_ERROR
+        self.assertFalse(stream.aborted)
+        self.assertTrue(tcp.aborted)
 
     def test_no_timeout_when_disabled(self) -> None:
         relay, ta, tb, clock, _ = relay_pair(idle_timeout=0)
