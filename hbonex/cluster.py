@@ -198,21 +198,28 @@ class Cluster:
             assert isinstance(address, SocketAddress)
             ip = ip_of(address.host)
             if policy is not None and (ip is None or not policy.allows(ip, address.port)):
-                raise UpstreamError(
-                    403, f"target {authority} ({address}) is outside the allowed targets"
+                # The resolved address only where it says more than the authority.
+                shown = f"{authority}" if str(address) == str(authority) else (
+                    f"{authority} ({address})"
                 )
+                raise UpstreamError(403, f"target {shown} is outside the allowed targets")
             return address
 
         return d.addCallback(check)
 
+    def lookup(self, host: str, port: int) -> defer.Deferred[list[Any]]:
+        """
+        getaddrinfo in the reactor's thread pool (a test may replace this).
+        """
+        return threads.deferToThreadPool(  # type: ignore[no-any-return]
+            self.reactor, self.reactor.getThreadPool(),
+            socket.getaddrinfo, host, port, type=socket.SOCK_STREAM,
+        )
+
     def _resolve(self, address: SocketAddress) -> defer.Deferred[Address]:
         if ip_of(address.host) is not None:
             return defer.succeed(address)
-
-        def lookup() -> list[Any]:
-            return socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
-
-        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), lookup)
+        d = self.lookup(address.host, address.port)
         # getaddrinfo cannot be interrupted: the tunnel stops waiting for it, the thread
         # finishes on its own.
         timeout = self.connect_timeout

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.trial import unittest
@@ -94,7 +95,60 @@ class OriginalDestinationTests(unittest.SynchronousTestCase):
         failure = self.decision("127.0.0.1:9000")
         self.assertIsInstance(failure.value, UpstreamError)
         self.assertEqual(failure.value.status, 403)
+        # The address once: it resolved to itself.
+        self.assertEqual(failure.value.reason,
+                         "target 127.0.0.1:9000 is outside the allowed targets")
 
     def test_bad_authority_is_400(self) -> None:
         failure = self.decision("no-port")
         self.assertEqual(failure.value.status, 400)
+
+
+class ResolveTests(unittest.SynchronousTestCase):
+    def test_dns_lookup_is_bounded_by_the_connect_timeout(self) -> None:
+        clock = Clock()
+        cluster = Cluster("dst", Runtime(clock), type="ORIGINAL_DST", connect_timeout=2.0)
+        hanging: list[Any] = []
+
+        def lookup(host: str, port: int) -> Any:
+            d: Any = defer.Deferred()
+            hanging.append((host, port))
+            return d
+
+        cluster.lookup = lookup  # type: ignore[method-assign]
+        d = cluster.pick(UpstreamRequest(original_destination="slow.example:80"))
+        self.assertEqual(hanging, [("slow.example", 80)])
+        clock.advance(1.9)
+        self.assertNoResult(d)
+        clock.advance(0.1)
+        error = self.failureResultOf(d, UpstreamError).value
+        self.assertEqual((error.status, error.reason),
+                         (503, "cannot resolve slow.example within 2s"))
+
+
+class StatsTests(unittest.SynchronousTestCase):
+    def test_a_cancelled_connect_is_not_a_connect_failure(self) -> None:
+        clock = Clock()
+        cluster = Cluster("dst", Runtime(clock), type="ORIGINAL_DST")
+        cluster.lookup = lambda host, port: defer.Deferred()  # type: ignore[method-assign]
+        d = cluster.connect_stream(Protocol(), UpstreamRequest(original_destination="h:80"))
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(cluster.stats.upstream_cx_connect_fail, 0)
+        failing = cluster.connect_stream(Protocol(), UpstreamRequest())  # no destination
+        self.failureResultOf(failing, UpstreamError)
+        self.assertEqual(cluster.stats.upstream_cx_connect_fail, 1)
+
+    def test_a_resolved_name_outside_the_policy_names_both(self) -> None:
+        cluster = Cluster(
+            "odst", Runtime(Clock()), type="ORIGINAL_DST",
+            target_policy=TargetPolicy((TargetRule.parse("127.0.0.1:8000-8100"),)),
+        )
+        cluster.lookup = lambda host, port: defer.succeed(  # type: ignore[method-assign]
+            [(2, 1, 6, "", ("127.0.0.1", port))]
+        )
+        d = cluster.pick(UpstreamRequest(original_destination="db.internal:9000"))
+        error = self.failureResultOf(d, UpstreamError).value
+        self.assertEqual(
+            error.reason, "target db.internal:9000 (127.0.0.1:9000) is outside the allowed targets"
+        )

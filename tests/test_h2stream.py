@@ -1171,3 +1171,49 @@ class StreamLimitTests(unittest.TestCase):
         pair.pump()
         self.assertTrue(pending.cancelled)
         self.assertEqual(pair.server.streams, {})
+
+
+class SameBatchResetTests(unittest.TestCase):
+    def test_write_racing_a_clean_reset_in_the_same_batch(self) -> None:
+        """
+        DATA(END_STREAM) and RST_STREAM(NO_ERROR) arrive together; the protocol answers the
+        DATA at once, which h2 refuses (the stream is already reset).  The stream still ends
+        as the peer said, cleanly, not with a local STREAM_CLOSED error.
+        """
+
+        class Answering(HalfCloseProtocol):
+            def dataReceived(self, data: bytes) -> None:
+                super().dataReceived(data)
+                self.transport.write(b"answer")  # type: ignore[union-attr]
+
+        pair = H2Pair()
+        tunnel = pair.open_tunnel(protocol=Answering())
+        sid = tunnel.stream.stream_id
+        pair.server.conn.send_data(sid, b"last words", end_stream=True)
+        pair.server.conn.reset_stream(sid, ErrorCodes.NO_ERROR)
+        pair.server._flush()
+        pair.pump()
+        self.assertEqual(tunnel.protocol.data, b"last words")
+        self.assertTrue(tunnel.protocol.read_lost)
+        reason = reason_of(tunnel.protocol)
+        self.assertTrue(reason.check(ierror.ConnectionDone), reason)
+        self.assertEqual(frames(pair.to_server, RstStreamFrame, sid), [])
+
+    def test_queued_data_is_dropped_by_a_clean_cancel(self) -> None:
+        """
+        Decision: RST_STREAM(CANCEL) after the peer's END_STREAM is a clean close (as
+        NO_ERROR, like production stacks send it); what we still had queued for the peer is
+        dropped, since the peer said it takes no more.
+        """
+        pair = H2Pair(server_settings=H2Settings(initial_stream_window_size=65535))
+        tunnel = pair.open_tunnel()
+        sid = tunnel.stream.stream_id
+        tunnel.stream.write(b"z" * 200_000)  # beyond the server's 64 KiB stream window
+        self.assertGreater(tunnel.stream._outbound_size, 0)
+        pair.server.conn.end_stream(sid)
+        pair.server.conn.reset_stream(sid, ErrorCodes.CANCEL)
+        pair.server._flush()
+        pair.pump()
+        self.assertEqual(tunnel.stream._outbound_size, 0)
+        reason = reason_of(tunnel.protocol)
+        self.assertTrue(reason.check(ierror.ConnectionDone), reason)
