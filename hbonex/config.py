@@ -319,6 +319,16 @@ class ConfigContext:
             value = node.int_field(key, minimum=65535, maximum=2**31 - 1)
             if value is not None:
                 kwargs[key] = value
+        for key in (
+            "max_outbound_frames", "max_outbound_control_frames",
+            "max_consecutive_inbound_frames_with_empty_payload",
+            "max_inbound_priority_frames_per_stream",
+            "max_inbound_window_update_frames_per_data_frame_sent",
+        ):
+            value = node.int_field(key, minimum=0 if "consecutive" in key else 1,
+                                   maximum=2**31 - 1)
+            if value is not None:
+                kwargs[key] = value
         keepalive = node.map_field("connection_keepalive")
         if keepalive is not None:
             interval = keepalive.duration_field("interval", required=True)

@@ -224,7 +224,7 @@ class SettingsTests(unittest.TestCase):
             self.assertEqual(remote[codes.INITIAL_WINDOW_SIZE], 4 * MiB)
             self.assertEqual(remote[codes.MAX_FRAME_SIZE], 1 * MiB)
             self.assertEqual(remote[codes.MAX_CONCURRENT_STREAMS], 200)
-            self.assertEqual(remote[codes.MAX_HEADER_LIST_SIZE], 64 * KiB)
+            self.assertEqual(remote[codes.MAX_HEADER_LIST_SIZE], 60 * KiB)
             self.assertEqual(remote[codes.ENABLE_PUSH], 0)
             # The connection window was raised from 64 KiB to 16 MiB with a WINDOW_UPDATE.
             self.assertEqual(conn.conn.outbound_flow_control_window, 16 * MiB)
