@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from hbonex.fasttls import pending_write_bytes
+from hbonex.h2flood import Flood, FloodGuard, LimitedFrameBuffer
 from hbonex.h2settings import H2Settings
 from hbonex.interfaces import IHalfCloseableTransport
 
@@ -127,8 +128,29 @@ class QuietH2Connection(h2.connection.H2Connection):
     def __init__(self, config: h2.config.H2Configuration) -> None:
         super().__init__(config)
         self.encoder = LeanEncoder()
+        #: Flood counters (set by the owning connection), and why they tripped on a reset
+        #: of ours (raised only from inside receive_data, where h2 turns it into GOAWAY).
+        self.guard: FloodGuard | None = None
+        self.flood: str | None = None
+
+    def limit_header_block(self, size: int) -> None:
+        """Cap received header blocks (HEADERS + CONTINUATION) and decoded header lists."""
+        self.incoming_buffer = LimitedFrameBuffer(not self.config.client_side, size)
+        self.decoder.max_header_list_size = size
+
+    def reset_stream(self, stream_id: int, error_code: int = 0) -> None:
+        super().reset_stream(stream_id, error_code)
+        if self.guard is not None and self.flood is None:
+            self.flood = self.guard.stream_reset(stream_id, error_code)
 
     def _receive_frame(self, frame: Frame) -> list[h2.events.Event]:
+        guard = self.guard
+        if guard is not None:
+            guard.received(
+                frame,
+                new_stream=frame.stream_id > self.highest_inbound_stream_id
+                and frame.stream_id not in self.streams,
+            )
         try:
             frames, events = self._frame_dispatch_table[frame.__class__](frame)
         except h2.exceptions.StreamClosedError as e:
@@ -174,7 +196,12 @@ class QuietH2Connection(h2.connection.H2Connection):
         stream.state_machine.process_input(h2.stream.StreamInputs.RECV_HEADERS)
         if "END_STREAM" in frame.flags:
             stream.state_machine.process_input(h2.stream.StreamInputs.RECV_END_STREAM)
-        return stream.reset_stream(ErrorCodes.REFUSED_STREAM), []
+        frames = stream.reset_stream(ErrorCodes.REFUSED_STREAM)
+        if self.guard is not None:
+            why = self.guard.stream_reset(frame.stream_id, ErrorCodes.REFUSED_STREAM)
+            if why is not None:
+                raise Flood(why)
+        return frames, []
 
     def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Frame], list[Any]]:
         """
@@ -483,6 +510,9 @@ class H2TunnelConnection(Protocol):
                 normalize_outbound_headers=False,
             )
         )
+        self.guard = FloodGuard(settings, reactor, server=not self.client_side)
+        self.conn.guard = self.guard
+        self.conn.limit_header_block(settings.max_header_list_size)
         self.streams: dict[int, H2Stream] = {}
         self.state = ConnectionState.OPEN
         #: Why the connection is CLOSED (what the streams it failed were told).
@@ -630,7 +660,8 @@ class H2TunnelConnection(Protocol):
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as e:
-            why = f"HTTP/2 protocol error from peer: {e}"
+            kind = "flood" if isinstance(e, Flood) else "protocol error"
+            why = f"HTTP/2 {kind} from peer: {e}"
             self.log.warn("{conn}: {why}; GOAWAY {code}", conn=self.describe(), why=why,
                           code=error_code_name(e.error_code))
             self.close(why)  # after the GOAWAY h2 prepared
@@ -644,6 +675,20 @@ class H2TunnelConnection(Protocol):
         finally:
             self._receiving = False
         self._flush()
+        self._check_flood()
+
+    def _check_flood(self) -> None:
+        """
+        Our own resets tripped a flood limit (a peer making us reset its streams).
+        """
+        why = self.conn.flood
+        if why is None or not self.may_send:
+            return
+        self.log.warn("{conn}: HTTP/2 flood from peer: {why}; GOAWAY ENHANCE_YOUR_CALM",
+                      conn=self.describe(), why=why)
+        self.goaway_sent = True
+        self.conn.close_connection(error_code=ErrorCodes.ENHANCE_YOUR_CALM)
+        self.close(f"HTTP/2 flood from peer: {why}")
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
@@ -743,6 +788,15 @@ class H2TunnelConnection(Protocol):
             return
         data = self.conn.data_to_send()
         if data and self.transport is not None and not self._lost:
+            if self._paused:
+                # The socket is full: what we write now queues.  A peer that keeps sending
+                # PINGs or SETTINGS (or opens streams) without reading must not grow that queue
+                # without bound.
+                why = self.guard.queued(data)
+                if why is not None:
+                    self.log.warn("{conn}: {why}; aborting", conn=self.describe(), why=why)
+                    self.abort(f"outbound flood: {why}")
+                    return
             self.transport.write(data)
 
     def add_stream(self, stream: H2Stream) -> None:
@@ -760,6 +814,7 @@ class H2TunnelConnection(Protocol):
         sid = stream.stream_id
         outbound = stream._outbound
         sent_any = False
+        frames = 0
         try:
             if outbound:
                 window = conn.local_flow_control_window(sid)
@@ -773,6 +828,7 @@ class H2TunnelConnection(Protocol):
                     else:
                         del outbound[0]
                     conn.send_data(sid, chunk)
+                    frames += 1
                     window -= size
                     stream._outbound_size -= size
                     stream.bytes_sent += size
@@ -790,6 +846,7 @@ class H2TunnelConnection(Protocol):
             stream._was_reset(ErrorCodes.STREAM_CLOSED, by_peer=False)
             return
         if sent_any:
+            self.guard.data_frames_sent += frames
             self._flush()
             if stream._producer_paused:
                 stream._update_producer()
@@ -814,6 +871,8 @@ class H2TunnelConnection(Protocol):
                 pass
             self._flush()
         stream._was_reset(code, by_peer=False)
+        if not self._receiving:
+            self._check_flood()
 
     def _ack(self, stream_id: int, flow_length: int) -> None:
         """
@@ -844,6 +903,7 @@ class H2TunnelConnection(Protocol):
 
     def resumeProducing(self) -> None:
         self._paused = False
+        self.guard.drained()
         for stream in list(self.streams.values()):
             stream._update_producer()
 

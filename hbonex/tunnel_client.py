@@ -132,6 +132,7 @@ class H2TunnelClient(H2TunnelConnection):
             return defer.fail(UpstreamError(503, "peer stream limit reached", retryable=True))
         except h2.exceptions.ProtocolError as e:  # pragma: no cover - capacity says 0 first
             return defer.fail(UpstreamError(503, f"connection unusable: {e}", retryable=True))
+        self.guard.stream_opened(stream_id)
         stream = H2Stream(self, stream_id)
         self.add_stream(stream)
 
