@@ -440,6 +440,18 @@ def connections_to(pid: int, port: int, states: tuple[str, ...] = ("ESTABLISHED"
     return sum(1 for s in sockets_of(pid) if s.remote_port == port and s.state in states)
 
 
+def rss_kib(pid: int) -> int:
+    """Resident memory of process ``pid`` in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 async def wait_until(
     predicate: Callable[[], bool], what: Callable[[], str] | str,
     timeout: float = WAIT_TIMEOUT, interval: float = 0.05,
