@@ -105,6 +105,12 @@ class ConnectionState(enum.Enum):
     CLOSED = "closed"
 
 
+class CompressionError(h2.exceptions.ProtocolError):
+    """A header block that HPACK cannot decode."""
+
+    error_code = ErrorCodes.COMPRESSION_ERROR
+
+
 class LeanEncoder(hpack.Encoder):
     """
     HPACK without Huffman coding: in pure Python the Huffman pass costs more CPU per request
@@ -180,6 +186,13 @@ class QuietH2Connection(h2.connection.H2Connection):
             return super()._receive_headers_frame(frame)  # type: ignore[no-any-return]
         except h2.exceptions.TooManyStreamsError:
             return self._refuse_stream(frame)
+        except h2.exceptions.ProtocolError as e:
+            if type(e) is h2.exceptions.ProtocolError and isinstance(
+                e.__cause__, hpack.HPACKError
+            ):
+                # RFC 9113 §4.3: a field block that does not decode is COMPRESSION_ERROR.
+                raise CompressionError(str(e)) from e
+            raise
 
     def _refuse_stream(self, frame: HeadersFrame) -> tuple[list[Frame], list[Any]]:
         """
@@ -662,6 +675,10 @@ class H2TunnelConnection(Protocol):
         except h2.exceptions.ProtocolError as e:
             kind = "flood" if isinstance(e, Flood) else "protocol error"
             why = f"HTTP/2 {kind} from peer: {e}"
+            if self.conn.state_machine.state is not h2.connection.ConnectionState.CLOSED:
+                # h2 checks the preface before its own GOAWAY handling: a bad one would end
+                # the connection without saying why (RFC 9113 §3.4 allows that; we say it).
+                self.conn.close_connection(error_code=e.error_code)
             self.log.warn("{conn}: {why}; GOAWAY {code}", conn=self.describe(), why=why,
                           code=error_code_name(e.error_code))
             self.close(why)  # after the GOAWAY h2 prepared

@@ -314,3 +314,100 @@ def start_recorder(test: Any, reset_after: int | None = None) -> RecordingTarget
 
     test.addCleanup(cleanup)
     return target
+
+
+# --- raw HTTP/2 frames ------------------------------------------------------------------------
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+#: Frame type codes (RFC 9113 §6).
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = (
+    0x0, 0x1, 0x2, 0x3, 0x4, 0x6, 0x7, 0x8, 0x9
+)
+END_STREAM, END_HEADERS, ACK = 0x1, 0x4, 0x1
+
+
+def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    """One HTTP/2 frame as bytes, whatever a well-behaved library would refuse to build."""
+    return (
+        len(payload).to_bytes(3, "big") + bytes([kind, flags])
+        + stream_id.to_bytes(4, "big") + payload
+    )
+
+
+def connect_block(authority: bytes) -> bytes:
+    """An HPACK header block for CONNECT to ``authority`` (literals, no indexing)."""
+    import hpack
+
+    return hpack.Encoder().encode([(b":method", b"CONNECT"), (b":authority", authority)])
+
+
+class RawFrameClient(protocol.Protocol):
+    """
+    Sends bytes as a test writes them (preface and SETTINGS first unless told otherwise) and
+    parses what comes back into frames without any HTTP/2 state machine: ``goaway_code`` is
+    the first GOAWAY's error code, ``resets`` maps stream ids to RST_STREAM codes.
+    """
+
+    def __init__(self, preface: bool = True) -> None:
+        from h2.frame_buffer import FrameBuffer
+
+        self.preface = preface
+        self.frames: list[Any] = []
+        self.goaway_code: int | None = None
+        self.resets: dict[int, int] = {}
+        self.lost: Failure | None = None
+        self.done: defer.Deferred[None] = defer.Deferred()
+        self._buffer = FrameBuffer(server=False)
+        self._buffer.max_frame_size = 2**24 - 1
+        self._waiters: list[tuple[Callable[[], bool], defer.Deferred[None]]] = []
+
+    def connectionMade(self) -> None:
+        if self.preface:
+            self.transport.write(PREFACE + frame(SETTINGS, 0, 0))  # type: ignore[union-attr]
+
+    def send(self, *frames: bytes) -> None:
+        if self.lost is None:
+            self.transport.write(b"".join(frames))  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        from hyperframe.frame import GoAwayFrame, RstStreamFrame, SettingsFrame
+
+        try:
+            self._buffer.add_data(data)
+            for f in self._buffer:
+                self.frames.append(f)
+                if isinstance(f, GoAwayFrame) and self.goaway_code is None:
+                    self.goaway_code = f.error_code
+                elif isinstance(f, RstStreamFrame):
+                    self.resets.setdefault(f.stream_id, f.error_code)
+                elif isinstance(f, SettingsFrame) and "ACK" not in f.flags:
+                    self.send(frame(SETTINGS, ACK, 0))
+        except Exception:  # noqa: BLE001 - a garbled answer is a test failure elsewhere
+            pass
+        self._check()
+
+    def wait(self, predicate: Callable[[], bool], what: str,
+             timeout: float = 10.0) -> defer.Deferred[None]:
+        from tests.support import _timeout_deferred
+
+        if predicate():
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiters.append((predicate, d))
+        return _timeout_deferred(d, timeout, lambda: f"{what}; frames {self.frames[-5:]}")
+
+    def _check(self) -> None:
+        for item in list(self._waiters):
+            predicate, d = item
+            if predicate() and item in self._waiters:
+                self._waiters.remove(item)
+                d.callback(None)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.lost = reason
+        self._check()
+        waiters, self._waiters = self._waiters, []
+        for _predicate, d in waiters:
+            if not d.called:
+                d.errback(AssertionError(f"connection lost: {reason.getErrorMessage()}"))
+        self.done.callback(None)
