@@ -31,6 +31,7 @@ from tests.support import (
     connect_tls,
     e2e,
     gather,
+    open_fds,
     pseudorandom,
     response_status,
     rss_kib,
@@ -274,4 +275,36 @@ class FlowControlTests(FloodTestCase):
         )
         code = client.goaway_code if client.goaway_code is not None else client.resets[1]
         self.assertEqual(ErrorCodes(code), ErrorCodes.FLOW_CONTROL_ERROR)
+        await self.assert_still_serving(server, echo)
+
+
+class HandshakeFloodTests(FloodTestCase):
+    @e2e
+    async def test_a_thousand_half_sent_client_hellos(self) -> None:
+        """
+        1000 connections that start a TLS handshake and never finish it: tunnels keep
+        working meanwhile, every one of them is cut at the handshake timeout, and the server's
+        file descriptors return to where they were.
+        """
+        import socket
+
+        server, echo = await self.setup_server("--handshake-timeout", "1")
+        pid = server.transport.pid  # type: ignore[union-attr]
+        baseline = open_fds(pid)
+        # A TLS record header announcing a 512-byte ClientHello, and only its first bytes.
+        partial = b"\x16\x03\x01\x02\x00" + b"\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40
+        sockets = []
+        self.addCleanup(lambda: [s.close() for s in sockets])
+        for _ in range(1000):
+            s = socket.create_connection(("127.0.0.1", server.port))
+            s.setblocking(False)
+            s.send(partial)
+            sockets.append(s)
+        await wait_until(lambda: open_fds(pid) >= baseline + 900,
+                         lambda: f"the server to accept them ({open_fds(pid)} fds)")
+        await self.assert_still_serving(server, echo)
+        await wait_until(lambda: open_fds(pid) <= baseline + 5,
+                         lambda: f"fds back to {baseline} (now {open_fds(pid)})", timeout=15)
+        lines = server.matches(r"handshake timed out after 1 s")
+        self.assertGreaterEqual(len(lines), 1000)
         await self.assert_still_serving(server, echo)
