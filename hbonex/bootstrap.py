@@ -66,6 +66,9 @@ class ProxyService(service.MultiService):
         super().startService()
         b = self.bootstrap
         for listener in b.listeners:
+            if not listener.internal:
+                # An internal listener's connections are our own second hop, counted already.
+                listener.downstream_limit = b.runtime.downstream_limit
             if listener.internal:
                 b.runtime.internal_listeners.register(listener.name, listener)
         for listener in b.listeners:

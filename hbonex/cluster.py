@@ -20,6 +20,7 @@ from hbonex.connect import BadAuthority, TargetPolicy, ip_of, parse_authority
 from hbonex.errors import UpstreamError
 from hbonex.fasttls import FastTLSFactory
 from hbonex.h2settings import H2Settings
+from hbonex.overload import DownstreamLimit
 from hbonex.pool import H2Pool, PoolKey
 from hbonex.tls import ClientTLS, TLSSettings
 from hbonex.tunnel_client import H1TunnelClient, H2TunnelClient
@@ -81,6 +82,8 @@ class Runtime:
         self.clusters: dict[str, Cluster] = {}
         #: Live server-side HTTP/2 connections, told GOAWAY when the service stops.
         self.server_connections: set[Any] = set()
+        #: Accepted connections across every listener (the overload manager's limit).
+        self.downstream_limit = DownstreamLimit()
         self._http_agents: Any = None
 
     def http_agents(self) -> Any:

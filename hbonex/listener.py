@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from hbonex.fasttls import FastTLSFactory, tune_tcp
 from hbonex.interfaces import IConnectionInfo, INetworkFilter, INetworkFilterCallbacks
+from hbonex.overload import DownstreamLimit
 from hbonex.tls import ServerTLS, handshake_failure_reason, peer_identity
 from hbonex.tls_inspector import (
     MAX_CLIENT_HELLO,
@@ -246,6 +247,7 @@ class ListenerConnection(Protocol):
         delegate, self._delegate = self._delegate, None
         if delegate is not None:
             delegate.connectionLost(reason)
+        self.listener.connection_closed()
 
 
 def _reason_text(reason: Failure) -> str:
@@ -264,6 +266,10 @@ class ListenerFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
         listener = self.listener
+        limit = listener.downstream_limit
+        if limit is not None and not limit.admit(listener.name, address_text(addr)):
+            listener.connections_refused += 1
+            return None  # closed at once, before any TLS work
         if listener.needs_inspection:
             return InspectingProtocol(listener, addr)
         chain = listener.select_chain()
@@ -272,6 +278,7 @@ class ListenerFactory(Factory):
                 "{listener}: no filter chain matches a connection from {peer}, closing",
                 listener=listener.name, peer=address_text(addr),
             )
+            listener.connection_closed()
             return None
         return listener.protocol_for(chain, addr)
 
@@ -369,6 +376,8 @@ class InspectingProtocol(Protocol):
             self._timeout.cancel()
         if self._inner is not None:
             self._inner.connectionLost(reason)
+        else:
+            self.listener.connection_closed()  # no chain took it over
 
 
 def _server_name_score(patterns: Sequence[str], name: str) -> int:
@@ -412,6 +421,9 @@ class Listener:
         self.internal = internal
         self.per_connection_buffer_limit_bytes = per_connection_buffer_limit_bytes
         self.connections_total = 0
+        self.connections_refused = 0
+        #: The process-wide downstream connection limit (set by the service), if any.
+        self.downstream_limit: DownstreamLimit | None = None
         #: How long the TLS inspector waits for a ClientHello (Envoy: listener_filters_timeout).
         self.inspection_timeout = 15.0
         self.factory = ListenerFactory(self)
@@ -431,6 +443,13 @@ class Listener:
 
         assert chain.tls is not None
         return FastTLSFactory(chain.tls, False, Inner())
+
+    def connection_closed(self) -> None:
+        """
+        An accepted connection is gone (called once for each).
+        """
+        if self.downstream_limit is not None:
+            self.downstream_limit.release()
 
     @property
     def needs_inspection(self) -> bool:
