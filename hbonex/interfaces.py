@@ -159,3 +159,175 @@ class ITransportSocketExtension(IExtension):
         """
         Return hbonex.tls.TLSSettings (or None for plain TCP).
         """
+
+
+# -- HTTP filters (Envoy's StreamDecoderFilter / StreamEncoderFilter model) ----------------------
+
+
+class IStreamFilterCallbacks(Interface):
+    """
+    What a filter may ask of the request it runs in (Envoy's StreamFilterCallbacks).
+    """
+
+    def connection() -> IConnectionInfo:
+        """
+        The downstream connection's facts (addresses, peer SPIFFE id, SNI, ALPN, and the
+        tunnel's facts carried inward).
+        """
+
+    def streamInfo() -> object:
+        """
+        hbonex.http.stream_info.StreamInfo: response flags, filter state, timings, bytes.
+        """
+
+    def route() -> object:
+        """
+        The route chosen for the current request headers (hbonex.routing.RouteDecision), or
+        None; computed on first use and cached until clearRouteCache().
+        """
+
+    def clearRouteCache() -> None:
+        """
+        Headers changed in a way that may change the route: choose it again on next use.
+        """
+
+    def resetStream() -> None:
+        """
+        Abort the request (RST_STREAM, or close an HTTP/1.1 connection).
+        """
+
+
+class IStreamDecoderFilterCallbacks(IStreamFilterCallbacks):
+    def continueDecoding() -> None:
+        """
+        Resume the request after a Stop* status: what was held goes on to the next filters.
+        """
+
+    def decodingBuffer() -> object:
+        """
+        The request body buffered at this filter so far (bytes or None).
+        """
+
+    def addDecodedData(data: bytes, streaming: bool) -> None:
+        """
+        Add to the buffered request body (from decodeData or decodeTrailers).
+        """
+
+    def modifyDecodingBuffer(data: bytes) -> None:
+        """
+        Replace the request body buffered at this filter.
+        """
+
+    def sendLocalReply(
+        status: int, body: bytes, modifyHeaders: object, details: str, responseFlag: str
+    ) -> None:
+        """
+        Answer the request ourselves (the encoder filters still see the reply) and stop
+        decoding.
+        """
+
+    def encodeHeaders(headers: object, endStream: bool) -> None:
+        """
+        Start the response (a filter acting as the upstream: the router).
+        """
+
+    def encodeData(data: bytes, endStream: bool) -> None:
+        """
+        Response body, after encodeHeaders.
+        """
+
+    def encodeTrailers(trailers: object) -> None:
+        """
+        Response trailers (ending the response).
+        """
+
+
+class IStreamEncoderFilterCallbacks(IStreamFilterCallbacks):
+    def continueEncoding() -> None:
+        """
+        Resume the response after a Stop* status.
+        """
+
+    def encodingBuffer() -> object:
+        """
+        The response body buffered at this filter so far (bytes or None).
+        """
+
+    def addEncodedData(data: bytes, streaming: bool) -> None:
+        """
+        Add to the buffered response body.
+        """
+
+    def modifyEncodingBuffer(data: bytes) -> None:
+        """
+        Replace the response body buffered at this filter.
+        """
+
+
+class IStreamDecoderFilter(Interface):
+    """
+    Sees the request: headers, then body chunks, then trailers, in ``http_filters`` order.
+    Each method returns one of hbonex.http.filter_manager's status values.
+    """
+
+    def setDecoderFilterCallbacks(callbacks: IStreamDecoderFilterCallbacks) -> None:
+        """
+        Called once, before anything else.
+        """
+
+    def decodeHeaders(headers: object, endStream: bool) -> object:
+        """
+        Request headers (hbonex.http.headers.Headers, mutable) -> FilterHeadersStatus.
+        """
+
+    def decodeData(data: bytes, endStream: bool) -> object:
+        """
+        A request body chunk -> FilterDataStatus.
+        """
+
+    def decodeTrailers(trailers: object) -> object:
+        """
+        Request trailers (mutable Headers) -> FilterTrailersStatus.
+        """
+
+    def onDestroy() -> None:
+        """
+        The request is over (completed or reset): release whatever is held.
+        """
+
+
+class IStreamEncoderFilter(Interface):
+    """
+    Sees the response: headers, body, trailers, in reverse ``http_filters`` order.
+    """
+
+    def setEncoderFilterCallbacks(callbacks: IStreamEncoderFilterCallbacks) -> None:
+        """
+        Called once, before anything else.
+        """
+
+    def encodeHeaders(headers: object, endStream: bool) -> object:
+        """
+        Response headers (mutable) -> FilterHeadersStatus.
+        """
+
+    def encodeData(data: bytes, endStream: bool) -> object:
+        """
+        A response body chunk -> FilterDataStatus.
+        """
+
+    def encodeTrailers(trailers: object) -> object:
+        """
+        Response trailers -> FilterTrailersStatus.
+        """
+
+    def onDestroy() -> None:
+        """
+        The request is over.
+        """
+
+
+class IStreamFilter(IStreamDecoderFilter, IStreamEncoderFilter):
+    """
+    A filter on both paths (Envoy's StreamFilter).
+    """
