@@ -5,8 +5,15 @@ Twisted's TLS transport, with fewer and larger hand-offs.
 every decrypted TLS record (at most 16 KiB) to the protocol separately.  For tunnels carrying
 bulk data that multiplies the per-call cost of everything above it (h2 frame parsing above all).
 Here a write is encrypted in one call and leaves in one ``transport.write``, and everything
-decrypted from one socket read reaches the protocol as one ``dataReceived``.  Behaviour is
-otherwise Twisted's.
+decrypted from one socket read reaches the protocol as one ``dataReceived``.
+
+It also carries half-close, as RFC 8446 §6.1 allows and Envoy's TLS transport socket does,
+when the protocol above is an ``IHalfCloseableProtocol``: ``loseWriteConnection`` sends
+close_notify (then a TCP FIN) and keeps reading; a received close_notify is the peer's EOF
+(``readConnectionLost``) while we keep writing.  A TCP FIN without close_notify is a truncation
+and ends the connection with ConnectionLost, never as a clean EOF.  ``abortConnection`` sends no
+close_notify: the peer must see a reset, not a clean end.  For other protocols behaviour is
+Twisted's.
 """
 
 from __future__ import annotations
@@ -14,10 +21,13 @@ from __future__ import annotations
 from typing import Any
 
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
+from twisted.internet import error as ierror
 from twisted.internet import tcp
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 #: Socket read size (and write high-water mark) for tunnel TCP connections: Twisted's 64 KiB
 #: default makes four times the reactor and framing work per byte.
@@ -87,10 +97,118 @@ def writer_for(transport: Any) -> Any:
     return transport.write
 
 
+@implementer(IHalfCloseableProtocol)
 class FastTLSProtocol(TLSMemoryBIOProtocol):
+    #: close_notify received (the peer's EOF, handed to a half-closeable protocol).
+    _read_eof = False
+    #: loseWriteConnection() was called; close_notify is sent once pending writes are out.
+    _write_eof = False
+    _close_notify_sent = False
+
     def makeConnection(self, transport: Any) -> None:
         tune_tcp(transport)
         super().makeConnection(transport)
+
+    def _half_closeable(self) -> bool:
+        return IHalfCloseableProtocol.providedBy(self.wrappedProtocol)  # type: ignore[no-any-return]
+
+    # -- half-close --------------------------------------------------------------------------
+
+    def loseWriteConnection(self) -> None:
+        """
+        Send close_notify and a TCP FIN after what is already written; keep reading.
+        """
+        if self._write_eof or self.disconnecting or self._lostTLSConnection:
+            return
+        self._write_eof = True
+        if not self._handshakeDone:
+            # close_notify mid-handshake cannot be sent cleanly (see loseConnection).
+            self.loseConnection()
+            return
+        if not self._appSendBuffer:
+            self._send_close_notify()
+
+    def _send_close_notify(self) -> None:
+        if self._close_notify_sent or self._lostTLSConnection:
+            return
+        self._close_notify_sent = True
+        try:
+            both = self._tlsConnection.shutdown()
+        except Error:
+            both = False
+        self._flushSendBIO()
+        transport: Any = self.transport
+        if both:
+            # The peer's close_notify came first: nothing is left in either direction.
+            transport.loseConnection()
+        else:
+            transport.loseWriteConnection()
+
+    def _unbufferPendingWrites(self) -> None:
+        super()._unbufferPendingWrites()
+        if self._write_eof and not self._appSendBuffer:
+            self._send_close_notify()
+
+    def readConnectionLost(self) -> None:
+        """
+        TCP FIN.  After close_notify it says nothing new; without one the stream was cut
+        (RFC 8446 §6.1: a truncation), which the protocol must see as an error.
+        """
+        if self._read_eof or self._lostTLSConnection:
+            return
+        # Every complete record was handled as it arrived; what is left is a partial one.
+        if self._reason is None:
+            # (Set here: _tlsShutdownFinished only understands OpenSSL errors.)
+            self._reason = Failure(ierror.ConnectionLost(
+                "TLS connection ended without close_notify"
+            ))
+        self._tlsShutdownFinished(None)
+
+    def writeConnectionLost(self) -> None:
+        # Our FIN went out after close_notify: tell a protocol that waits for it.
+        if self._half_closeable():
+            self.wrappedProtocol.writeConnectionLost()  # type: ignore[attr-defined]
+
+    def loseConnection(self) -> None:
+        if self._read_eof and self.connected and not self.disconnecting:
+            # The peer has ended its side already: answer its close_notify (if ours is not
+            # out yet) and close, as Twisted does when close_notify arrives.
+            self.disconnecting = True
+            if not self._close_notify_sent:
+                self._close_notify_sent = True
+                try:
+                    self._tlsConnection.shutdown()
+                except Error:
+                    pass
+                self._flushSendBIO()
+            self._lostTLSConnection = True
+            # (With our write side already shut, this calls connectionLost at once.)
+            transport: Any = self.transport
+            transport.loseConnection()
+            return
+        super().loseConnection()
+
+    def abortConnection(self) -> None:
+        # Twisted sends close_notify before the TCP abort; the peer would then take a cut
+        # connection for a clean EOF.  A reset must look like one.
+        self._aborted = True
+        self.disconnecting = True
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def _peer_closed(self) -> None:
+        """
+        close_notify received.
+        """
+        if self._lostTLSConnection or self._read_eof:
+            return
+        if self._half_closeable() and not self.disconnecting:
+            # The peer's EOF; our direction stays open.  Once the protocol has ended its own
+            # side too it calls loseConnection (above).
+            self._read_eof = True
+            self.wrappedProtocol.readConnectionLost()  # type: ignore[attr-defined]
+            return
+        self._shutdownTLS()
+        self._tlsShutdownFinished(None)
 
     def _write(self, data: bytes) -> None:
         if self._lostTLSConnection:
@@ -111,6 +229,8 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
         self._flushSendBIO()
 
     def _flushSendBIO(self) -> None:
+        if self._tlsConnection is None:  # connectionLost ran (a close from inside a callback)
+            return
         chunks = []
         while True:
             try:
@@ -129,7 +249,7 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
         chunks = []
         eof = False
         failure = None
-        while not self._lostTLSConnection:
+        while not self._lostTLSConnection and not self._read_eof:
             try:
                 chunks.append(self._tlsConnection.recv(_RECORD))
             except WantReadError:
@@ -143,8 +263,7 @@ class FastTLSProtocol(TLSMemoryBIOProtocol):
         if chunks and not self._aborted:
             ProtocolWrapper.dataReceived(self, chunks[0] if len(chunks) == 1 else b"".join(chunks))
         if eof:
-            self._shutdownTLS()
-            self._tlsShutdownFinished(None)
+            self._peer_closed()
         elif failure is not None:
             self._tlsShutdownFinished(failure)
         self._flushSendBIO()

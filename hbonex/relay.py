@@ -80,7 +80,12 @@ class RelayEnd(Protocol):
         # No more data will come from the peer: drop it as producer first, or Twisted's TCP
         # transport resumes it instead of shutting down the write side.
         transport.unregisterProducer()  # type: ignore[union-attr]
-        transport.loseWriteConnection()  # type: ignore[union-attr]
+        lose_write = getattr(transport, "loseWriteConnection", None)
+        if lose_write is not None:
+            lose_write()
+        # A transport that cannot half-close stays open: closing it would cut the other
+        # direction, which may still have bytes to deliver.  It closes once that direction
+        # ends too (_maybe_close), or at the idle timeout.
         self._maybe_close()
 
     def _maybe_close(self) -> None:

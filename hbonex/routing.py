@@ -25,6 +25,9 @@ class RouteDecision:
     #: "tunnel": relay the stream's bytes (CONNECT, or POST with allow_post);
     #: "http": forward the request to the cluster as an HTTP request.
     kind: str = "tunnel"
+    #: Refuse (400) a CONNECT whose client sends tunnel bytes before our 200 (Envoy's
+    #: reject_early_connect_data, CVE-2025-64763).
+    reject_early_data: bool = False
 
 
 class ConnectRouter:
@@ -32,9 +35,12 @@ class ConnectRouter:
     Every CONNECT goes to ``cluster`` (normally ORIGINAL_DST) for its :authority.
     """
 
-    def __init__(self, cluster: Any, idle_timeout: float = 3600.0) -> None:
+    def __init__(
+        self, cluster: Any, idle_timeout: float = 3600.0, reject_early_data: bool = False
+    ) -> None:
         self.cluster = cluster
         self.idle_timeout = idle_timeout
+        self.reject_early_data = reject_early_data
 
     def route(self, request: ConnectRequest, info: Any) -> RouteDecision:
         if request.method != "CONNECT":
@@ -47,7 +53,7 @@ class ConnectRouter:
             return RouteDecision(400, str(e))
         return RouteDecision(
             200, cluster=self.cluster, original_destination=request.authority,
-            idle_timeout=self.idle_timeout,
+            idle_timeout=self.idle_timeout, reject_early_data=self.reject_early_data,
         )
 
 

@@ -33,6 +33,10 @@ class Options(TLSOptions):
     with_config = ("drain-timeout",)
     synopsis = "[options]"
     longdesc = "Terminate HBONE tunnels (HTTP CONNECT over mutual TLS) and relay them."
+    optFlags = [
+        ["reject-early-connect-data", None, "Refuse (400) a CONNECT whose client sends "
+         "tunnel bytes before the 200 (Envoy's reject_early_connect_data)."],
+    ]
     optParameters = [
         ["listen", "l", "tcp:15008:interface=127.0.0.1", "Where to listen (endpoint string "
          "or host:port)."],
@@ -103,7 +107,10 @@ def build(options: Options, reactor: Any) -> Bootstrap:
     )
     hcm = HttpConnectionManagerConfig(
         stat_prefix="hbone",
-        router=ConnectRouter(cluster, idle_timeout=options["idle-timeout"]),
+        router=ConnectRouter(
+            cluster, idle_timeout=options["idle-timeout"],
+            reject_early_data=bool(options["reject-early-connect-data"]),
+        ),
         runtime=bootstrap.runtime,
         h2_settings=options.h2_settings(options["max-concurrent-streams"]),
         max_requests_per_connection=options["max-requests-per-connection"],

@@ -14,6 +14,7 @@ from twisted.internet import defer
 from twisted.internet import error as ierror
 from twisted.internet.interfaces import (
     IConsumer,
+    IHalfCloseableProtocol,
     IHandshakeListener,
     IPushProducer,
     IReactorTime,
@@ -22,7 +23,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from hbonex.errors import UpstreamError
 from hbonex.h2connection import ErrorCodes, H2Stream, H2TunnelConnection, headers_dict
@@ -217,10 +218,11 @@ class H2TunnelClient(H2TunnelConnection):
 @implementer(IHalfCloseableTransport, ITransport, IConsumer, IPushProducer)
 class H1TunnelTransport:
     """
-    The TLS connection of an HTTP/1.1 tunnel, after the CONNECT exchange, as a byte transport.
+    The connection of an HTTP/1.1 tunnel (TLS or plain TCP), after the CONNECT exchange, as a
+    byte transport.
 
-    TLS cannot half-close here (Twisted's TLS transport treats close_notify as the end of the
-    connection), so an EOF in either direction closes the tunnel once queued bytes are sent.
+    Half-close is the connection's: a TCP FIN, or over TLS close_notify then FIN
+    (hbonex.fasttls), while the other direction goes on.
     """
 
     def __init__(self, tls_transport: Any) -> None:
@@ -234,7 +236,12 @@ class H1TunnelTransport:
         self._t.writeSequence(data)
 
     def loseWriteConnection(self) -> None:
-        self.loseConnection()
+        lose_write = getattr(self._t, "loseWriteConnection", None)
+        if lose_write is None:
+            # A transport that cannot half-close: keep it open; the relay closes it once the
+            # other direction is done too (or at its idle timeout).
+            return
+        lose_write()
 
     def loseConnection(self) -> None:
         self.disconnecting = True
@@ -265,11 +272,18 @@ class H1TunnelTransport:
         self._t.stopProducing()
 
 
-@implementer(IHandshakeListener)
+@implementer(IHalfCloseableProtocol)
 class H1TunnelClient(Protocol):
     """
-    One HTTP/1.1 CONNECT tunnel over its own TLS connection.  ``response`` fires with the
-    status once a 2xx arrived; then ``attach(protocol)`` connects the byte stream.
+    One HTTP/1.1 CONNECT tunnel over its own connection (TLS or plain TCP).  ``response``
+    fires with the status once a 2xx arrived; then ``attach(protocol)`` connects the byte
+    stream, half-close included.
+
+    Nothing of the tunnel is written before the 2xx: the byte stream is attached only then.
+
+    (IHandshakeListener is added per instance over TLS only: Twisted's endpoint wrapper
+    provides just the last of the interfaces it forwards, and over plain TCP it must forward
+    IHalfCloseableProtocol.)
     """
 
     log = Logger()
@@ -283,10 +297,21 @@ class H1TunnelClient(Protocol):
         self._handshake_done = False
         self.protocol: Any = None
         self.tunnel_transport: H1TunnelTransport | None = None
+        #: EOF from the server before a protocol was attached (delivered by attach).
+        self._eof = False
+        self._tls = False
 
     def _abort(self) -> None:
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def makeConnection(self, transport: Any) -> None:
+        self._tls = getattr(transport, "_tlsConnection", None) is not None
+        if self._tls:
+            alsoProvides(self, IHandshakeListener)
+        else:
+            self._handshake_done = True
+        super().makeConnection(transport)
 
     def connectionMade(self) -> None:
         lines = [f"CONNECT {self.authority} HTTP/1.1", f"Host: {self.authority}"]
@@ -329,6 +354,27 @@ class H1TunnelClient(Protocol):
         early, self._buffer = self._buffer, b""
         if early:
             protocol.dataReceived(early)
+        if self._eof and self.protocol is not None:
+            self._eof_to(protocol)
+
+    def readConnectionLost(self) -> None:
+        if not self._head_done:
+            # The server ended its side before answering: the tunnel failed.
+            self._fail(UpstreamError(503, "connection closed before the CONNECT response"))
+            return
+        self._eof = True
+        if self.protocol is not None:
+            self._eof_to(self.protocol)
+
+    def _eof_to(self, protocol: Any) -> None:
+        if IHalfCloseableProtocol.providedBy(protocol):
+            protocol.readConnectionLost()
+        else:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        if self.protocol is not None and IHalfCloseableProtocol.providedBy(self.protocol):
+            self.protocol.writeConnectionLost()
 
     def _fail(self, error: UpstreamError) -> None:
         if not self.response.called:

@@ -13,10 +13,11 @@ import h2.exceptions
 from h2.stream import StreamState
 from twisted.internet import defer
 from twisted.internet import error as ierror
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from hbonex.cluster import UpstreamRequest
 from hbonex.connect import ConnectRequest, MalformedRequest, parse_h2_request
@@ -219,6 +220,11 @@ class H2TunnelServer(H2TunnelConnection):
                 if not stream._closed:
                     stream._finish(Failure(stream._reset or ierror.ConnectionLost("gone")))
                 return
+            if decision.reject_early_data and (stream.bytes_received or stream._ended_remote):
+                # DATA (or END_STREAM) before our 200: refused, nothing reaches the target.
+                relay.b.transport.abortConnection()  # type: ignore[union-attr]
+                refuse_early(400, "data before the CONNECT response (early data refused)")
+                return
             try:
                 self.conn.send_headers(sid, [(b":status", b"200")])
             except h2.exceptions.ProtocolError as e:  # StreamClosedError included
@@ -236,16 +242,17 @@ class H2TunnelServer(H2TunnelConnection):
             stream.attach(relay.a)
             relay.start()
 
-        def failed(f: Failure) -> None:
-            if f.check(defer.CancelledError):
-                return
-            error = f.value
-            status, reason = status_and_reason(error)
+        def refuse_early(status: int, reason: str) -> None:
             self.tunnels.refused_tunnel(self.info, request.authority, status, reason)
             stream.on_closed = None
             if not stream._closed:
                 self._respond(sid, status)
                 stream._finish(Failure(ierror.ConnectionDone("tunnel refused")))
+
+        def failed(f: Failure) -> None:
+            if f.check(defer.CancelledError):
+                return
+            refuse_early(*status_and_reason(f.value))
 
         d.addCallbacks(connected, failed)
 
@@ -279,9 +286,14 @@ class H2TunnelServer(H2TunnelConnection):
             self.conn.reset_stream(sid, ErrorCodes.NO_ERROR)
 
 
+@implementer(IHalfCloseableProtocol)
 class H1TunnelServer(Protocol):
     """
-    Server end of an HTTP/1.1 CONNECT tunnel (one per TLS connection).
+    Server end of an HTTP/1.1 CONNECT tunnel (one per connection, TLS or plain TCP).
+
+    Half-close is carried both ways: the client's EOF (FIN, or close_notify over TLS) becomes
+    a write shutdown towards the target while the target's bytes keep flowing back, and the
+    other way round.
     """
 
     log = Logger()
@@ -302,6 +314,9 @@ class H1TunnelServer(Protocol):
         self._relay: Relay | None = None
         self._head_done = False
         self._pending: defer.Deferred[Any] | None = None
+        #: The client's EOF arrived before the tunnel was up (passed on after the 200).
+        self._eof = False
+        self._refused = False
 
     def dataReceived(self, data: bytes) -> None:
         if self._relay is not None and self._relay.a.transport is not None:
@@ -310,8 +325,14 @@ class H1TunnelServer(Protocol):
         if self._channel is not None:
             self._channel.dataReceived(data)
             return
+        if self._refused:
+            return
         if self._head_done:
-            self._buffer += data  # early tunnel bytes; the transport is paused
+            # Early tunnel bytes (the transport is paused, so at most one read).
+            if self._pending is not None and self._reject_early_data:
+                self._refuse_early_data()
+                return
+            self._buffer += data
             return
         self._buffer += data
         end = self._buffer.find(b"\r\n\r\n")
@@ -369,6 +390,11 @@ class H1TunnelServer(Protocol):
             self._reply(decision.status, close=True)
             return
         self.transport.pauseProducing()  # type: ignore[union-attr]
+        self._target = target
+        self._reject_early_data = decision.reject_early_data
+        if self._reject_early_data and self._buffer:
+            self._refuse_early_data()
+            return
         relay = Relay(self.reactor, decision.idle_timeout)
         started = time.monotonic()
         d = self._pending = connect_upstream(decision, relay, request, self.info)
@@ -386,8 +412,11 @@ class H1TunnelServer(Protocol):
             early, self._buffer = self._buffer, b""
             if early:
                 relay.a.dataReceived(early)
+            if self._eof and not relay.a.lost:
+                relay.a.readConnectionLost()
             relay.start()
-            self.transport.resumeProducing()  # type: ignore[union-attr]
+            if not relay.a.lost:
+                self.transport.resumeProducing()  # type: ignore[union-attr]
 
         def failed(f: Failure) -> None:
             self._pending = None
@@ -399,6 +428,46 @@ class H1TunnelServer(Protocol):
             self._reply(status, close=True)
 
         d.addCallbacks(connected, failed)
+
+    _reject_early_data = False
+    _target = ""
+
+    def _refuse_early_data(self) -> None:
+        """
+        Bytes arrived before our 200 and the route refuses early CONNECT data (Envoy's
+        reject_early_connect_data, CVE-2025-64763): 400, nothing reaches the target.
+        """
+        self._refused = True
+        self._buffer = b""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.cancel()
+        reason = "data before the CONNECT response (early data refused)"
+        self.tunnels.refused_tunnel(self.info, self._target, 400, reason)
+        self._reply(400, close=True)
+
+    def readConnectionLost(self) -> None:
+        relay = self._relay
+        if relay is not None and relay.a.transport is not None:
+            relay.a.readConnectionLost()
+            return
+        if self._channel is not None:
+            if IHalfCloseableProtocol.providedBy(self._channel):
+                self._channel.readConnectionLost()  # type: ignore[attr-defined]
+            else:
+                self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        if self._pending is not None:
+            # CONNECT, maybe data, then EOF while we connect upstream: the target gets the
+            # data and then the EOF, after the 200.
+            self._eof = True
+            return
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        relay = self._relay
+        if relay is not None and relay.a.transport is not None:
+            relay.a.writeConnectionLost()
 
     def _reply(self, status: int, close: bool, extra: str = "") -> None:
         text = (
@@ -418,9 +487,11 @@ class H1TunnelServer(Protocol):
             self._relay.a.connectionLost(reason)
 
 
+@implementer(IHalfCloseableProtocol)
 class SniffingCodec(Protocol):
     """
     Codec AUTO without ALPN: HTTP/2 if the connection starts with the HTTP/2 preface.
+    Half-close goes to the codec if it can take it.
     """
 
     def __init__(self, make_h2: Callable[[], Protocol], make_h1: Callable[[], Protocol]) -> None:
@@ -445,3 +516,15 @@ class SniffingCodec(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._codec is not None:
             self._codec.connectionLost(reason)
+
+    def readConnectionLost(self) -> None:
+        codec = self._codec
+        if codec is not None and IHalfCloseableProtocol.providedBy(codec):
+            codec.readConnectionLost()  # type: ignore[attr-defined]
+        else:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        codec = self._codec
+        if codec is not None and IHalfCloseableProtocol.providedBy(codec):
+            codec.writeConnectionLost()  # type: ignore[attr-defined]

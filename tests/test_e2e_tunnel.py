@@ -503,32 +503,29 @@ class HTTP11Tests(E2ETestCase):
         c = StreamClient(keep=False, chunk=256 * 1024)
         await connect_tcp(self.forward_port(client), c)
         self.assertTrue(await c.send(payload))
-        # No half-close: over HTTP/1.1 an EOF ends the whole tunnel (see below).
-        await c.wait_received(len(payload), timeout=40)
-        self.assertEqual(c.hexdigest, sha256(payload))
-        c.transport.loseConnection()
+        c.close_write()  # HTTP/1.1 tunnels half-close too (close_notify, then FIN)
         await c.done
-        self.assertEqual(c.nbytes, len(payload))
+        self.assert_echoed(c, payload, server, client)
         [line] = await self.closed_tunnels(server, 1)
         self.assertEqual((int(line["up"]), int(line["down"])), (len(payload), len(payload)))
         self.assertEqual(line["reason"], "closed cleanly")
 
     @e2e
-    async def test_half_close_ends_the_tunnel(self) -> None:
+    async def test_half_close_keeps_the_reply(self) -> None:
         """
-        As documented for H1TunnelTransport: an EOF closes the HTTP/1.1 tunnel once the queued
-        bytes are sent.  The target gets every byte and EOF; its reply has nowhere to go.
+        An EOF from the app ends one direction only: the target gets every byte and EOF, and
+        its reply (the SHA-256 of what it got) comes back after it.
         """
         sink, server = await gather([start_sink(self), self.start_server()])
         client = await self.start_client(server, [sink.port], "--http1")
         payload = pseudorandom(2 * MiB + 1, seed=12)
         c = await exchange(self.forward_port(client), payload)
-        self.assertEqual(c.nbytes, 0, "a reply came back after an HTTP/1.1 half-close")
+        self.assertEqual(c.data, sha256(payload).encode())
         self.assertTrue(c.closed_cleanly, str(c.reason))
         records = await sink.wait_records(1)
         self.assertEqual(records, [(len(payload), sha256(payload))])
         [line] = await self.closed_tunnels(server, 1)
-        self.assertEqual(int(line["up"]), len(payload))
+        self.assertEqual((int(line["up"]), int(line["down"])), (len(payload), 64))
 
     @e2e
     async def test_raw_http11_connect(self) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from twisted.application.service import IService, IServiceMaker
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.plugin import IPlugin, getPlugins
@@ -438,6 +439,7 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
     from hbonex.relay import RelayEnd
     from hbonex.tls import ClientTLS, ServerTLS
     from hbonex.tunnel_client import H1TunnelClient, H1TunnelTransport, H2TunnelClient
+    from hbonex.tunnel_server import H1TunnelServer, SniffingCodec, TunnelLog
 
     def tcp_proxy() -> Any:
         return TcpProxyFilter(TcpProxyConfig("p", [WeightedCluster("c", 1)], runtime=None))
@@ -476,7 +478,38 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
         "hbonex.http_proxy.ClusterEndpointFactory": lambda: (
             http_proxy.ClusterEndpointFactory(None)
         ),
+        "hbonex.fasttls.FastTLSProtocol": lambda: _fast_tls_protocol(test),
+        "hbonex.tunnel_server.H1TunnelServer": lambda: H1TunnelServer(
+            Clock(), None, None, TunnelLog()
+        ),
+        "hbonex.tunnel_server.SniffingCodec": lambda: SniffingCodec(Protocol, Protocol),
     }
+
+
+class _TCPStringTransport(StringTransport):
+    """What FastTLSProtocol passes on from a TCP transport (ITCPTransport's options)."""
+
+    def getTcpNoDelay(self) -> bool:
+        return True
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+    def getTcpKeepAlive(self) -> bool:
+        return False
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        pass
+
+
+def _fast_tls_protocol(test: unittest.TestCase) -> Any:
+    from hbonex.fasttls import FastTLSFactory
+    from hbonex.tls import ClientTLS
+
+    factory = FastTLSFactory(ClientTLS(_tls_settings(test)), True, Factory.forProtocol(Protocol))
+    proto = factory.buildProtocol(None)
+    proto.makeConnection(_TCPStringTransport())
+    return proto
 
 
 def _declaring_classes() -> dict[str, type]:
