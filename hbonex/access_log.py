@@ -11,7 +11,6 @@ import time
 from typing import Any, Callable, TextIO
 
 from hbonex.formatter import Template
-from hbonex.yamlpath import Node
 
 Sink = Callable[[dict[str, str]], None]
 
@@ -72,63 +71,63 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{ms:03d}Z"
 
 
-def parse_access_logs(nodes: list[Node], context: Any) -> list[Sink]:
+def parse_access_logs(messages: Any, path: str, context: Any) -> list[Sink]:
     """
-    An access_log list: ``[{name, typed_config: {@type, path, log_format}}]``.
+    An access_log list (Envoy AccessLog messages at YAML ``path``).
     """
-    return [parse_access_log(node, context) for node in nodes]
+    return [parse_access_log(m, f"{path}[{i}]", context) for i, m in enumerate(messages)]
 
 
-def parse_access_log(node: Node, context: Any) -> Sink:
-    node.expect_map()
-    name = node.str_field("name")
-    typed = node.map_field("typed_config")
-    type_url = typed.str_field("@type") if typed is not None else None
-    if type_url is not None:
+def parse_access_log(message: Any, path: str, context: Any) -> Sink:
+    from hbonex.config.schema import message_class, type_name
+
+    name = message.name or None
+    if message.HasField("typed_config"):
+        type_url = message.typed_config.type_url
         if type_url not in LOGGERS.values():
             known = ", ".join(sorted(LOGGERS.values()))
-            raise typed.error(  # type: ignore[union-attr]
-                f"unknown access logger type {type_url!r}; known: {known}", "@type"
-            )
+            raise context.error(f"{path}.typed_config",
+                                f"unknown access logger type {type_url!r}; known: {known}",
+                                "@type")
     elif name in LOGGERS:
-        type_url = LOGGERS[name]
+        type_url = LOGGERS[name]  # type: ignore[index]
     else:
-        raise node.error(
-            f"unknown access logger {name!r}; known: {', '.join(sorted(LOGGERS))}",
+        raise context.error(
+            path, f"unknown access logger {name!r}; known: {', '.join(sorted(LOGGERS))}",
             "name" if name is not None else "typed_config",
         )
-    config = typed if typed is not None else Node({}, f"{node.path}.typed_config")
+    cls = message_class(type_name(type_url))
+    assert cls is not None
+    config: Any = cls()
+    if message.HasField("typed_config"):
+        message.typed_config.Unpack(config)
+    where = f"{path}.typed_config"
     if type_url == FILE:
-        target = config.str_field("path", required=True)
-        directory = os.path.dirname(os.path.abspath(context.file_path(target)))
+        if not config.path:
+            raise context.error(where, "missing required field 'path'")
+        directory = os.path.dirname(os.path.abspath(context.file_path(config.path)))
         if not os.path.isdir(directory):
-            raise config.error(f"directory {directory} does not exist", "path")
-        target = str(context.file_path(target))
+            raise context.error(where, f"directory {directory} does not exist", "path")
+        target = str(context.file_path(config.path))
     else:
         target = "stdout" if type_url == STDOUT else "stderr"
     text = DEFAULT_FORMAT
-    log_format = config.map_field("log_format")
-    if log_format is not None:
-        kind, value = log_format.oneof("text_format_source", "text_format")  # type: ignore[misc]
+    template_path = where
+    if config.HasField("log_format"):
+        log_format = config.log_format
+        format_path = f"{where}.log_format"
+        kind = log_format.WhichOneof("format")
         if kind == "text_format":
-            text = value.as_str()
-            template_node = value
+            text = log_format.text_format
+            template_path = f"{format_path}.text_format"
+        elif kind == "text_format_source":
+            source = log_format.text_format_source
+            template_path = f"{format_path}.text_format_source"
+            if source.WhichOneof("specifier") != "inline_string":
+                raise context.error(template_path, "missing required field 'inline_string'")
+            text = source.inline_string
+            template_path += ".inline_string"
         else:
-            value.expect_map()
-            template_node = value.require("inline_string")
-            text = template_node.as_str()
-            value.finish()
-        log_format.finish()
-    else:
-        template_node = config
-    try:
-        template = Template(text, template_node.path)
-    except Exception as e:
-        from hbonex.errors import ConfigError
-
-        if isinstance(e, ConfigError):
-            raise template_node.wrap(e)
-        raise
-    config.finish()
-    node.finish()
-    return TemplateSink(template, target)
+            raise context.error(format_path, "one of text_format_source, text_format is "
+                                "required")
+    return TemplateSink(context.template(text, template_path), target)

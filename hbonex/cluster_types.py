@@ -29,28 +29,27 @@ class _ClusterType:
     typeUrls: tuple[str, ...] = ()
     hostnames = False
 
-    def parseConfig(self, config: dict[str, Any], path: str, context: Any) -> Any:
-        node = context.node(config, path)
-        node.finish()
+    def parseConfig(self, config: Any, path: str, context: Any) -> Any:
         return config
 
     def buildCluster(self, common: Any, config: Any, path: str, context: Any) -> Cluster:
-        node = context.node(config, path)
         if common.get("lb_policy") == "CLUSTER_PROVIDED":
-            raise node.error(
+            raise context.error(
+                path,
                 f"lb_policy CLUSTER_PROVIDED is only for ORIGINAL_DST clusters, not {self.name}",
                 "lb_policy",
             )
         if common.get("target_policy") is not None:
-            raise node.error(
-                "metadata.filter_metadata.hbonex.allowed_targets applies to ORIGINAL_DST "
+            raise context.error(
+                path, "metadata.filter_metadata.hbonex.allowed_targets applies to ORIGINAL_DST "
                 f"clusters only, not {self.name}", "metadata",
             )
-        endpoints = context.load_assignment(node, hostnames=self.hostnames)
-        self.check_endpoints(node, endpoints)
+        endpoints = context.load_assignment(config, path, hostnames=self.hostnames)
+        self.check_endpoints(config, path, endpoints, context)
         return Cluster(endpoints=endpoints, **common)
 
-    def check_endpoints(self, node: Any, endpoints: tuple[Any, ...]) -> None:
+    def check_endpoints(self, config: Any, path: str, endpoints: tuple[Any, ...],
+                        context: Any) -> None:
         pass
 
 
@@ -67,9 +66,10 @@ class LogicalDnsClusterType(_ClusterType):
     name = "LOGICAL_DNS"
     hostnames = True
 
-    def check_endpoints(self, node: Any, endpoints: tuple[Any, ...]) -> None:
+    def check_endpoints(self, config: Any, path: str, endpoints: tuple[Any, ...],
+                        context: Any) -> None:
         if len(endpoints) != 1 or not isinstance(endpoints[0], SocketAddress):
-            raise node.error(
+            raise context.error(path,
                 f"LOGICAL_DNS clusters need exactly one socket_address endpoint, "
                 f"got {len(endpoints)}", "load_assignment",
             )
@@ -85,29 +85,27 @@ class OriginalDstClusterType(_ClusterType):
     name = "ORIGINAL_DST"
 
     def buildCluster(self, common: Any, config: Any, path: str, context: Any) -> Cluster:
-        node = context.node(config, path)
-        if node.has("load_assignment"):
-            raise node.error(
-                "ORIGINAL_DST clusters take their destination from the connection or a header "
-                "and must not have a load_assignment", "load_assignment",
+        if config.HasField("load_assignment"):
+            raise context.error(
+                path, "ORIGINAL_DST clusters take their destination from the connection or a "
+                "header and must not have a load_assignment", "load_assignment",
             )
+        explicit = context.has(f"{path}.lb_policy")
         if common.get("lb_policy") not in ("CLUSTER_PROVIDED", "ROUND_ROBIN") or (
-            node.has("lb_policy") and common.get("lb_policy") != "CLUSTER_PROVIDED"
+            explicit and common.get("lb_policy") != "CLUSTER_PROVIDED"
         ):
-            raise node.error(
-                f"ORIGINAL_DST clusters need lb_policy CLUSTER_PROVIDED (or none), "
+            raise context.error(
+                path, f"ORIGINAL_DST clusters need lb_policy CLUSTER_PROVIDED (or none), "
                 f"not {common.get('lb_policy')}", "lb_policy",
             )
         common = dict(common, lb_policy="CLUSTER_PROVIDED")
         header = None
-        lb_config = node.map_field("original_dst_lb_config")
-        if lb_config is not None:
-            if lb_config.bool_field("use_http_header"):
-                header = lb_config.str_field("http_header_name", DEFAULT_ORIGINAL_DST_HEADER)
-                header = header.lower() or DEFAULT_ORIGINAL_DST_HEADER
-            elif lb_config.has("http_header_name"):
-                raise lb_config.error(
-                    "http_header_name needs use_http_header: true", "http_header_name"
-                )
-            lb_config.finish()
+        if config.HasField("original_dst_lb_config"):
+            lb_config = config.original_dst_lb_config
+            where = f"{path}.original_dst_lb_config"
+            if lb_config.use_http_header:
+                header = lb_config.http_header_name.lower() or DEFAULT_ORIGINAL_DST_HEADER
+            elif lb_config.http_header_name:
+                raise context.error(where, "http_header_name needs use_http_header: true",
+                                    "http_header_name")
         return Cluster(original_dst_header=header, **common)

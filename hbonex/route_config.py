@@ -9,141 +9,158 @@ from typing import Any
 
 from hbonex.routing import HeaderMatcher, Route, RouteConfig, VirtualHost
 from hbonex.transport_sockets import regex_field
-from hbonex.yamlpath import Node
 
 __all__ = ["parse_route_config"]
 
 
-def parse_route_config(node: Node, context: Any, *, connect_enabled: bool = False) -> RouteConfig:
-    node.expect_map()
-    name = node.str_field("name", "")
-    node.bool_field("validate_clusters")  # clusters are always validated
+def parse_route_config(message: Any, path: str, context: Any, *,
+                       connect_enabled: bool = False) -> RouteConfig:
     vhosts = []
     names: dict[str, str] = {}
     domains: dict[str, str] = {}
-    for vhost_node in node.list_field("virtual_hosts"):
-        vhost = _virtual_host(vhost_node, context)
+    for index, vhost_message in enumerate(message.virtual_hosts):
+        vhost_path = f"{path}.virtual_hosts[{index}]"
+        vhost = _virtual_host(vhost_message, vhost_path, context)
         if vhost.name in names:
-            raise vhost_node.error(
-                f"duplicate virtual host name {vhost.name!r} (also {names[vhost.name]})", "name"
-            )
-        names[vhost.name] = vhost_node.path
+            raise context.error(
+                vhost_path, f"duplicate virtual host name {vhost.name!r} (also "
+                f"{names[vhost.name]})", "name")
+        names[vhost.name] = vhost_path
         for domain in vhost.domains:
             if domain.lower() in domains:
-                raise vhost_node.error(
-                    f"domain {domain!r} is also in {domains[domain.lower()]}; each domain "
-                    "may appear in one virtual host only", "domains",
+                raise context.error(
+                    vhost_path, f"domain {domain!r} is also in {domains[domain.lower()]}; each "
+                    "domain may appear in one virtual host only", "domains",
                 )
-            domains[domain.lower()] = vhost_node.path
+            domains[domain.lower()] = vhost_path
         vhosts.append(vhost)
-    node.finish()
-    return RouteConfig(name, tuple(vhosts), connect_enabled=connect_enabled)
+    return RouteConfig(message.name, tuple(vhosts), connect_enabled=connect_enabled)
 
 
-def _virtual_host(node: Node, context: Any) -> VirtualHost:
-    node.expect_map()
-    name = node.str_field("name", required=True)
-    domain_nodes = node.list_field("domains", required=True)
-    domains = []
-    for d in domain_nodes:
-        domain = d.as_str()
+def _virtual_host(message: Any, path: str, context: Any) -> VirtualHost:
+    if not message.name:
+        raise context.error(path, "missing required field 'name'")
+    if not message.domains:
+        raise context.error(path, "missing required field 'domains'")
+    for index, domain in enumerate(message.domains):
         if not domain or ("*" in domain and domain != "*" and (
             domain.count("*") > 1 or not (domain.startswith("*") or domain.endswith("*"))
         )):
-            raise d.error(
+            raise context.error(
+                f"{path}.domains[{index}]",
                 f"invalid domain {domain!r}: '*' may only be the whole domain, or its first "
                 "or last character"
             )
-        domains.append(domain)
-    routes = tuple(_route(r, context) for r in node.list_field("routes"))
-    node.finish()
-    return VirtualHost(name, tuple(domains), routes)
+    routes = tuple(_route(r, f"{path}.routes[{i}]", context)
+                   for i, r in enumerate(message.routes))
+    return VirtualHost(message.name, tuple(message.domains), routes)
 
 
-def _route(node: Node, context: Any) -> Route:
-    node.expect_map()
-    node.str_field("name")
-    match = node.map_field("match", required=True)
-    assert match is not None
-    kind, value = match.oneof("prefix", "path", "safe_regex", "connect_matcher")  # type: ignore[misc]
+def _route(message: Any, path: str, context: Any) -> Route:
+    if not message.HasField("match"):
+        raise context.error(path, "missing required field 'match'")
+    match = message.match
+    match_path = f"{path}.match"
+    kind = match.WhichOneof("path_specifier")
     fields: dict[str, Any] = {}
+    if kind is None:
+        raise context.error(match_path, "one of prefix, path, safe_regex, connect_matcher is "
+                            "required")
     if kind == "connect_matcher":
-        value.expect_map().finish()
         fields["connect_matcher"] = True
     elif kind == "safe_regex":
-        fields["safe_regex"] = regex_field(value)
+        fields["safe_regex"] = regex_field(match.safe_regex, f"{match_path}.safe_regex", context)
+    elif kind in ("prefix", "path"):
+        fields[kind] = getattr(match, kind)
     else:
-        fields[kind] = value.as_str()
-    fields["headers"] = tuple(_header_matcher(h) for h in match.list_field("headers"))
-    match.finish()
-    action, config = node.oneof("route", "direct_response", "redirect")  # type: ignore[misc]
-    if action == "redirect":
-        raise node.error("redirect routes are not supported", "redirect")
-    config.expect_map()
+        raise context.error(match_path, f"{kind} is not supported; use prefix, path, "
+                            "safe_regex or connect_matcher", kind)
+    fields["headers"] = tuple(_header_matcher(h, f"{match_path}.headers[{i}]", context)
+                              for i, h in enumerate(match.headers))
+    action = message.WhichOneof("action")
+    if action is None:
+        raise context.error(path, "one of route, direct_response, redirect is required")
+    if action not in ("route", "direct_response"):
+        raise context.error(path, f"{action} routes are not supported", action)
+    config = getattr(message, action)
+    config_path = f"{path}.{action}"
     if action == "direct_response":
-        fields["direct_status"] = config.int_field("status", required=True, minimum=200,
-                                                   maximum=599)
-        body = config.map_field("body")
-        if body is not None:
-            path, data = context.data_source(body)
-            if path is not None:
+        status = config.status
+        if not 200 <= status <= 599:
+            raise context.error(f"{config_path}.status" if context.has(
+                f"{config_path}.status") else config_path,
+                f"must be between 200 and 599, got {status}" if status else
+                "missing required field 'status'")
+        fields["direct_status"] = status
+        if config.HasField("body"):
+            body_path = f"{config_path}.body"
+            source, data = context.data_source(config.body, body_path)
+            if source is not None:
                 try:
-                    data = path.read_bytes()
+                    data = source.read_bytes()
                 except OSError as e:
-                    raise body.error(f"{path}: {e.strerror or e}", "filename")
+                    raise context.error(body_path, f"{source}: {e.strerror or e}", "filename")
             fields["direct_body"] = data
     else:
-        cluster = context.cluster(config, "cluster")
-        fields["cluster"] = cluster
-        for upgrade in config.list_field("upgrade_configs"):
-            upgrade.expect_map()
-            kind = upgrade.str_field("upgrade_type", required=True)
-            if kind.upper() != "CONNECT":
-                raise upgrade.error(
-                    f"upgrade_type {kind!r} is not supported; accepted: CONNECT", "upgrade_type"
-                )
-            enabled = upgrade.bool_field("enabled", True)
-            connect = upgrade.map_field("connect_config")
-            allow_post = False
-            if connect is not None:
-                allow_post = connect.bool_field("allow_post")
-                connect.finish()
-            upgrade.finish()
-            fields["connect_enabled"] = enabled
-            fields["allow_post"] = allow_post
-        fields["idle_timeout"] = config.duration_field("idle_timeout", 3600.0)
-        fields["timeout"] = config.duration_field("timeout")
-    config.finish()
-    node.finish()
+        kind = config.WhichOneof("cluster_specifier")
+        if kind not in (None, "cluster"):
+            raise context.error(config_path, f"{kind} is not supported; use cluster", kind)
+        fields["cluster"] = context.cluster(config.cluster, config_path, "cluster")
+        for index, upgrade in enumerate(config.upgrade_configs):
+            upgrade_path = f"{config_path}.upgrade_configs[{index}]"
+            if not upgrade.upgrade_type:
+                raise context.error(upgrade_path, "missing required field 'upgrade_type'")
+            if upgrade.upgrade_type.upper() != "CONNECT":
+                raise context.error(
+                    upgrade_path, f"upgrade_type {upgrade.upgrade_type!r} is not supported; "
+                    "accepted: CONNECT", "upgrade_type")
+            fields["connect_enabled"] = (upgrade.enabled.value if upgrade.HasField("enabled")
+                                         else True)
+            fields["allow_post"] = upgrade.connect_config.allow_post
+        fields["idle_timeout"] = _seconds(config, "idle_timeout", 3600.0)
+        fields["timeout"] = _seconds(config, "timeout", None)
     return Route(**fields)
 
 
-def _header_matcher(node: Node) -> HeaderMatcher:
-    node.expect_map()
-    name = node.str_field("name", required=True).lower()
-    invert = node.bool_field("invert_match")
-    kind, value = node.oneof(  # type: ignore[misc]
-        "string_match", "exact_match", "prefix_match", "suffix_match", "contains_match",
-        "safe_regex_match", "present_match",
-    )
+def _seconds(message: Any, field: str, default: Any) -> Any:
+    if not message.HasField(field):
+        return default
+    value = getattr(message, field)
+    return value.seconds + value.nanos / 1e9
+
+
+def _header_matcher(message: Any, path: str, context: Any) -> HeaderMatcher:
+    if not message.name:
+        raise context.error(path, "missing required field 'name'")
+    kind = message.WhichOneof("header_match_specifier")
     fields: dict[str, Any] = {}
+    if kind is None:
+        raise context.error(path, "one of string_match, exact_match, prefix_match, "
+                            "suffix_match, contains_match, safe_regex_match, present_match is "
+                            "required")
     if kind == "present_match":
-        if not isinstance(value.value, bool):
-            raise value.error(f"expected true or false, got {value.value!r}")
-        fields["present"] = value.value
+        fields["present"] = message.present_match
     elif kind == "safe_regex_match":
-        fields["regex"] = regex_field(value)
+        fields["regex"] = regex_field(message.safe_regex_match, f"{path}.safe_regex_match",
+                                      context)
     elif kind == "string_match":
-        value.expect_map()
-        which, inner = value.oneof(  # type: ignore[misc]
-            "exact", "prefix", "suffix", "contains", "safe_regex"
-        )
-        value.finish()
+        matcher = message.string_match
+        where = f"{path}.string_match"
+        if matcher.ignore_case:
+            raise context.error(where, "ignore_case is not implemented for header matchers",
+                                "ignore_case")
+        which = matcher.WhichOneof("match_pattern")
+        if which is None:
+            raise context.error(where, "one of exact, prefix, suffix, contains, safe_regex is "
+                                "required")
         if which == "safe_regex":
-            fields["regex"] = regex_field(inner)
+            fields["regex"] = regex_field(matcher.safe_regex, f"{where}.safe_regex", context)
+        elif which in ("exact", "prefix", "suffix", "contains"):
+            fields[which] = getattr(matcher, which)
         else:
-            fields[which] = inner.as_str()
+            raise context.error(where, f"{which} is not supported", which)
+    elif kind in ("exact_match", "prefix_match", "suffix_match", "contains_match"):
+        fields[kind[: -len("_match")]] = getattr(message, kind)
     else:
-        fields[kind[: -len("_match")]] = value.as_str()
-    node.finish()
-    return HeaderMatcher(name, invert=invert, **fields)
+        raise context.error(path, f"{kind} is not supported", kind)
+    return HeaderMatcher(message.name.lower(), invert=message.invert_match, **fields)

@@ -22,7 +22,6 @@ from hbonex import pki
 from hbonex.errors import ConfigError
 from hbonex.interfaces import ITransportSocketExtension
 from hbonex.tls import PeerPolicy, SanMatcher, TLSSettings
-from hbonex.yamlpath import Node
 
 __all__ = ["RawBufferTransportSocket", "TlsConfig", "TlsTransportSocket"]
 
@@ -54,22 +53,21 @@ class TlsTransportSocket:
     name = TLS
     typeUrls = (UPSTREAM, DOWNSTREAM)
 
-    def parseConfig(self, config: dict[str, Any], path: str, context: Any) -> TlsConfig:
-        node = context.node(config, path)
-        upstream = context.type_url != DOWNSTREAM
-        common = node.map_field("common_tls_context")
-        if common is None:
-            raise node.error("missing required field 'common_tls_context'")
+    def parseConfig(self, config: Any, path: str, context: Any) -> TlsConfig:
+        upstream = config.DESCRIPTOR.name == "UpstreamTlsContext"
+        if not config.HasField("common_tls_context"):
+            raise context.error(path, "missing required field 'common_tls_context'")
         if upstream:
-            sni = node.str_field("sni", "")
+            sni = config.sni
             require_peer = True
         else:
             sni = ""
-            require_peer = node.bool_field("require_client_certificate", False)
+            require_peer = (config.require_client_certificate.value
+                            if config.HasField("require_client_certificate") else False)
         settings, alpn_explicit, files = _common_tls_context(
-            common, context, upstream=upstream, require_peer=require_peer
+            config.common_tls_context, f"{path}.common_tls_context", context,
+            upstream=upstream, require_peer=require_peer,
         )
-        node.finish()
         return TlsConfig(upstream, path, attrs.evolve(settings, sni=sni), alpn_explicit, files)
 
     def buildTransport(self, parsed: Any, upstream: bool, context: Any) -> TLSSettings:
@@ -86,74 +84,84 @@ class RawBufferTransportSocket:
     name = "envoy.transport_sockets.raw_buffer"
     typeUrls = (RAW_BUFFER,)
 
-    def parseConfig(self, config: dict[str, Any], path: str, context: Any) -> None:
-        context.node(config, path).finish()
+    def parseConfig(self, config: Any, path: str, context: Any) -> None:
         return None
 
     def buildTransport(self, parsed: Any, upstream: bool, context: Any) -> None:
         return None
 
 
-def _version(node: Node, key: str, default: Optional[str]) -> Optional[str]:
-    value = node.str_field(key, None, choices=VERSIONS)
-    if value is None or value == "TLS_AUTO":
+def _version(params: Any, path: str, key: str, default: Optional[str],
+             context: Any) -> Optional[str]:
+    number = getattr(params, key)
+    value = params.DESCRIPTOR.fields_by_name[key].enum_type.values_by_number[number].name
+    if value == "TLS_AUTO":
         return default
     if value in ("TLSv1_0", "TLSv1_1"):
-        raise node.error(f"{value} is not supported; use TLSv1_2 or TLSv1_3", key)
-    return value  # type: ignore[no-any-return]
+        raise context.error(path, f"{value} is not supported; use TLSv1_2 or TLSv1_3", key)
+    return str(value)
 
 
 def _common_tls_context(
-    node: Node, context: Any, *, upstream: bool, require_peer: bool
+    message: Any, path: str, context: Any, *, upstream: bool, require_peer: bool
 ) -> tuple[TLSSettings, bool, tuple[str, ...]]:
     min_version: Optional[str] = "TLSv1_2"
     max_version: Optional[str] = None
-    params = node.map_field("tls_params")
-    if params is not None:
-        min_version = _version(params, "tls_minimum_protocol_version", "TLSv1_2")
-        max_version = _version(params, "tls_maximum_protocol_version", None)
-        params.finish()
+    if message.HasField("tls_params"):
+        params_path = f"{path}.tls_params"
+        params = message.tls_params
+        min_version = _version(params, params_path, "tls_minimum_protocol_version", "TLSv1_2",
+                               context)
+        max_version = _version(params, params_path, "tls_maximum_protocol_version", None,
+                               context)
         order = {"TLSv1_2": 2, "TLSv1_3": 3}
         if max_version and order[max_version] < order[min_version or "TLSv1_2"]:
-            raise params.error(
+            raise context.error(
+                params_path,
                 f"tls_maximum_protocol_version {max_version} is below the minimum {min_version}"
             )
-    alpn_nodes = node.get("alpn_protocols")
-    alpn = tuple(p.encode() for p in node.str_list_field("alpn_protocols"))
-    certificates = node.list_field("tls_certificates")
+    alpn = tuple(p.encode() for p in message.alpn_protocols)
+    certificates = message.tls_certificates
     if not certificates:
-        raise node.error(
-            "tls_certificates needs one certificate (hbonex always uses mutual TLS)"
+        raise context.error(
+            path, "tls_certificates needs one certificate (hbonex always uses mutual TLS)"
             if upstream else "missing required field 'tls_certificates'",
         )
     if len(certificates) > 1:
-        raise certificates[1].error("only one entry in tls_certificates is supported")
-    cert_entry = certificates[0].expect_map()
-    chain_node = cert_entry.map_field("certificate_chain", required=True)
-    key_node = cert_entry.map_field("private_key", required=True)
-    cert_entry.finish()
-    validation = node.map_field("validation_context")
-    ca_node = None
+        raise context.error(f"{path}.tls_certificates[1]",
+                            "only one entry in tls_certificates is supported")
+    cert = certificates[0]
+    cert_path = f"{path}.tls_certificates[0]"
+    for key in ("certificate_chain", "private_key"):
+        if not cert.HasField(key):
+            raise context.error(cert_path, f"missing required field '{key}'")
+    ca = None
     matchers: tuple[SanMatcher, ...] = ()
-    if validation is not None:
-        ca_node = validation.map_field("trusted_ca", required=True)
+    if message.HasField("validation_context"):
+        validation = message.validation_context
+        validation_path = f"{path}.validation_context"
+        if not validation.HasField("trusted_ca"):
+            raise context.error(validation_path, "missing required field 'trusted_ca'")
+        ca = (validation.trusted_ca, f"{validation_path}.trusted_ca")
         matchers = tuple(
-            _san_matcher(m) for m in validation.list_field("match_typed_subject_alt_names")
+            _san_matcher(m, f"{validation_path}.match_typed_subject_alt_names[{i}]", context)
+            for i, m in enumerate(validation.match_typed_subject_alt_names)
         )
-        validation.finish()
     elif upstream:
-        raise node.error(
-            "missing required field 'validation_context' (hbonex always verifies the server "
-            "against validation_context.trusted_ca)"
+        raise context.error(
+            path, "missing required field 'validation_context' (hbonex always verifies the "
+            "server against validation_context.trusted_ca)"
         )
     elif require_peer:
-        raise node.error(
-            "require_client_certificate needs validation_context.trusted_ca to verify "
+        raise context.error(
+            path, "require_client_certificate needs validation_context.trusted_ca to verify "
             "client certificates with"
         )
-    node.finish()
-    assert chain_node is not None and key_node is not None
-    certificate, chain, key, cas, files = _load(context, chain_node, key_node, ca_node)
+    sources = [(cert.certificate_chain, f"{cert_path}.certificate_chain"),
+               (cert.private_key, f"{cert_path}.private_key")]
+    if ca is not None:
+        sources.append(ca)
+    certificate, chain, key, cas, files = _load(context, sources)
     settings = TLSSettings(
         certificate=certificate,
         private_key=key,
@@ -165,71 +173,74 @@ def _common_tls_context(
         peer_policy=PeerPolicy(san_matchers=matchers),
         require_peer_certificate=require_peer,
     )
-    return settings, alpn_nodes is not None, files
+    return settings, len(alpn) > 0 or context.has(f"{path}.alpn_protocols"), files
 
 
-def _san_matcher(node: Node) -> SanMatcher:
-    node.expect_map()
-    san_type = node.str_field("san_type", required=True, choices=SAN_TYPES)
-    matcher = node.map_field("matcher", required=True)
-    assert matcher is not None
-    kind, value = matcher.oneof(  # type: ignore[misc]
-        "exact", "prefix", "suffix", "contains", "safe_regex"
-    )
-    ignore_case = matcher.bool_field("ignore_case")
+def _san_matcher(message: Any, path: str, context: Any) -> SanMatcher:
+    san_type = message.DESCRIPTOR.fields_by_name["san_type"].enum_type.values_by_number[
+        message.san_type].name
+    if san_type not in SAN_TYPES:
+        raise context.error(path, f"san_type {san_type} is not one of {', '.join(SAN_TYPES)}"
+                            if san_type != "SAN_TYPE_UNSPECIFIED" else
+                            "missing required field 'san_type'")
+    if not message.HasField("matcher"):
+        raise context.error(path, "missing required field 'matcher'")
+    matcher = message.matcher
+    where = f"{path}.matcher"
+    kind = matcher.WhichOneof("match_pattern")
+    if kind is None:
+        raise context.error(where, "one of exact, prefix, suffix, contains, safe_regex is "
+                            "required")
     if kind == "safe_regex":
-        text = regex_field(value)
+        text = regex_field(matcher.safe_regex, f"{where}.safe_regex", context)
+    elif kind in ("exact", "prefix", "suffix", "contains"):
+        text = getattr(matcher, kind)
     else:
-        text = value.as_str()
-    matcher.finish()
-    node.finish()
-    return SanMatcher(san_type, kind, text, ignore_case)
+        raise context.error(where, f"{kind} is not supported", kind)
+    return SanMatcher(san_type, kind, text, matcher.ignore_case)
 
 
-def regex_field(node: Node) -> str:
+def regex_field(message: Any, path: str, context: Any) -> str:
     """
     An Envoy RegexMatcher ``{regex, google_re2: {}}``, checked to compile.
     """
-    node.expect_map()
-    node.ignore("google_re2")
-    regex = node.str_field("regex", required=True)
-    node.finish()
+    regex = message.regex
+    if not regex and not context.has(f"{path}.regex"):
+        raise context.error(path, "missing required field 'regex'")
     try:
         re.compile(regex)
     except re.error as e:
-        raise node.error(f"invalid regex {regex!r}: {e}", "regex")
-    return regex  # type: ignore[no-any-return]
+        raise context.error(path, f"invalid regex {regex!r}: {e}", "regex")
+    return str(regex)
 
 
 def _load(
-    context: Any, chain_node: Node, key_node: Node, ca_node: Optional[Node]
+    context: Any, sources_in: list[tuple[Any, str]]
 ) -> tuple[x509.Certificate, tuple[x509.Certificate, ...], Any, tuple[x509.Certificate, ...],
            tuple[str, ...]]:
-    sources = [
-        (node, *context.data_source(node))
-        for node in (chain_node, key_node, ca_node) if node is not None
-    ]
-    files = tuple(str(path) for _, path, _ in sources if path is not None)
+    sources = [(path, *context.data_source(source, path)) for source, path in sources_in]
+    files = tuple(str(file) for _, file, _ in sources if file is not None)
+    chain_path = sources[0][0]
 
     def fail(error: pki.PKIError) -> ConfigError:
         text = str(error)
-        for node, path, _ in sources:
-            if path is not None and text.startswith(f"{path}:"):
-                return node.error(text, "filename")
-        for node, path, _ in sources:
-            if path is None and text.startswith(f"{_label(node)}:"):
-                return node.error(text)
-        return chain_node.error(text)
+        for where, file, _ in sources:
+            if file is not None and text.startswith(f"{file}:"):
+                return context.error(where, text, "filename")
+        for where, file, _ in sources:
+            if file is None and text.startswith(f"{_label(where)}:"):
+                return context.error(where, text)
+        return context.error(chain_path, text)
 
     try:
-        if ca_node is not None and all(path is not None for _, path, _ in sources):
+        if len(sources) > 2 and all(file is not None for _, file, _ in sources):
             material = pki.load_material(sources[0][1], sources[1][1], sources[2][1])
             return (material.certificate, tuple(material.chain), material.key,
                     tuple(material.ca_certificates), files)
         datas = []
-        for node, path, data in sources:
-            label = Path(path) if path is not None else Path(_label(node))
-            datas.append((label, pki._read(label) if path is not None else data))
+        for where, file, data in sources:
+            label = Path(file) if file is not None else Path(_label(where))
+            datas.append((label, pki._read(label) if file is not None else data))
         (cert_label, cert_data), (key_label, key_data) = datas[0], datas[1]
         certs = pki._parse_certs(cert_label, cert_data)
         key = pki._parse_key(key_label, key_data)
@@ -243,5 +254,5 @@ def _load(
         raise fail(e)
 
 
-def _label(node: Node) -> str:
-    return f"<inline {node.path.rsplit('.', 1)[-1]}>"
+def _label(path: str) -> str:
+    return f"<inline {path.rsplit('.', 1)[-1]}>"

@@ -79,18 +79,21 @@ class ExtensionExampleTests(unittest.TestCase):
         shout = self.filters[0]
         self.assertEqual(shout["name"], "mypkg.filters.network.shout")
         typed = shout["typed_config"]
+        self.assertEqual(typed["@type"], "type.googleapis.com/xds.type.v3.TypedStruct")
         results = self.check({
             "documented": shout,
-            "no_stat_prefix": {**shout, "typed_config": {"@type": typed["@type"]}},
+            "no_stat_prefix": {**shout, "typed_config": {**typed, "value": {}}},
             "no_type": {**shout, "typed_config": {"stat_prefix": "shout"}},
             "by_name": {"name": shout["name"]},
+            "bare": {**shout, "typed_config": {"@type": typed["type_url"],
+                                              **typed["value"]}},
         })
         code, out = results["documented"]
         self.assertEqual(code, 0, out)
         self.assertIn("      mypkg.filters.network.shout\n", out)
         code, out = results["no_stat_prefix"]
         self.assertEqual(code, 2, out)
-        self.assertIn("filters[0].typed_config: missing required field 'stat_prefix'", out)
+        self.assertIn("filters[0].typed_config.value: missing required field 'stat_prefix'", out)
         code, out = results["no_type"]
         self.assertEqual(code, 2, out)
         self.assertIn("filters[0].typed_config: typed_config needs an '@type'", out)
@@ -98,6 +101,11 @@ class ExtensionExampleTests(unittest.TestCase):
         code, out = results["by_name"]
         self.assertEqual(code, 2, out)
         self.assertIn("filters[0].typed_config: missing required field 'stat_prefix'", out)
+        # Without a compiled proto the config must be a TypedStruct, and the error says so.
+        code, out = results["bare"]
+        self.assertEqual(code, 2, out)
+        self.assertIn("typed_config.@type: network filter type 'type.googleapis.com/mypkg.Shout' "
+                      "has no compiled Envoy message; put its config in a TypedStruct", out)
 
 
 class DevPKILocationTests(unittest.TestCase):

@@ -890,8 +890,10 @@ def uppercase_config(backend_port: int) -> str:
             - filters:
               - name: example.filters.network.uppercase
                 typed_config:
-                  "@type": type.googleapis.com/example.Uppercase
-                  stat_prefix: shout
+                  "@type": type.googleapis.com/xds.type.v3.TypedStruct
+                  type_url: type.googleapis.com/example.Uppercase
+                  value:
+                    stat_prefix: shout
               - name: envoy.filters.network.tcp_proxy
                 typed_config:
                   "@type": {TCP_PROXY_TYPE}
@@ -940,7 +942,7 @@ class ThirdPartyFilterTests(E2EConfigTestCase):
         )
         self.assertEqual(code, 2, out + err)
         self.assertIn(
-            "static_resources.listeners[0].filter_chains[0].filters[0].typed_config.@type: "
+            "static_resources.listeners[0].filter_chains[0].filters[0].typed_config.type_url: "
             "unknown network filter type 'type.googleapis.com/example.Uppercase'; known: ",
             err,
         )

@@ -18,7 +18,6 @@ from hbonex.filters.http_connection_manager import (
 )
 from hbonex.interfaces import IHTTPFilterExtension, INetworkFilterExtension
 from hbonex.route_config import parse_route_config
-from hbonex.yamlpath import Node
 
 __all__ = ["HttpConnectionManagerExtension", "RouterExtension", "parse_http_connection_manager"]
 
@@ -36,73 +35,100 @@ def _has_field(name: str) -> bool:
     return any(f.name == name for f in attrs.fields(HttpConnectionManagerConfig))
 
 
-def parse_http_connection_manager(node: Node, context: Any) -> HttpConnectionManagerConfig:
-    node.expect_map()
-    stat_prefix = node.str_field("stat_prefix", required=True)
-    codec = node.str_field("codec_type", "AUTO", choices=(*CODECS, "HTTP3"))
-    if codec == "HTTP3":
-        raise node.error("codec_type HTTP3 is not supported", "codec_type")
+def parse_http_connection_manager(message: Any, path: str, context: Any
+                                  ) -> HttpConnectionManagerConfig:
+    if not message.stat_prefix:
+        raise context.error(path, "missing required field 'stat_prefix'")
+    codec = message.DESCRIPTOR.fields_by_name["codec_type"].enum_type.values_by_number[
+        message.codec_type].name
+    if codec not in CODECS:
+        raise context.error(path, f"codec_type {codec} is not supported", "codec_type")
     connect_enabled = False
-    for upgrade in node.list_field("upgrade_configs"):
-        upgrade.expect_map()
-        kind = upgrade.str_field("upgrade_type", required=True)
-        if kind.upper() != "CONNECT":
-            raise upgrade.error(
-                f"upgrade_type {kind!r} is not supported; accepted: CONNECT", "upgrade_type"
-            )
-        connect_enabled = upgrade.bool_field("enabled", True)
-        upgrade.finish()
-    kind, value = node.oneof("route_config", "rds", "scoped_routes")  # type: ignore[misc]
+    for index, upgrade in enumerate(message.upgrade_configs):
+        upgrade_path = f"{path}.upgrade_configs[{index}]"
+        if not upgrade.upgrade_type:
+            raise context.error(upgrade_path, "missing required field 'upgrade_type'")
+        if upgrade.upgrade_type.upper() != "CONNECT":
+            raise context.error(
+                upgrade_path, f"upgrade_type {upgrade.upgrade_type!r} is not supported; "
+                "accepted: CONNECT", "upgrade_type")
+        connect_enabled = upgrade.enabled.value if upgrade.HasField("enabled") else True
+    kind = message.WhichOneof("route_specifier")
+    if kind is None:
+        raise context.error(path, "one of route_config, rds, scoped_routes is required")
     if kind != "route_config":
-        raise node.error(f"{kind} is not supported; use an inline route_config", kind)
-    router = parse_route_config(value, context, connect_enabled=connect_enabled)
-    filters = node.list_field("http_filters", required=True)
+        raise context.error(path, f"{kind} is not supported; use an inline route_config", kind)
+    router = parse_route_config(message.route_config, f"{path}.route_config", context,
+                                connect_enabled=connect_enabled)
+    filters = message.http_filters
+    if not filters:
+        raise context.error(f"{path}.http_filters" if context.has(f"{path}.http_filters")
+                            else path, "must not be empty" if context.has(
+                                f"{path}.http_filters") else "missing required field "
+                            "'http_filters'")
     extra: dict[str, Any] = {}
     http_filters = []
     for index, item in enumerate(filters):
-        plugin, parsed, _ = context.parse_extension(item, IHTTPFilterExtension, "HTTP filter")
+        item_path = f"{path}.http_filters[{index}]"
+        plugin, parsed, _ = context.parse_extension(item, item_path, IHTTPFilterExtension,
+                                                    "HTTP filter")
         last = index == len(filters) - 1
         if plugin.name == ROUTER and not last:
-            raise item.error(f"{ROUTER} must be the last HTTP filter")
+            raise context.error(item_path, f"{ROUTER} must be the last HTTP filter")
         if last and plugin.name != ROUTER:
-            raise item.error(f"the last HTTP filter must be {ROUTER}, not {plugin.name}")
+            raise context.error(item_path,
+                                f"the last HTTP filter must be {ROUTER}, not {plugin.name}")
         if plugin.name != ROUTER:
             http_filters.append(plugin.filterFactory(parsed, context))
     if http_filters:
         if not _has_field("http_filters"):
-            raise filters[0].error(
-                "HTTP filters other than the router are not supported by this "
-                "http_connection_manager yet"
+            raise context.error(
+                f"{path}.http_filters[0]", "HTTP filters other than the router are not "
+                "supported by this http_connection_manager yet"
             )
         extra["http_filters"] = tuple(http_filters)
-    h2, _ = context.h2_settings(node.map_field("http2_protocol_options"), server=True)
+    options = message.http2_protocol_options if message.HasField(
+        "http2_protocol_options") else None
+    h2, _ = context.h2_settings(options, f"{path}.http2_protocol_options", server=True)
+    if message.HasField("max_request_headers_kb"):
+        kb = message.max_request_headers_kb.value
+        if not 1 <= kb <= 8192:
+            raise context.error(f"{path}.max_request_headers_kb",
+                                f"must be between 1 and 8192, got {kb}")
+        h2 = attrs.evolve(h2, max_header_list_size=kb * 1024)
     max_requests = 0
-    common = node.map_field("common_http_protocol_options")
-    if common is not None:
-        max_requests = common.int_field("max_requests_per_connection", 0, minimum=0)
-        common.finish()
-    logs = node.list_field("access_log")
-    if logs:
+    if message.HasField("common_http_protocol_options"):
+        common = message.common_http_protocol_options
+        common_path = f"{path}.common_http_protocol_options"
+        if common.HasField("idle_timeout"):
+            raise context.error(common_path, "idle_timeout is not implemented for "
+                                "http_connection_manager (stream_idle_timeout is)",
+                                "idle_timeout")
+        if common.HasField("max_requests_per_connection"):
+            max_requests = common.max_requests_per_connection.value
+    if message.access_log:
         if not _has_field("access_log"):
-            raise node.error(
-                "access_log is not supported by this http_connection_manager yet "
+            raise context.error(
+                path, "access_log is not supported by this http_connection_manager yet "
                 "(tcp_proxy has it)", "access_log",
             )
         from hbonex.access_log import parse_access_logs
 
-        extra["access_log"] = tuple(parse_access_logs(logs, context))
-    config = HttpConnectionManagerConfig(
-        stat_prefix=stat_prefix,
+        extra["access_log"] = tuple(parse_access_logs(message.access_log, f"{path}.access_log",
+                                                      context))
+    idle = 300.0
+    if message.HasField("stream_idle_timeout"):
+        idle = message.stream_idle_timeout.seconds + message.stream_idle_timeout.nanos / 1e9
+    return HttpConnectionManagerConfig(
+        stat_prefix=message.stat_prefix,
         router=router,
         runtime=context.runtime,
         codec_type=codec,
         h2_settings=h2,
-        stream_idle_timeout=node.duration_field("stream_idle_timeout", 300.0),
+        stream_idle_timeout=idle,
         max_requests_per_connection=max_requests,
         **extra,
     )
-    node.finish()
-    return config
 
 
 @implementer(IPlugin, INetworkFilterExtension)
@@ -111,9 +137,9 @@ class HttpConnectionManagerExtension:
     typeUrls = (HCM_TYPE,)
     terminal = True
 
-    def parseConfig(self, config: dict[str, Any], path: str, context: Any
+    def parseConfig(self, config: Any, path: str, context: Any
                     ) -> HttpConnectionManagerConfig:
-        return parse_http_connection_manager(context.node(config, path), context)
+        return parse_http_connection_manager(config, path, context)
 
     def filterFactory(self, parsed: Any, context: Any
                       ) -> Callable[[], HttpConnectionManagerFilter]:
@@ -157,8 +183,7 @@ class RouterExtension:
     name = ROUTER
     typeUrls = (ROUTER_TYPE,)
 
-    def parseConfig(self, config: dict[str, Any], path: str, context: Any) -> None:
-        context.node(config, path).finish()
+    def parseConfig(self, config: Any, path: str, context: Any) -> None:
         return None
 
     def filterFactory(self, parsed: Any, context: Any) -> Callable[[], None]:

@@ -251,89 +251,105 @@ APPEND_ACTIONS = {
 }
 
 
-def parse_tcp_proxy(node: Any, context: Any) -> TcpProxyConfig:
+def parse_tcp_proxy(message: Any, path: str, context: Any) -> TcpProxyConfig:
     """
-    A TcpProxy ``typed_config`` (an hbonex.yamlpath.Node) -> TcpProxyConfig; ``context`` is
+    A TcpProxy message (``typed_config`` at YAML ``path``) -> TcpProxyConfig; ``context`` is
     an hbonex.config.ConfigContext.
     """
-    node.expect_map()
-    stat_prefix = node.str_field("stat_prefix", required=True)
-    kind, value = node.oneof("cluster", "weighted_clusters")
+    if not message.stat_prefix:
+        raise context.error(path, "missing required field 'stat_prefix'")
+    kind = message.WhichOneof("cluster_specifier")
     clusters: list[WeightedCluster] = []
     used = []
     if kind == "cluster":
-        used.append(context.cluster(node, "cluster"))
+        used.append(context.cluster(message.cluster, path, "cluster"))
         clusters.append(WeightedCluster(used[0].name, 1))
-    else:
-        value.expect_map()
-        for entry in value.list_field("clusters", required=True):
-            entry.expect_map()
-            cluster = context.cluster(entry, "name")
-            weight = entry.int_field("weight", required=True, minimum=1)
-            entry.finish()
+    elif kind == "weighted_clusters":
+        where = f"{path}.weighted_clusters"
+        if not message.weighted_clusters.clusters:
+            raise context.error(where, "missing required field 'clusters'")
+        for index, entry in enumerate(message.weighted_clusters.clusters):
+            entry_path = f"{where}.clusters[{index}]"
+            cluster = context.cluster(entry.name, entry_path, "name")
+            if entry.weight < 1:
+                raise context.error(entry_path, f"weight must be at least 1, got {entry.weight}",
+                                    "weight")
             used.append(cluster)
-            clusters.append(WeightedCluster(cluster.name, weight))
-        value.finish()
+            clusters.append(WeightedCluster(cluster.name, entry.weight))
+    else:
+        raise context.error(path, "one of cluster, weighted_clusters is required")
     tunneling = None
-    tunnel = node.map_field("tunneling_config")
-    if tunnel is not None:
-        tunneling = _tunneling_config(tunnel, context)
+    if message.HasField("tunneling_config"):
+        tunneling = _tunneling_config(message.tunneling_config, f"{path}.tunneling_config",
+                                      context)
         for cluster in used:
             context.use_for_tunneling(cluster)
     from hbonex.access_log import parse_access_logs
 
+    attempts = message.max_connect_attempts.value if message.HasField(
+        "max_connect_attempts") else 1
+    if attempts < 1:
+        raise context.error(f"{path}.max_connect_attempts", f"must be at least 1, got {attempts}")
     config = TcpProxyConfig(
-        stat_prefix=stat_prefix,
+        stat_prefix=message.stat_prefix,
         clusters=clusters,
         runtime=context.runtime,
-        idle_timeout=node.duration_field("idle_timeout", 3600.0),
-        max_connect_attempts=node.int_field("max_connect_attempts", 1, minimum=1),
-        max_downstream_connection_duration=node.duration_field(
-            "max_downstream_connection_duration", 0.0
-        ),
+        idle_timeout=_seconds(message, "idle_timeout", 3600.0),
+        max_connect_attempts=attempts,
+        max_downstream_connection_duration=_seconds(
+            message, "max_downstream_connection_duration", 0.0),
         tunneling=tunneling,
-        access_log=parse_access_logs(node.list_field("access_log"), context),
+        access_log=parse_access_logs(message.access_log, f"{path}.access_log", context),
     )
-    node.finish()
     return config
 
 
-def _tunneling_config(node: Any, context: Any) -> TunnelingConfig:
-    hostname = context.template(node, "hostname", required=True)
+def _seconds(message: Any, field: str, default: float) -> float:
+    if not message.HasField(field):
+        return default
+    value = getattr(message, field)
+    return float(value.seconds + value.nanos / 1e9)
+
+
+def _tunneling_config(message: Any, path: str, context: Any) -> TunnelingConfig:
+    if not message.hostname:
+        raise context.error(path, "missing required field 'hostname'")
+    hostname = context.template(message.hostname, f"{path}.hostname")
     headers = []
-    for option in node.list_field("headers_to_add"):
-        option.expect_map()
-        header = option.map_field("header", required=True)
-        key = header.str_field("key", required=True)
-        if not key or key.startswith(":") or key.lower() == "host":
-            raise header.error(f"header {key!r} cannot be added", "key")
-        value = context.template(header, "value", "")
-        header.finish()
-        if option.has("append") and option.has("append_action"):
-            raise option.error("only one of append, append_action may be set", "append_action")
-        append = option.bool_field("append", True)
-        action = option.str_field("append_action", None, choices=tuple(APPEND_ACTIONS))
-        if action is not None:
-            append = APPEND_ACTIONS[action]
-        option.ignore("keep_empty_value")
-        option.finish()
+    for index, option in enumerate(message.headers_to_add):
+        option_path = f"{path}.headers_to_add[{index}]"
+        if not option.HasField("header"):
+            raise context.error(option_path, "missing required field 'header'")
+        header_path = f"{option_path}.header"
+        key = option.header.key
+        if not key:
+            raise context.error(header_path, "missing required field 'key'")
+        if key.startswith(":") or key.lower() == "host":
+            raise context.error(header_path, f"header {key!r} cannot be added", "key")
+        value = context.template(option.header.value, f"{header_path}.value")
+        if option.HasField("append") and context.has(f"{option_path}.append_action"):
+            raise context.error(option_path, "only one of append, append_action may be set",
+                                "append_action")
+        append = option.append.value if option.HasField("append") else True
+        if context.has(f"{option_path}.append_action") or option.append_action:
+            action = option.DESCRIPTOR.fields_by_name["append_action"].enum_type
+            append = APPEND_ACTIONS[action.values_by_number[option.append_action].name]
         headers.append(HeaderToAdd(key.lower(), value, append))
-    use_post = node.bool_field("use_post")
-    post_path = node.str_field("post_path", None)
+    post_path = message.post_path or None
     if post_path is not None:
-        if not use_post:
-            raise node.error("post_path can only be set with use_post: true", "post_path")
+        if not message.use_post:
+            raise context.error(path, "post_path can only be set with use_post: true",
+                                "post_path")
         if not post_path.startswith("/"):
-            raise node.error(f"post_path must start with '/', got {post_path!r}", "post_path")
-    config = TunnelingConfig(
+            raise context.error(path, f"post_path must start with '/', got {post_path!r}",
+                                "post_path")
+    return TunnelingConfig(
         hostname=hostname,
         headers_to_add=tuple(headers),
-        use_post=use_post,
+        use_post=message.use_post,
         post_path=post_path or "/",
-        propagate_response_headers=node.bool_field("propagate_response_headers"),
+        propagate_response_headers=message.propagate_response_headers,
     )
-    node.finish()
-    return config
 
 
 @implementer(IPlugin, INetworkFilterExtension)
@@ -347,8 +363,8 @@ class TcpProxyExtension:
     typeUrls = (TCP_PROXY_TYPE,)
     terminal = True
 
-    def parseConfig(self, config: dict[str, Any], path: str, context: Any) -> TcpProxyConfig:
-        return parse_tcp_proxy(context.node(config, path), context)
+    def parseConfig(self, config: Any, path: str, context: Any) -> TcpProxyConfig:
+        return parse_tcp_proxy(config, path, context)
 
     def filterFactory(self, parsed: Any, context: Any) -> Callable[[], TcpProxyFilter]:
         return tcp_proxy_factory(parsed)

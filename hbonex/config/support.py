@@ -1,0 +1,373 @@
+"""
+The one table of what hbonex does with each field of Envoy's messages it builds from.
+
+Every field Envoy's schema has is accepted by the parser; set in a configuration it is one of:
+
+* implemented (``yes``): the builders in hbonex.config.loader and the extensions use it;
+* a tuning knob without effect here (``WARN``): one warning line, the configuration runs;
+* anything else: an error naming the field, because it changes behaviour hbonex cannot honour
+  (security, routing, data).  Fields listed under ``ERROR`` say why; unlisted ones are errors
+  too ("not implemented by hbonex").
+
+Messages reached through implemented fields are in ``TABLE`` or ``OPAQUE`` (kept or ignored
+whole); tests walk the descriptors to keep that so.  docs/configuration.md prints ``markdown()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from google.protobuf.message import Message
+
+from hbonex.config.schema import message_class, type_name
+from hbonex.yamlpath import child_path
+
+__all__ = ["ERROR", "OPAQUE", "TABLE", "WARN", "check", "markdown"]
+
+YES = "yes"
+WARN = "warn"
+ERROR = "error"
+
+_DNS = "hbonex resolves with the reactor's resolver"
+_STATS = "hbonex keeps no Envoy stats"
+_LOG = "log output only"
+_H2_TUNING = "HTTP/2 tuning hbonex leaves at h2's behaviour"
+
+
+def _m(yes: str = "", warn: Optional[dict[str, str]] = None,
+       error: Optional[dict[str, str]] = None) -> dict[str, tuple[str, str]]:
+    entry = {name: (YES, "") for name in yes.split()}
+    entry.update({name: (WARN, why) for name, why in (warn or {}).items()})
+    entry.update({name: (ERROR, why) for name, why in (error or {}).items()})
+    return entry
+
+
+_ROUTES = "envoy.config.route.v3"
+_HCM = "envoy.extensions.filters.network.http_connection_manager.v3"
+_TCP = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+_TLS = "envoy.extensions.transport_sockets.tls.v3"
+
+#: message full name -> field -> (YES | WARN | ERROR, why).  Unlisted fields are errors.
+TABLE: dict[str, dict[str, tuple[str, str]]] = {
+    "envoy.config.bootstrap.v3.Bootstrap": _m(
+        "node admin static_resources bootstrap_extensions",
+        warn={
+            "stats_config": _STATS, "stats_flush_interval": _STATS, "stats_sinks": _STATS,
+            "stats_flush_on_admin": _STATS, "deferred_stat_options": _STATS,
+            "stats_server_version_override": _STATS, "enable_dispatcher_stats": _STATS,
+            "layered_runtime": "hbonex has no runtime overrides",
+            "watchdog": "no watchdog", "watchdogs": "no watchdog",
+            "overload_manager": "no overload manager", "fatal_actions": "no fatal actions",
+            "use_tcp_for_dns_lookups": _DNS, "dns_resolution_config": _DNS,
+            "typed_dns_resolver_config": _DNS, "node_context_params": "no xDS",
+            "header_prefix": "hbonex adds no x-envoy- headers", "tracing": "no tracing",
+            "application_log_config": _LOG, "perf_tracing_file_path": "no tracing",
+        },
+        error={"dynamic_resources": "static configuration only (no xDS yet)",
+               "hds_config": "no health discovery", "cluster_manager": "static clusters only"},
+    ),
+    "envoy.config.bootstrap.v3.Bootstrap.StaticResources": _m(
+        "listeners clusters", error={"secrets": "no SDS: put certificates in data sources"}),
+    "envoy.config.core.v3.TypedExtensionConfig": _m("name typed_config"),
+    "envoy.extensions.bootstrap.internal_listener.v3.InternalListener": _m("buffer_size_kb"),
+    # -- listeners --
+    "envoy.config.listener.v3.Listener": _m(
+        "name address internal_listener per_connection_buffer_limit_bytes tcp_backlog_size "
+        "listener_filters filter_chains",
+        warn={"stat_prefix": _STATS, "metadata": "no consumer of listener metadata",
+              "drain_type": "drain is shutdown's --drain-timeout",
+              "listener_filters_timeout": "the TLS inspector's timeout is 15 s",
+              "continue_on_listener_filters_timeout": "the TLS inspector's timeout is 15 s",
+              "socket_options": "socket options are the reactor's",
+              "tcp_fast_open_queue_length": "socket tuning",
+              "traffic_direction": "informational", "enable_reuse_port": "socket tuning",
+              "reuse_port": "socket tuning", "connection_balance_config": "one process",
+              "max_connections_to_accept_per_socket_event": "accept tuning",
+              "ignore_global_conn_limit": "no global connection limit",
+              "bypass_overload_manager": "no overload manager"},
+        error={"use_original_dst": "no iptables redirection",
+               "transparent": "no transparent sockets", "freebind": "no freebind sockets",
+               "bind_to_port": "listeners always bind", "default_filter_chain": "routing",
+               "filter_chain_matcher": "use filter_chain_match"},
+    ),
+    "envoy.config.core.v3.Address": _m("socket_address envoy_internal_address pipe"),
+    "envoy.config.core.v3.SocketAddress": _m(
+        "address port_value named_port protocol",
+        warn={"ipv4_compat": "dual-stack is the reactor's"}),
+    "envoy.config.core.v3.EnvoyInternalAddress": _m("server_listener_name endpoint_id"),
+    "envoy.config.core.v3.Pipe": _m("path mode"),
+    "envoy.config.listener.v3.ListenerFilter": _m("name typed_config"),
+    "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector": _m(
+        warn={"enable_ja3_fingerprinting": "no fingerprints",
+              "enable_ja4_fingerprinting": "no fingerprints",
+              "initial_read_buffer_size": "read tuning",
+              "max_client_hello_size": "read tuning",
+              "close_connection_on_client_hello_parsing_errors": "errors always close"}),
+    "envoy.config.listener.v3.FilterChain": _m(
+        "filter_chain_match filters transport_socket transport_socket_connect_timeout name",
+        warn={"metadata": "no consumer of filter chain metadata"},
+        error={"use_proxy_proto": "no PROXY protocol"},
+    ),
+    "envoy.config.listener.v3.FilterChainMatch": _m(
+        "destination_port server_names transport_protocol application_protocols"),
+    "envoy.config.listener.v3.Filter": _m("name typed_config"),
+    "envoy.config.core.v3.TransportSocket": _m("name typed_config"),
+    # -- tcp_proxy --
+    _TCP: _m(
+        "stat_prefix cluster weighted_clusters idle_timeout max_connect_attempts "
+        "max_downstream_connection_duration access_log tunneling_config",
+        warn={"access_log_flush_interval": "records are written when a connection ends",
+              "flush_access_log_on_connected": "records are written when a connection ends",
+              "access_log_options": "records are written when a connection ends",
+              "backoff_options": "retries are immediate"},
+    ),
+    f"{_TCP}.WeightedCluster": _m("clusters"),
+    f"{_TCP}.WeightedCluster.ClusterWeight": _m("name weight"),
+    f"{_TCP}.TunnelingConfig": _m(
+        "hostname use_post headers_to_add propagate_response_headers post_path"),
+    "envoy.config.core.v3.HeaderValueOption": _m("header append append_action keep_empty_value"),
+    "envoy.config.core.v3.HeaderValue": _m("key value"),
+    # -- access logs --
+    "envoy.config.accesslog.v3.AccessLog": _m("name typed_config"),
+    "envoy.extensions.access_loggers.file.v3.FileAccessLog": _m("path log_format"),
+    "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog": _m("log_format"),
+    "envoy.extensions.access_loggers.stream.v3.StderrAccessLog": _m("log_format"),
+    "envoy.config.core.v3.SubstitutionFormatString": _m(
+        "text_format text_format_source", warn={"content_type": "for local replies only"}),
+    "envoy.config.core.v3.DataSource": _m(
+        "filename inline_string inline_bytes environment_variable",
+        warn={"watched_directory": "files are read once, at load"}),
+    # -- HTTP connection manager --
+    f"{_HCM}.HttpConnectionManager": _m(
+        "stat_prefix codec_type route_config rds scoped_routes http_filters upgrade_configs "
+        "http2_protocol_options common_http_protocol_options stream_idle_timeout access_log "
+        "max_request_headers_kb",
+        warn={"server_name": "no server header on CONNECT responses",
+              "server_header_transformation": "no server header on CONNECT responses",
+              "add_user_agent": "no user agent handling", "tracing": "no tracing",
+              "generate_request_id": "no request ids",
+              "preserve_external_request_id": "no request ids",
+              "always_set_request_id_in_response": "no request ids",
+              "drain_timeout": "drain is shutdown's --drain-timeout",
+              "delayed_close_timeout": "connections close at once",
+              "use_remote_address": "no x-forwarded-for handling",
+              "xff_num_trusted_hops": "no x-forwarded-for handling",
+              "skip_xff_append": "no x-forwarded-for handling",
+              "via": "no via header", "http_protocol_options": "HTTP/1.1 tuning",
+              "stream_error_on_invalid_http_message": "invalid messages reset the stream",
+              "access_log_flush_interval": "records are written when a tunnel ends",
+              "flush_access_log_on_new_request": "records are written when a tunnel ends",
+              "access_log_options": "records are written when a tunnel ends",
+              "proxy_100_continue": "HTTP/1.1 tuning"},
+        error={"forward_client_cert_details": "security: no XFCC header handling",
+               "set_current_client_cert_details": "security: no XFCC header handling",
+               "normalize_path": "routing: paths are matched as sent",
+               "merge_slashes": "routing: paths are matched as sent",
+               "path_with_escaped_slashes_action": "routing: paths are matched as sent"},
+    ),
+    f"{_HCM}.HttpConnectionManager.UpgradeConfig": _m("upgrade_type enabled"),
+    f"{_HCM}.HttpFilter": _m("name typed_config"),
+    "envoy.extensions.filters.http.router.v3.Router": _m(
+        warn={"dynamic_stats": _STATS, "start_child_span": "no tracing",
+              "suppress_envoy_headers": "hbonex adds no x-envoy- headers",
+              "strict_check_headers": "hbonex reads no x-envoy- headers",
+              "respect_expected_rq_timeout": "hbonex reads no x-envoy- headers",
+              "suppress_grpc_request_failure_code_stats": _STATS}),
+    "envoy.config.core.v3.Http2ProtocolOptions": _m(
+        "allow_connect max_concurrent_streams initial_stream_window_size "
+        "initial_connection_window_size connection_keepalive max_outbound_frames "
+        "max_outbound_control_frames max_consecutive_inbound_frames_with_empty_payload "
+        "max_inbound_priority_frames_per_stream "
+        "max_inbound_window_update_frames_per_data_frame_sent",
+        warn={"hpack_table_size": _H2_TUNING, "allow_metadata": "no METADATA frames",
+              "max_metadata_size": "no METADATA frames", "use_oghttp2_codec": "h2 is the codec",
+              "stream_error_on_invalid_http_messaging": "invalid messages reset the stream",
+              "override_stream_error_on_invalid_http_message":
+                  "invalid messages reset the stream"},
+    ),
+    "envoy.config.core.v3.KeepaliveSettings": _m(
+        "interval timeout", warn={"interval_jitter": "PINGs are not jittered",
+                                  "connection_idle_interval": "PINGs follow interval"}),
+    "envoy.config.core.v3.HttpProtocolOptions": _m(
+        "idle_timeout max_requests_per_connection",
+        warn={"max_connection_duration": "connections live until idle or closed",
+              "max_headers_count": "header size is limited by max_request_headers_kb",
+              "max_response_headers_kb": "header size is limited by max_request_headers_kb"},
+        error={"headers_with_underscores_action": "security: headers pass as they are",
+               "max_stream_duration": "tunnels are limited by idle timeouts only"},
+    ),
+    "envoy.config.core.v3.Http1ProtocolOptions": _m(warn={
+        "allow_absolute_url": "HTTP/1.1 tuning", "accept_http_10": "HTTP/1.1 tuning",
+        "default_host_for_http_10": "HTTP/1.1 tuning", "header_key_format": "HTTP/1.1 tuning",
+        "enable_trailers": "HTTP/1.1 tuning", "allow_chunked_length": "HTTP/1.1 tuning",
+        "use_balsa_parser": "Twisted parses HTTP/1.1", "allow_custom_methods": "HTTP/1.1 tuning",
+        "ignore_http_11_upgrade": "HTTP/1.1 tuning",
+        "override_stream_error_on_invalid_http_message": "invalid messages close the stream",
+    }),
+    # -- routes --
+    f"{_ROUTES}.RouteConfiguration": _m("name virtual_hosts validate_clusters"),
+    f"{_ROUTES}.VirtualHost": _m("name domains routes"),
+    f"{_ROUTES}.Route": _m(
+        "name match route direct_response redirect",
+        warn={"metadata": "no consumer of route metadata", "decorator": "no tracing"}),
+    f"{_ROUTES}.RouteMatch": _m("prefix path safe_regex connect_matcher headers"),
+    f"{_ROUTES}.RouteMatch.ConnectMatcher": _m(),
+    f"{_ROUTES}.HeaderMatcher": _m(
+        "name string_match exact_match prefix_match suffix_match contains_match "
+        "safe_regex_match present_match invert_match"),
+    "envoy.type.matcher.v3.StringMatcher": _m("exact prefix suffix contains safe_regex "
+                                              "ignore_case"),
+    "envoy.type.matcher.v3.RegexMatcher": _m("regex google_re2"),
+    "envoy.type.matcher.v3.RegexMatcher.GoogleRE2": _m(
+        warn={"max_program_size": "Python's re has no program size"}),
+    f"{_ROUTES}.RouteAction": _m("cluster upgrade_configs idle_timeout timeout"),
+    f"{_ROUTES}.RouteAction.UpgradeConfig": _m("upgrade_type enabled connect_config"),
+    f"{_ROUTES}.RouteAction.UpgradeConfig.ConnectConfig": _m("allow_post"),
+    f"{_ROUTES}.DirectResponseAction": _m("status body"),
+    # -- clusters --
+    "envoy.config.cluster.v3.Cluster": _m(
+        "name type cluster_type lb_policy connect_timeout load_assignment "
+        "typed_extension_protocol_options http2_protocol_options http_protocol_options "
+        "circuit_breakers transport_socket metadata original_dst_lb_config",
+        warn={"dns_lookup_family": _DNS, "dns_refresh_rate": _DNS, "dns_jitter": _DNS,
+              "dns_failure_refresh_rate": _DNS, "respect_dns_ttl": _DNS, "dns_resolvers": _DNS,
+              "use_tcp_for_dns_lookups": _DNS, "dns_resolution_config": _DNS,
+              "typed_dns_resolver_config": _DNS, "alt_stat_name": _STATS,
+              "track_timeout_budgets": _STATS, "track_cluster_stats": _STATS,
+              "wait_for_warm_on_init": "static clusters are warm",
+              "per_connection_buffer_limit_bytes": "buffers follow flow control",
+              "cleanup_interval": "ORIGINAL_DST keeps no hosts to clean up",
+              "upstream_connection_options": "socket options are the reactor's",
+              "close_connections_on_host_health_failure": "no health checks",
+              "ignore_health_on_host_removal": "no health checks",
+              "common_lb_config": "load balancing tuning",
+              "max_requests_per_connection": "deprecated; pools reuse connections"},
+        error={"health_checks": "no active health checking",
+               "outlier_detection": "no outlier detection", "eds_cluster_config": "no EDS",
+               "lb_subset_config": "routing: no subsets",
+               "upstream_bind_config": "no source address binding",
+               "transport_socket_matches": "one transport socket per cluster",
+               "ring_hash_lb_config": "no RING_HASH", "maglev_lb_config": "no MAGLEV"},
+    ),
+    "envoy.config.cluster.v3.Cluster.CustomClusterType": _m("name typed_config"),
+    "envoy.config.cluster.v3.Cluster.OriginalDstLbConfig": _m("use_http_header "
+                                                              "http_header_name"),
+    "envoy.config.cluster.v3.CircuitBreakers": _m("thresholds"),
+    "envoy.config.cluster.v3.CircuitBreakers.Thresholds": _m(
+        "priority max_connections max_pending_requests max_requests",
+        warn={"max_retries": "tunnels are not retried", "retry_budget": "tunnels are not retried",
+              "track_remaining": _STATS, "max_connection_pools": "pools are bounded by keys"}),
+    "envoy.config.endpoint.v3.ClusterLoadAssignment": _m("cluster_name endpoints"),
+    "envoy.config.endpoint.v3.LocalityLbEndpoints": _m(
+        "lb_endpoints", warn={"locality": "no locality-aware balancing"}),
+    "envoy.config.endpoint.v3.LbEndpoint": _m(
+        "endpoint", warn={"metadata": "no consumer of endpoint metadata"}),
+    "envoy.config.endpoint.v3.Endpoint": _m(
+        "address", warn={"hostname": "informational",
+                         "health_check_config": "no active health checking"}),
+    "envoy.config.core.v3.Metadata": _m(
+        "filter_metadata", warn={"typed_filter_metadata": "no consumer of typed metadata"}),
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _m(
+        "explicit_http_config use_downstream_protocol_config auto_config "
+        "common_http_protocol_options"),
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.ExplicitHttpConfig": _m(
+        "http_protocol_options http2_protocol_options http3_protocol_options"),
+    # -- TLS --
+    f"{_TLS}.UpstreamTlsContext": _m(
+        "common_tls_context sni", warn={"max_session_keys": "no session resumption"}),
+    f"{_TLS}.DownstreamTlsContext": _m(
+        "common_tls_context require_client_certificate",
+        warn={"disable_stateless_session_resumption": "no session resumption",
+              "disable_stateful_session_resumption": "no session resumption",
+              "session_timeout": "no session resumption",
+              "full_scan_certs_on_sni_mismatch": "one certificate per chain"}),
+    f"{_TLS}.CommonTlsContext": _m(
+        "tls_params alpn_protocols tls_certificates validation_context"),
+    f"{_TLS}.TlsParameters": _m("tls_minimum_protocol_version tls_maximum_protocol_version"),
+    f"{_TLS}.TlsCertificate": _m("certificate_chain private_key"),
+    f"{_TLS}.CertificateValidationContext": _m("trusted_ca match_typed_subject_alt_names"),
+    f"{_TLS}.SubjectAltNameMatcher": _m("san_type matcher"),
+    "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer": _m(),
+    "envoy.config.listener.v3.Listener.InternalListenerConfig": _m(),
+}
+
+#: Kept or ignored whole: any field inside is fine.
+OPAQUE = {
+    "envoy.config.core.v3.Node": "ignored",
+    "envoy.config.bootstrap.v3.Admin": "stored on Bootstrap.admin, not served yet",
+    "xds.type.v3.TypedStruct": "a plugin's own config",
+    "udpa.type.v1.TypedStruct": "a plugin's own config",
+}
+_LEAVES = ("google.protobuf.",)
+
+
+def implemented(full_name: str) -> set[str]:
+    return {f for f, (kind, _) in TABLE.get(full_name, {}).items() if kind == YES}
+
+
+def check(message: Message, path: str, context: Any) -> None:
+    """
+    Raise a ConfigError for the first set field hbonex does not implement (unless it is a
+    tuning knob: ``context.warn`` then).  Extensions' configs (Any) are checked unpacked.
+    """
+    full = message.DESCRIPTOR.full_name
+    if full in OPAQUE or full.startswith(_LEAVES):
+        return
+    entry = TABLE.get(full, {})
+    for field, value in message.ListFields():
+        kind, why = entry.get(field.name, (ERROR, ""))
+        if kind == ERROR:
+            reason = f": {why}" if why else ""
+            raise context.error(path, f"{field.name} ({full}) is known to Envoy but not "
+                                f"implemented by hbonex{reason}", field.name)
+        where = child_path(path, field.name)
+        if kind == WARN:
+            context.warn(where, f"{field.name} has no effect in hbonex ({why})")
+            continue
+        if field.message_type is None:
+            continue
+        if field.message_type.GetOptions().map_entry:
+            if field.message_type.fields_by_name["value"].message_type is not None:
+                for key, item in value.items():
+                    _check_value(item, child_path(where, key), context)
+        elif _is_repeated(field):
+            for index, item in enumerate(value):
+                _check_value(item, f"{where}[{index}]", context)
+        else:
+            _check_value(value, where, context)
+
+
+def _is_repeated(field: Any) -> bool:
+    flag = getattr(field, "is_repeated", None)
+    return bool(flag) if flag is not None else field.label == field.LABEL_REPEATED
+
+
+def _check_value(value: Message, path: str, context: Any) -> None:
+    if value.DESCRIPTOR.full_name == "google.protobuf.Any":
+        cls = message_class(type_name(value.type_url))  # type: ignore[attr-defined]
+        if cls is None or cls.DESCRIPTOR.full_name not in TABLE:
+            return  # not an extension hbonex has: the builder says which ones it knows
+        inner = cls()
+        value.Unpack(inner)  # type: ignore[attr-defined]
+        check(inner, path, context)
+        return
+    check(value, path, context)
+
+
+def markdown() -> str:
+    """
+    The table as docs/configuration.md prints it.
+    """
+    lines = [
+        "| message | implemented | no effect (warning) | refused (error) |",
+        "|---|---|---|---|",
+    ]
+    for name in sorted(TABLE):
+        entry = TABLE[name]
+        yes = ", ".join(f"`{f}`" for f, (k, _) in entry.items() if k == YES) or "—"
+        warn = ", ".join(f"`{f}`" for f, (k, _) in entry.items() if k == WARN) or "—"
+        error = "; ".join(f"`{f}` ({why})" for f, (k, why) in entry.items() if k == ERROR)
+        lines.append(f"| `{name}` | {yes} | {warn} | {error or '—'} |")
+    for name, why in sorted(OPAQUE.items()):
+        lines.append(f"| `{name}` | all: {why} | — | — |")
+    return "\n".join(lines) + "\n"
