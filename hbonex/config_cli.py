@@ -117,6 +117,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
         raise CLIError(text if text.startswith(args.file) else f"{args.file}: {text}")
     for line in describe(loaded):
         print(line)
+    # Set fields hbonex runs without (hbonex.config.support.WARN): one line each.
+    for path, text in loaded.warnings:
+        print(f"warning: {path}: {text}")
     return 0
 
 

@@ -139,7 +139,7 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
         warn={"watched_directory": "files are read once, at load"}),
     # -- HTTP connection manager --
     f"{_HCM}.HttpConnectionManager": _m(
-        "stat_prefix codec_type route_config rds scoped_routes http_filters upgrade_configs "
+        "stat_prefix codec_type route_config http_filters upgrade_configs "
         "http2_protocol_options common_http_protocol_options stream_idle_timeout access_log "
         "max_request_headers_kb",
         warn={"server_name": "no server header on CONNECT responses",
@@ -159,7 +159,9 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
               "flush_access_log_on_new_request": "records are written when a tunnel ends",
               "access_log_options": "records are written when a tunnel ends",
               "proxy_100_continue": "HTTP/1.1 tuning"},
-        error={"forward_client_cert_details": "security: no XFCC header handling",
+        error={"rds": "no RDS: use an inline route_config",
+               "scoped_routes": "no scoped routes: use an inline route_config",
+               "forward_client_cert_details": "security: no XFCC header handling",
                "set_current_client_cert_details": "security: no XFCC header handling",
                "normalize_path": "routing: paths are matched as sent",
                "merge_slashes": "routing: paths are matched as sent",
@@ -208,8 +210,9 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
     f"{_ROUTES}.RouteConfiguration": _m("name virtual_hosts validate_clusters"),
     f"{_ROUTES}.VirtualHost": _m("name domains routes"),
     f"{_ROUTES}.Route": _m(
-        "name match route direct_response redirect",
-        warn={"metadata": "no consumer of route metadata", "decorator": "no tracing"}),
+        "name match route direct_response",
+        warn={"metadata": "no consumer of route metadata", "decorator": "no tracing"},
+        error={"redirect": "no redirects"}),
     f"{_ROUTES}.RouteMatch": _m("prefix path safe_regex connect_matcher headers"),
     f"{_ROUTES}.RouteMatch.ConnectMatcher": _m(),
     f"{_ROUTES}.HeaderMatcher": _m(
@@ -268,10 +271,12 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
     "envoy.config.core.v3.Metadata": _m(
         "filter_metadata", warn={"typed_filter_metadata": "no consumer of typed metadata"}),
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _m(
-        "explicit_http_config use_downstream_protocol_config auto_config "
-        "common_http_protocol_options"),
+        "explicit_http_config common_http_protocol_options",
+        error={"use_downstream_protocol_config": "use explicit_http_config",
+               "auto_config": "use explicit_http_config"}),
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.ExplicitHttpConfig": _m(
-        "http_protocol_options http2_protocol_options http3_protocol_options"),
+        "http_protocol_options http2_protocol_options",
+        error={"http3_protocol_options": "no HTTP/3"}),
     # -- TLS --
     f"{_TLS}.UpstreamTlsContext": _m(
         "common_tls_context sni", warn={"max_session_keys": "no session resumption"}),
