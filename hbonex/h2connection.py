@@ -239,6 +239,15 @@ class QuietH2Connection(h2.connection.H2Connection):
         self._prepare_for_sending([f])
 
 
+class _Trailers:
+    """Trailers waiting in a paused stream's inbound queue, behind the data before them."""
+
+    __slots__ = ("headers",)
+
+    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.headers = headers
+
+
 @implementer(IHalfCloseableTransport, ITransport, IConsumer, IPushProducer)
 class H2Stream:
     """
@@ -261,6 +270,8 @@ class H2Stream:
         self._outbound: list[bytes] = []
         self._outbound_size = 0
         self._end_requested = False  # loseWriteConnection() called
+        #: Trailers to end our side with, after the queued data (instead of END_STREAM DATA).
+        self._trailers: list[tuple[bytes, bytes]] | None = None
         self._ended_local = False  # END_STREAM sent
         self._producer: IPushProducer | None = None
         self._producer_paused = False
@@ -298,6 +309,24 @@ class H2Stream:
 
     def writeSequence(self, data: Iterable[bytes]) -> None:
         self.write(b"".join(data))
+
+    def send_headers(self, headers: list[tuple[bytes, bytes]], end_stream: bool = False) -> None:
+        """
+        A HEADERS frame on this stream (a response, for a stream carrying a request); with
+        ``end_stream`` our side ends with it.
+        """
+        if self._end_requested or self._reset is not None or self._closed:
+            return
+        self.connection._send_headers(self, headers, end_stream)
+
+    def writeTrailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """
+        End our side with trailers once the queued data has gone (flow control permitting).
+        """
+        if self._end_requested or self._closed:
+            return
+        self._trailers = trailers
+        self.loseWriteConnection()
 
     def loseWriteConnection(self) -> None:
         if self._end_requested or self._closed:
@@ -396,6 +425,19 @@ class H2Stream:
         if not self._closed:
             self.connection._ack(self.stream_id, flow_length)
 
+    def _trailers_received(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """
+        Trailers end the peer's side: a protocol that takes them (``trailersReceived``) gets
+        them in order, after the data before them; END_STREAM follows as EOF.
+        """
+        taker = getattr(self.protocol, "trailersReceived", None)
+        if taker is None:
+            return
+        if self._paused or self._inbound:
+            self._inbound.append((_Trailers(headers), 0))  # type: ignore[arg-type]
+            return
+        taker(headers)
+
     def _remote_ended(self) -> None:
         self._ended_remote = True
         self._deliver()
@@ -410,6 +452,9 @@ class H2Stream:
         inbound = self._inbound
         while inbound and not self._paused:
             data, flow_length = inbound.pop(0)
+            if isinstance(data, _Trailers):
+                protocol.trailersReceived(data.headers)  # type: ignore[attr-defined]
+                continue
             protocol.dataReceived(data)
             if self._closed:
                 # Finished from inside dataReceived (the protocol aborted, say): it has had
@@ -760,7 +805,9 @@ class H2TunnelConnection(Protocol):
         elif isinstance(event, h2.events.ResponseReceived):
             self.response_received(event)
         elif isinstance(event, h2.events.TrailersReceived):
-            pass
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream._trailers_received(event.headers)
         elif isinstance(event, h2.events.InformationalResponseReceived):
             pass
 
@@ -819,6 +866,23 @@ class H2TunnelConnection(Protocol):
     def add_stream(self, stream: H2Stream) -> None:
         self.streams[stream.stream_id] = stream
 
+    def _send_headers(
+        self, stream: H2Stream, headers: list[tuple[bytes, bytes]], end_stream: bool
+    ) -> None:
+        if not self.may_send:
+            return
+        try:
+            self.conn.send_headers(stream.stream_id, headers, end_stream=end_stream)
+        except h2.exceptions.StreamClosedError:
+            stream._was_reset(ErrorCodes.STREAM_CLOSED, by_peer=False)
+            return
+        if end_stream:
+            stream._end_requested = True
+            stream._ended_local = True
+        self._flush()
+        if end_stream:
+            stream._maybe_finish()
+
     def _send_stream_data(self, stream: H2Stream) -> None:
         """
         Send what the peer's windows allow from the stream's queue (and END_STREAM after it).
@@ -851,7 +915,10 @@ class H2TunnelConnection(Protocol):
                     stream.bytes_sent += size
                     sent_any = True
             if not outbound and stream._end_requested:
-                conn.end_stream(sid)
+                if stream._trailers is not None:
+                    conn.send_headers(sid, stream._trailers, end_stream=True)
+                else:
+                    conn.end_stream(sid)
                 stream._ended_local = True
                 sent_any = True
         except h2.exceptions.StreamClosedError as e:
