@@ -369,7 +369,10 @@ def render(side: str, flags: Sequence[str]) -> str:
     header = [f"# hbonex config render {side} {' '.join(flags)}".rstrip(),
               f"# The Envoy v3 bootstrap equivalent of `twistd hbone-{side}` with these flags."]
     header += [f"# note: {n}" for n in notes]
-    body = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=100)
+    # Through Envoy's Bootstrap message: what is printed is valid Envoy by construction.
+    from hbonex.config.render import bootstrap_from_data, message_to_yaml
+
+    body = message_to_yaml(bootstrap_from_data(data))
     return "\n".join(header) + "\n" + body
 
 
