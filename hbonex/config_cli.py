@@ -10,7 +10,6 @@ import argparse
 import re
 from typing import Any, Sequence
 
-import yaml
 from twisted.python import usage
 
 from hbonex.config import LoadedConfig, load_config
