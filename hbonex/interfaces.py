@@ -10,6 +10,8 @@ Envoy name or ``@type`` URL through ``getPlugins``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.interfaces import (
     IConsumer,
     IProtocol,
@@ -219,14 +221,14 @@ class IStreamDecoderFilterCallbacks(IStreamFilterCallbacks):
         """
 
     def sendLocalReply(
-        status: int, body: bytes, modifyHeaders: object, details: str, responseFlag: str
+        status: int, body: bytes, modifyHeaders: Any, details: str, responseFlag: str
     ) -> None:
         """
         Answer the request ourselves (the encoder filters still see the reply) and stop
         decoding.
         """
 
-    def encodeHeaders(headers: object, endStream: bool) -> None:
+    def encodeHeaders(headers: Any, endStream: bool) -> None:
         """
         Start the response (a filter acting as the upstream: the router).
         """
@@ -236,7 +238,7 @@ class IStreamDecoderFilterCallbacks(IStreamFilterCallbacks):
         Response body, after encodeHeaders.
         """
 
-    def encodeTrailers(trailers: object) -> None:
+    def encodeTrailers(trailers: Any) -> None:
         """
         Response trailers (ending the response).
         """
@@ -275,7 +277,7 @@ class IStreamDecoderFilter(Interface):
         Called once, before anything else.
         """
 
-    def decodeHeaders(headers: object, endStream: bool) -> object:
+    def decodeHeaders(headers: Any, endStream: bool) -> object:
         """
         Request headers (hbonex.http.headers.Headers, mutable) -> FilterHeadersStatus.
         """
@@ -285,7 +287,7 @@ class IStreamDecoderFilter(Interface):
         A request body chunk -> FilterDataStatus.
         """
 
-    def decodeTrailers(trailers: object) -> object:
+    def decodeTrailers(trailers: Any) -> object:
         """
         Request trailers (mutable Headers) -> FilterTrailersStatus.
         """
@@ -306,7 +308,7 @@ class IStreamEncoderFilter(Interface):
         Called once, before anything else.
         """
 
-    def encodeHeaders(headers: object, endStream: bool) -> object:
+    def encodeHeaders(headers: Any, endStream: bool) -> object:
         """
         Response headers (mutable) -> FilterHeadersStatus.
         """
@@ -316,7 +318,7 @@ class IStreamEncoderFilter(Interface):
         A response body chunk -> FilterDataStatus.
         """
 
-    def encodeTrailers(trailers: object) -> object:
+    def encodeTrailers(trailers: Any) -> object:
         """
         Response trailers -> FilterTrailersStatus.
         """

@@ -1,0 +1,243 @@
+"""
+The router HTTP filter (``envoy.filters.http.router``): the last decoder filter.  It takes
+the route the chain resolved and either answers directly (``direct_response``, 404 ``NR``
+when nothing matched) or sends the request to the route's cluster over a pooled upstream
+connection and streams the response back through the encoder filters.
+
+Local replies follow Envoy's statuses and response flags: 503 ``UF`` (connect failure),
+503 ``UO`` (circuit breaker), 503 ``UC`` (upstream reset before the response started),
+504 ``UT`` (the route timeout passed).  A reset after the response started resets the
+downstream stream: a truncated response never looks complete.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import attrs
+from twisted.internet.interfaces import IDelayedCall
+from zope.interface import implementer
+
+from hbonex.errors import UpstreamError
+from hbonex.http.filter_manager import FilterDataStatus, FilterHeadersStatus
+from hbonex.http.headers import Headers
+from hbonex.http.pool1 import Http1Pool, Overflow
+from hbonex.interfaces import IStreamDecoderFilter
+
+
+@attrs.frozen
+class HttpRoute:
+    """
+    What the router needs of a matched route (built from Envoy's RouteAction or
+    DirectResponseAction).
+    """
+
+    cluster: Any = None
+    #: ``timeout``: the whole request, until the response has ended; 0 disables.
+    timeout: float = 15.0
+    direct_status: int | None = None
+    direct_body: bytes = b""
+    prefix_rewrite: tuple[bytes, bytes] | None = None  # (matched prefix, replacement)
+    host_rewrite: bytes | None = None
+    name: str = ""
+
+
+@implementer(IStreamDecoderFilter)
+class RouterFilter:
+    """
+    One request's trip upstream.  ``pool_for(cluster)`` gives the cluster's HTTP/1.1 pool.
+    """
+
+    def __init__(self, reactor: Any, pool_for: Callable[[Any], Http1Pool]) -> None:
+        self.reactor = reactor
+        self.pool_for = pool_for
+        self.callbacks: Any = None
+        self._codec: Any = None
+        self._pending: list[tuple[str, Any, bool]] = []
+        self._pending_bytes = 0
+        self._request_ended = False
+        self._response_started = False
+        self._done = False
+        self._timer: IDelayedCall | None = None
+        self._acquiring: Any = None
+        self._started = 0.0
+
+    def setDecoderFilterCallbacks(self, callbacks: Any) -> None:
+        self.callbacks = callbacks
+
+    # -- the request ----------------------------------------------------------------------------
+
+    def decodeHeaders(self, headers: Headers, endStream: bool) -> Any:
+        cb = self.callbacks
+        route = cb.route()
+        if route is None:
+            cb.sendLocalReply(404, b"", None, "route_not_found", "NR")
+            return FilterHeadersStatus.StopIteration
+        if route.direct_status is not None:
+            cb.sendLocalReply(route.direct_status, route.direct_body, None, "direct_response",
+                              "")
+            return FilterHeadersStatus.StopIteration
+        if route.cluster is None:
+            cb.sendLocalReply(503, b"", None, "cluster_not_found", "NC")
+            return FilterHeadersStatus.StopIteration
+        self._request_ended = endStream
+        headers = self._rewrite(headers, route)
+        info = cb.streamInfo()
+        info.upstream_cluster = getattr(route.cluster, "name", "")
+        info.route_name = route.name
+        if route.timeout > 0:
+            self._timer = self.reactor.callLater(route.timeout, self._timed_out, route.timeout)
+        self._started = time.monotonic()
+        d = self._acquiring = self.pool_for(route.cluster).acquire()
+        d.addCallbacks(self._connected, self._connect_failed, callbackArgs=(headers, endStream))
+        return FilterHeadersStatus.StopIteration
+
+    def _rewrite(self, headers: Headers, route: HttpRoute) -> Headers:
+        if route.prefix_rewrite is not None:
+            prefix, replacement = route.prefix_rewrite
+            path = headers.get(b":path") or b"/"
+            if path.startswith(prefix):
+                headers.set(b":path", replacement + path[len(prefix):])
+        if route.host_rewrite is not None:
+            headers.set(b":authority", route.host_rewrite)
+        return headers
+
+    def decodeData(self, data: bytes, endStream: bool) -> Any:
+        self._request_ended = self._request_ended or endStream
+        if self._codec is not None:
+            self._codec.send_data(data, endStream)
+        elif not self._done:
+            self._pending.append(("data", data, endStream))
+            self._pending_bytes += len(data)
+        return FilterDataStatus.StopIterationNoBuffer
+
+    def decodeTrailers(self, trailers: Headers) -> Any:
+        self._request_ended = True
+        if self._codec is not None:
+            self._codec.send_trailers(trailers)
+        elif not self._done:
+            self._pending.append(("trailers", trailers, True))
+        return None
+
+    def _connected(self, codec: Any, headers: Headers, end_stream: bool) -> None:
+        self._acquiring = None
+        if self._done:
+            self._release(codec)
+            return
+        self._codec = codec
+        self.callbacks.streamInfo().upstream_host = _peer_of(codec)
+        codec.start_request(headers, end_stream, _UpstreamResponse(self))
+        pending, self._pending = self._pending, []
+        for kind, value, end in pending:
+            if kind == "data":
+                codec.send_data(value, end)
+            else:
+                codec.send_trailers(value)
+
+    def _connect_failed(self, failure: Any) -> None:
+        self._acquiring = None
+        if failure.check(Overflow):
+            self._local_reply(503, "upstream_overflow", "UO")
+        elif not self._done:
+            error = failure.value
+            reason = error.reason if isinstance(error, UpstreamError) else str(error)
+            self._local_reply(503, f"upstream_connect_failure: {reason}", "UF")
+
+    def _timed_out(self, timeout: float) -> None:
+        self._timer = None
+        if self._done:
+            return
+        if self._codec is not None:
+            codec, self._codec = self._codec, None
+            codec.abort()
+        self._local_reply(504, "upstream_response_timeout", "UT")
+
+    def _local_reply(self, status: int, details: str, flag: str) -> None:
+        if self._response_started:
+            self.callbacks.streamInfo().response_flags.add(flag)
+            self.callbacks.resetStream()
+            return
+        self.callbacks.sendLocalReply(status, b"", None, details, flag)
+
+    # -- the response (from the upstream codec) -------------------------------------------------
+
+    def _upstream_reset(self, why: str) -> None:
+        self._codec = None
+        if not self._done:
+            self._local_reply(503, f"upstream_reset_before_response_started: {why}", "UC")
+
+    def _response_headers(self, headers: Headers, end_stream: bool) -> None:
+        self._response_started = True
+        elapsed = int((time.monotonic() - self._started) * 1000)
+        headers.set(b"x-envoy-upstream-service-time", str(elapsed).encode())
+        if end_stream:
+            self._finish()
+        self.callbacks.encodeHeaders(headers, end_stream)
+
+    def _response_data(self, data: bytes, end_stream: bool) -> None:
+        if end_stream:
+            self._finish()
+        self.callbacks.encodeData(data, end_stream)
+
+    def _response_trailers(self, trailers: Headers) -> None:
+        self._finish()
+        self.callbacks.encodeTrailers(trailers)
+
+    def _finish(self) -> None:
+        """The response ended (or the request is over): the connection is the pool's again."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        codec, self._codec = self._codec, None
+        if codec is not None and not self._request_ended:
+            # Answered before the request ended: the rest of it will not be sent, so the
+            # connection cannot be reused.
+            codec.abort()
+
+    def onDestroy(self) -> None:
+        self._done = True
+        codec, self._codec = self._codec, None
+        self._finish()
+        if self._acquiring is not None:
+            self._acquiring.cancel()
+        if codec is not None and codec.busy:
+            codec.abort()  # the exchange did not finish: the connection is not reusable
+        self._pending = []
+
+    def _release(self, codec: Any) -> None:
+        if codec.on_idle is not None:
+            codec.on_idle(codec)
+
+
+class _UpstreamResponse:
+    """
+    The response side the upstream codec calls (it decodes a response; the router's own
+    decode* methods are the request's).
+    """
+
+    __slots__ = ("router",)
+
+    def __init__(self, router: RouterFilter) -> None:
+        self.router = router
+
+    def decodeHeaders(self, headers: Headers, endStream: bool) -> None:
+        self.router._response_headers(headers, endStream)
+
+    def decodeData(self, data: bytes, endStream: bool) -> None:
+        self.router._response_data(data, endStream)
+
+    def decodeTrailers(self, trailers: Headers) -> None:
+        self.router._response_trailers(trailers)
+
+    def onUpstreamReset(self, why: str) -> None:
+        self.router._upstream_reset(why)
+
+
+def _peer_of(codec: Any) -> str:
+    peer = getattr(getattr(codec, "transport", None), "getPeer", lambda: None)()
+    host, port = getattr(peer, "host", None), getattr(peer, "port", None)
+    return f"{host}:{port}" if host is not None else str(peer)
+
+
+__all__ = ["HttpRoute", "RouterFilter"]

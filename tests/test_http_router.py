@@ -1,0 +1,198 @@
+"""
+The router HTTP filter with pooled upstream HTTP/1.1 connections (hbonex.http.router,
+client1, pool1), in memory: the filter chain on one side, upstream connections over
+StringTransports on the other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet import error as ierror
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from hbonex.errors import UpstreamError
+from hbonex.http.client1 import Http1ClientCodec
+from hbonex.http.filter_manager import FilterManager
+from hbonex.http.headers import Headers
+from hbonex.http.pool1 import Http1Pool
+from hbonex.http.router import HttpRoute, RouterFilter
+from tests.fakes import HalfCloseTransport
+from tests.test_http_filter_manager import Sink
+
+
+class Upstream:
+    """The pool's connector: each connection is a codec over a HalfCloseTransport."""
+
+    def __init__(self, clock: Clock, fail: Exception | None = None,
+                 hold: bool = False) -> None:
+        self.clock = clock
+        self.fail = fail
+        self.hold = hold
+        self.codecs: list[Http1ClientCodec] = []
+        self.held: list[tuple[Http1ClientCodec, defer.Deferred[Any]]] = []
+
+    def __call__(self, codec: Http1ClientCodec) -> defer.Deferred[Any]:
+        if self.fail is not None:
+            return defer.fail(self.fail)
+        if self.hold:
+            d: defer.Deferred[Any] = defer.Deferred()
+            self.held.append((codec, d))
+            return d
+        return defer.succeed(self._connect(codec))
+
+    def _connect(self, codec: Http1ClientCodec) -> None:
+        codec.makeConnection(HalfCloseTransport())
+        self.codecs.append(codec)
+
+    def release(self) -> None:
+        for codec, d in self.held:
+            self._connect(codec)
+            d.callback(None)
+        self.held = []
+
+    def sent(self, index: int = -1) -> bytes:
+        transport = self.codecs[index].transport
+        return transport.value()  # type: ignore[union-attr,no-any-return]
+
+
+BACKEND = HttpRoute(cluster="backend")
+
+
+class Setup:
+    def __init__(self, route: HttpRoute | None = BACKEND, **pool: Any) -> None:
+        self.clock = Clock()
+        self.upstream = Upstream(self.clock)
+        self.pool = Http1Pool(self.clock, self.upstream, **pool)
+        self.route = route
+
+    def request(self, headers: Headers | None = None,
+                end: bool = True) -> tuple[FilterManager, Sink]:
+        sink = Sink()
+        router = RouterFilter(self.clock, lambda cluster: self.pool)
+        manager = FilterManager([router], sink, route_resolver=lambda h, c: self.route)
+        manager.decodeHeaders(headers or Headers.of(method="GET", path="/x", authority="svc",
+                                                     scheme="http"), end)
+        return manager, sink
+
+
+def respond(codec: Http1ClientCodec, data: bytes) -> None:
+    codec.dataReceived(data)
+
+
+class RouterTests(unittest.TestCase):
+    def test_get_and_connection_reuse(self) -> None:
+        s = Setup()
+        manager, sink = s.request()
+        self.assertEqual(s.upstream.sent(), b"GET /x HTTP/1.1\r\nhost: svc\r\n\r\n")
+        respond(s.upstream.codecs[0], b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"
+                                      b"Connection: keep-alive\r\n\r\nhello")
+        self.assertEqual(sink.events[0][:2], ("headers", b"200"))
+        self.assertEqual(sink.body, b"hello")
+        self.assertTrue(manager.complete)
+        self.assertEqual(len(s.pool.idle), 1)
+        _, sink2 = s.request()
+        self.assertEqual(len(s.upstream.codecs), 1)  # the same connection again
+        respond(s.upstream.codecs[0], b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertEqual(sink2.events, [("headers", b"204", True)])
+
+    def test_body_sent_before_the_connection_is_up_is_kept_in_order(self) -> None:
+        s = Setup()
+        s.upstream.hold = True
+        manager, sink = s.request(Headers.of(method="POST", path="/up", authority="svc",
+                                             scheme="http"), end=False)
+        manager.decodeData(b"one ", False)
+        manager.decodeData(b"two", True)
+        s.upstream.release()
+        self.assertEqual(
+            s.upstream.sent(),
+            b"POST /up HTTP/1.1\r\nhost: svc\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"4\r\none \r\n3\r\ntwo\r\n0\r\n\r\n",
+        )
+
+    def test_chunked_response_with_trailers(self) -> None:
+        s = Setup()
+        _, sink = s.request()
+        respond(s.upstream.codecs[0], b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                      b"3\r\nabc\r\n0\r\nX-Sum: 9\r\n\r\n")
+        self.assertEqual(sink.body, b"abc")
+        self.assertEqual(sink.events[-1], ("trailers", [(b"x-sum", b"9")]))
+
+    def test_rewrites(self) -> None:
+        s = Setup(HttpRoute(cluster="b", prefix_rewrite=(b"/x", b"/api/x"),
+                            host_rewrite=b"internal"))
+        s.request()
+        self.assertEqual(s.upstream.sent(), b"GET /api/x HTTP/1.1\r\nhost: internal\r\n\r\n")
+
+
+class LocalReplyTests(unittest.TestCase):
+    def test_no_route_is_404_nr(self) -> None:
+        s = Setup(route=None)
+        manager, sink = s.request()
+        self.assertEqual(sink.events[0][:2], ("headers", b"404"))
+        self.assertEqual(manager.stream_info.flags_text(), "NR")
+
+    def test_direct_response_200(self) -> None:
+        s = Setup(HttpRoute(direct_status=200, direct_body=b"fine"))
+        _, sink = s.request()
+        self.assertEqual((sink.events[0][1], sink.body), (b"200", b"fine"))
+
+    def test_connect_failure_is_503_uf(self) -> None:
+        s = Setup()
+        s.upstream.fail = UpstreamError(503, "connect to 10.0.0.1:80 failed: refused")
+        manager, sink = s.request()
+        self.assertEqual(sink.events[0][:2], ("headers", b"503"))
+        self.assertEqual(manager.stream_info.flags_text(), "UF")
+        self.assertIn("refused", manager.stream_info.response_code_details)
+
+    def test_circuit_breaker_is_503_uo(self) -> None:
+        s = Setup(max_connections=1, max_pending=0)
+        s.request()
+        manager, sink = s.request()
+        self.assertEqual(sink.events[0][:2], ("headers", b"503"))
+        self.assertEqual(manager.stream_info.flags_text(), "UO")
+
+    def test_timeout_is_504_ut_and_the_upstream_is_dropped(self) -> None:
+        s = Setup(HttpRoute(cluster="b", timeout=2))
+        manager, sink = s.request()
+        s.clock.advance(1.9)
+        self.assertEqual(sink.events, [])
+        s.clock.advance(0.1)
+        self.assertEqual(sink.events[0][:2], ("headers", b"504"))
+        self.assertEqual(manager.stream_info.flags_text(), "UT")
+        self.assertTrue(s.upstream.codecs[0].transport.aborted)  # type: ignore[union-attr]
+
+    def test_reset_before_the_response_is_503_uc(self) -> None:
+        s = Setup()
+        manager, sink = s.request()
+        s.upstream.codecs[0].connectionLost(Failure(ierror.ConnectionLost("reset")))
+        self.assertEqual(sink.events[0][:2], ("headers", b"503"))
+        self.assertEqual(manager.stream_info.flags_text(), "UC")
+
+    def test_truncated_response_resets_downstream(self) -> None:
+        s = Setup()
+        manager, sink = s.request()
+        codec = s.upstream.codecs[0]
+        respond(codec, b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+        codec.connectionLost(Failure(ierror.ConnectionDone()))
+        self.assertTrue(sink.was_reset)
+        self.assertFalse(any(e[0] == "data" and e[2] for e in sink.events))
+
+    def test_close_delimited_response_ends_at_fin(self) -> None:
+        s = Setup()
+        manager, sink = s.request()
+        codec = s.upstream.codecs[0]
+        respond(codec, b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
+        codec.readConnectionLost()
+        self.assertEqual(sink.body, b"until the end")
+        self.assertTrue(manager.complete)
+        self.assertFalse(sink.was_reset)
+
+    def test_malformed_response_is_503(self) -> None:
+        s = Setup()
+        manager, sink = s.request()
+        respond(s.upstream.codecs[0], b"HTTP/1.1 2OO OK\r\n\r\n")
+        self.assertEqual(sink.events[0][:2], ("headers", b"503"))
