@@ -452,6 +452,7 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
         return end
 
     return {
+        **_http_providers(),
         "hbonex.listener.ListenerConnection": lambda: _listener_connection(test),
         "hbonex.listener.InspectingProtocol": lambda: _inspecting_protocol(),
         "hbonex.listener.ConnectionInfo": lambda: ConnectionInfo("l", "1.2.3.4:5", "5.6.7.8:9"),
@@ -484,6 +485,52 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
         ),
         "hbonex.tunnel_server.SniffingCodec": lambda: SniffingCodec(Protocol, Protocol),
     }
+
+
+def _http_providers() -> dict[str, Callable[[], Any]]:
+    """The HTTP layer's providers (filter chain callbacks, codecs, sinks, the router)."""
+    from hbonex.h2connection import H2Stream
+    from hbonex.http import codec1, codec2
+    from hbonex.http.client1 import Http1ClientCodec
+    from hbonex.http.filter_manager import FilterManager
+    from hbonex.http.router import RouterFilter
+    from hbonex.tunnel_client import H2TunnelClient
+
+    def manager() -> FilterManager:
+        return FilterManager([RouterFilter(Clock(), lambda c: None)], None)  # type: ignore
+
+    def h1_sink() -> Any:
+        codec = codec1.Http1ServerCodec(lambda sink: None, Clock())
+        return codec1._Sink(codec, codec1._Stream(b"GET", b"HTTP/1.1", True))
+
+    return {
+        "hbonex.http.filter_manager._DecoderCallbacks":
+            lambda: manager().decoding.sides[0].callbacks,
+        "hbonex.http.filter_manager._EncoderCallbacks": lambda: _encoder_callbacks(),
+        "hbonex.http.codec1._Sink": h1_sink,
+        "hbonex.http.codec1.Http1ServerCodec":
+            lambda: codec1.Http1ServerCodec(lambda sink: None, Clock()),
+        "hbonex.http.codec2.H2ResponseSink": lambda: codec2.H2ResponseSink(
+            H2Stream(H2TunnelClient(H2Settings(), Clock()), 1)
+        ),
+        "hbonex.http.codec2.H2RequestBody": lambda: codec2.H2RequestBody(None, False),
+        "hbonex.http.client1.Http1ClientCodec": Http1ClientCodec,
+        "hbonex.http.router.RouterFilter": lambda: RouterFilter(Clock(), lambda c: None),
+    }
+
+
+def _encoder_callbacks() -> Any:
+    from zope.interface import implementer as _implementer
+
+    from hbonex.http.filter_manager import FilterManager
+    from hbonex.interfaces import IStreamEncoderFilter
+
+    @_implementer(IStreamEncoderFilter)
+    class Encoder:
+        def setEncoderFilterCallbacks(self, callbacks: Any) -> None:
+            self.callbacks = callbacks
+
+    return FilterManager([Encoder()], None).encoding.sides[0].callbacks  # type: ignore
 
 
 class _TCPStringTransport(StringTransport):
