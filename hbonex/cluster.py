@@ -84,17 +84,26 @@ class Runtime:
         self.server_connections: set[Any] = set()
         #: Accepted connections across every listener (the overload manager's limit).
         self.downstream_limit = DownstreamLimit()
-        self._http_agents: Any = None
+        self._http1_pools: dict[str, Any] = {}
 
-    def http_agents(self) -> Any:
+    def http1_pool(self, cluster: Cluster) -> Any:
         """
-        Pooled HTTP/1.1 clients per cluster, for HTTP request proxying.
+        The cluster's pool of kept-alive upstream HTTP/1.1 connections (for the router).
         """
-        if self._http_agents is None:
-            from hbonex.http_proxy import Agents
+        pool = self._http1_pools.get(cluster.name)
+        if pool is None:
+            from hbonex.http.pool1 import Http1Pool
 
-            self._http_agents = Agents(self.reactor)
-        return self._http_agents
+            breakers = cluster.circuit_breakers
+            pool = Http1Pool(
+                self.reactor,
+                lambda codec: cluster.connect_stream(codec, UpstreamRequest()),
+                max_connections=breakers.max_connections,
+                max_pending=breakers.max_pending_requests,
+                idle_timeout=cluster.pool_idle_timeout,
+            )
+            self._http1_pools[cluster.name] = pool
+        return pool
 
     def cluster(self, name: str) -> Cluster:
         return self.clusters[name]

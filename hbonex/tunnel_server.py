@@ -150,9 +150,13 @@ class H2TunnelServer(H2TunnelConnection):
         tunnels: TunnelLog,
         max_requests_per_connection: int = 0,
         connections: Any = None,
+        http: Any = None,
     ) -> None:
         super().__init__(settings, reactor)
         self.router = router
+        #: hbonex.http.connection_manager.HttpStreamFactory: ordinary requests go through the
+        #: HCM's filter chain (None: only CONNECT is served, as the CLI's server does).
+        self.http = http
         self.info = info
         self.tunnels = tunnels
         self.max_requests = max_requests_per_connection
@@ -185,6 +189,11 @@ class H2TunnelServer(H2TunnelConnection):
 
     def _handle_request(self, event: h2.events.RequestReceived) -> None:
         sid = event.stream_id
+        if self.http is not None and not _is_tunnel(event.headers, self.router, self.info):
+            from hbonex.http.codec2 import serve_request
+
+            serve_request(self, sid, event.headers, event.stream_ended is not None, self.http)
+            return
         try:
             request = parse_h2_request(event.headers)
         except MalformedRequest as e:
@@ -195,10 +204,10 @@ class H2TunnelServer(H2TunnelConnection):
             self.conn.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
             return
         decision = self.router.route(request, self.info)
-        # No cluster: a direct_response (which may well be a 200), not a tunnel.
         if decision.status == 200 and decision.cluster is not None and decision.kind == "http":
-            # Ordinary requests over HTTP/2 are for the HTTP filter chain, not built yet.
-            decision = RouteDecision(501, "HTTP/2 request proxying is not supported")
+            # Only an HCM (with its filter chain) proxies ordinary requests.
+            decision = RouteDecision(405, f"method {request.method} not allowed, only CONNECT")
+        # No cluster: a direct_response (which may well be a 200), not a tunnel.
         if decision.status != 200 or decision.cluster is None:
             self.tunnels.refused_tunnel(self.info, request.authority, decision.status,
                                         decision.reason)
@@ -286,6 +295,27 @@ class H2TunnelServer(H2TunnelConnection):
             self.conn.reset_stream(sid, ErrorCodes.NO_ERROR)
 
 
+def _is_tunnel(headers: list[tuple[bytes, bytes]], router: Any, info: Any) -> bool:
+    """
+    Whether an HTTP/2 request is a tunnel (CONNECT, or a POST the route carries as one)
+    rather than a request for the HTTP filter chain.
+    """
+    method = b""
+    for name, value in headers:
+        if name == b":method":
+            method = value
+            break
+    if method == b"CONNECT":
+        return True
+    if method != b"POST":
+        return False
+    try:
+        request = parse_h2_request(headers)
+    except MalformedRequest:
+        return False
+    return router.route(request, info).kind == "tunnel"
+
+
 @implementer(IHalfCloseableProtocol)
 class H1TunnelServer(Protocol):
     """
@@ -299,15 +329,16 @@ class H1TunnelServer(Protocol):
     log = Logger()
 
     def __init__(
-        self, reactor: Any, router: Any, info: Any, tunnels: TunnelLog, agents: Any = None,
+        self, reactor: Any, router: Any, info: Any, tunnels: TunnelLog, http: Any = None,
         idle_timeout: float = 300.0,
     ) -> None:
         self.reactor = reactor
         self.router = router
         self.info = info
         self.tunnels = tunnels
-        #: hbonex.http_proxy.Agents, for connections whose first request is not CONNECT.
-        self.agents = agents
+        #: hbonex.http.connection_manager.HttpStreamFactory, for connections whose first
+        #: request is not CONNECT (the HCM's HTTP filter chain).
+        self.http = http
         self.idle_timeout = idle_timeout
         self._channel: Protocol | None = None
         self._buffer = b""
@@ -341,7 +372,7 @@ class H1TunnelServer(Protocol):
                 self._reply(431, close=True)
             return
         head, rest = self._buffer[:end], self._buffer[end + 4 :]
-        if not head.startswith(b"CONNECT ") and self.agents is not None:
+        if not head.startswith(b"CONNECT ") and self.http is not None:
             self._become_http_proxy(self._buffer)
             return
         self._buffer = rest
@@ -350,14 +381,15 @@ class H1TunnelServer(Protocol):
 
     def _become_http_proxy(self, data: bytes) -> None:
         """
-        The connection carries ordinary HTTP requests: hand it to the HTTP/1.1 proxy.
+        The connection carries ordinary HTTP requests: hand it to the HTTP/1.1 codec, each
+        request to the HCM's filter chain.
         """
-        from hbonex.http_proxy import ProxyChannel, ProxyContext
+        from hbonex.http.codec1 import Http1Limits, Http1ServerCodec
 
         self._buffer = b""
-        channel = ProxyChannel(
-            ProxyContext(self.reactor, self.router, self.info, self.agents, self.tunnels),
-            self.idle_timeout,
+        channel = Http1ServerCodec(
+            self.http, self.reactor, Http1Limits(idle_timeout=self.idle_timeout),
+            scheme=b"https" if self.info.peerIdentity else b"http",
         )
         self._channel = channel
         channel.makeConnection(self.transport)

@@ -426,8 +426,7 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
     One instance of each class in hbonex that declares @implementer, keyed by
     ``module.Class``.
     """
-    from hbonex import demo, http_proxy
-    from hbonex.cluster import UpstreamRequest
+    from hbonex import demo
     from hbonex.filters.http_connection_manager import (
         HttpConnectionManagerConfig,
         HttpConnectionManagerFilter,
@@ -473,12 +472,6 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
         "hbonex.relay.RelayEnd": relay_end,
         "hbonex.demo.Echo": demo.Echo,
         "hbonex.demo.Pusher": lambda: demo.Pusher(1024, 1),
-        "hbonex.http_proxy.ClusterEndpoint": lambda: http_proxy.ClusterEndpoint(
-            None, UpstreamRequest()
-        ),
-        "hbonex.http_proxy.ClusterEndpointFactory": lambda: (
-            http_proxy.ClusterEndpointFactory(None)
-        ),
         "hbonex.fasttls.FastTLSProtocol": lambda: _fast_tls_protocol(test),
         "hbonex.tunnel_server.H1TunnelServer": lambda: H1TunnelServer(
             Clock(), None, None, TunnelLog()
@@ -492,6 +485,7 @@ def _http_providers() -> dict[str, Callable[[], Any]]:
     from hbonex.h2connection import H2Stream
     from hbonex.http import codec1, codec2
     from hbonex.http.client1 import Http1ClientCodec
+    from hbonex.http.connection_manager import StandardHeaders
     from hbonex.http.filter_manager import FilterManager
     from hbonex.http.router import RouterFilter
     from hbonex.tunnel_client import H2TunnelClient
@@ -516,6 +510,7 @@ def _http_providers() -> dict[str, Callable[[], Any]]:
         "hbonex.http.codec2.H2RequestBody": lambda: codec2.H2RequestBody(None, False),
         "hbonex.http.client1.Http1ClientCodec": Http1ClientCodec,
         "hbonex.http.router.RouterFilter": lambda: RouterFilter(Clock(), lambda c: None),
+        "hbonex.http.connection_manager.StandardHeaders": lambda: StandardHeaders(None),
     }
 
 

@@ -12,7 +12,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from hbonex.h2settings import H2Settings
+from hbonex.http.connection_manager import HttpStreamFactory
 from hbonex.interfaces import INetworkFilter, INetworkFilterCallbacks
+from hbonex.routing import ConnectRouter
 from hbonex.tunnel_server import H1TunnelServer, H2TunnelServer, SniffingCodec, TunnelLog
 
 log = Logger(namespace="hbonex.hcm")
@@ -28,6 +30,8 @@ class HttpConnectionManagerConfig:
     stream_idle_timeout: float = 300.0
     max_requests_per_connection: int = 0
     access_log: Sequence[Callable[[dict[str, str]], None]] = ()
+    #: The configured HTTP filters before the router, one factory each.
+    http_filters: Sequence[Callable[[], Any]] = ()
     tunnels: TunnelLog = attrs.field(
         default=attrs.Factory(lambda self: TunnelLog(self.access_log), takes_self=True)
     )
@@ -43,17 +47,25 @@ class HttpConnectionManagerFilter:
         info = callbacks.info
         reactor = config.runtime.reactor
 
+        # A route table serves ordinary requests through the filter chain; the CLI's
+        # ConnectRouter tunnels only (anything else is 405, logged as a refused tunnel).
+        http = None if isinstance(config.router, ConnectRouter) else HttpStreamFactory(
+            reactor, config.router, config.runtime.http1_pool, info,
+            filter_factories=config.http_filters,
+            access_log=config.tunnels.record if config.access_log else None,
+        )
+
         def h2() -> H2TunnelServer:
             return H2TunnelServer(
                 config.h2_settings, reactor, config.router, info, config.tunnels,
                 max_requests_per_connection=config.max_requests_per_connection,
-                connections=config.runtime.server_connections,
+                connections=config.runtime.server_connections, http=http,
             )
 
         def h1() -> H1TunnelServer:
             return H1TunnelServer(
                 reactor, config.router, info, config.tunnels,
-                agents=config.runtime.http_agents(), idle_timeout=config.stream_idle_timeout,
+                http=http, idle_timeout=config.stream_idle_timeout,
             )
 
         alpn = info.negotiatedProtocol

@@ -379,6 +379,8 @@ class FilterManager:
         self._route: Any = None
         self._route_cached = False
         self.response_started = False
+        #: Called once when the request is over (completed or reset): the access log.
+        self.on_destroy: Callable[[FilterManager], None] | None = None
         self._in_local_reply = False
         self.complete = False
         self._destroyed = False
@@ -548,6 +550,8 @@ class FilterManager:
         if self._destroyed:
             return
         self._destroyed = True
+        if self.on_destroy is not None:
+            self.on_destroy(self)
         seen: set[int] = set()
         for f in self.filters:
             if id(f) not in seen:
