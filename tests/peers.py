@@ -110,6 +110,9 @@ class H2PeerConnection(protocol.Protocol):
                                                     event.stream_id)
                 if event.stream_id in self.echo and event.data:
                     self.conn.send_data(event.stream_id, event.data)
+                if self.factory.on_data is not None and event.data:
+                    self.flush()
+                    self.factory.on_data(self, event.stream_id, event.data)
             elif isinstance(event, h2.events.StreamEnded) and event.stream_id in self.echo:
                 self.conn.end_stream(event.stream_id)
         self.flush()
@@ -137,6 +140,8 @@ class H2Peer(protocol.Factory):
         max_concurrent_streams: int | None = None,
     ) -> None:
         self.on_request = on_request
+        #: Called with (connection, stream id, data) for each DATA payload received.
+        self.on_data: Callable[[H2PeerConnection, int, bytes], None] | None = None
         self.max_concurrent_streams = max_concurrent_streams
         self.connections: list[H2PeerConnection] = []
         self.port = 0

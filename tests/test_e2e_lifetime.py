@@ -207,13 +207,13 @@ class ProtocolErrorTests(RawClientMixin):
         Bug 3: the server answers the first CONNECT, then sends a bad frame.  That tunnel is
         reset; the pool drops the connection at once and the next tunnel gets a new one.
         """
-        def first_then_bad(conn: H2PeerConnection, stream_id: int) -> None:
-            conn.echo.add(stream_id)
-            conn.answer(stream_id)
+        def bad_once_tunnelling(conn: H2PeerConnection, stream_id: int, data: bytes) -> None:
+            # After the tunnel carried bytes (so it was surely up at the client).
             if conn.index == 0:
                 conn.write_raw(ZERO_WINDOW_UPDATE)
 
-        peer = start_h2_peer(self, self.pki, H2Peer(first_then_bad))
+        peer = start_h2_peer(self, self.pki, H2Peer())
+        peer.on_data = bad_once_tunnelling
         client = await self.start_client_to(peer.port, "127.0.0.1:9")
         port = self.forward_port(client)
         c = StreamClient()
