@@ -48,6 +48,7 @@ from hbonex.fasttls import pending_write_bytes
 from hbonex.h2flood import Flood, FloodGuard, LimitedFrameBuffer
 from hbonex.h2settings import H2Settings
 from hbonex.interfaces import IHalfCloseableTransport
+from hbonex.stats import STATS
 
 ErrorCodes = h2.errors.ErrorCodes
 
@@ -105,6 +106,11 @@ class ConnectionState(enum.Enum):
     CLOSED = "closed"
 
 
+_TX_RESET = STATS.counter("http2.tx_reset")
+_RX_RESET = STATS.counter("http2.rx_reset")
+_GOAWAY_SENT = STATS.counter("http2.goaway_sent")
+
+
 class CompressionError(h2.exceptions.ProtocolError):
     """A header block that HPACK cannot decode."""
 
@@ -146,10 +152,13 @@ class QuietH2Connection(h2.connection.H2Connection):
 
     def reset_stream(self, stream_id: int, error_code: int = 0) -> None:
         super().reset_stream(stream_id, error_code)
+        _TX_RESET.inc()
         if self.guard is not None and self.flood is None:
             self.flood = self.guard.stream_reset(stream_id, error_code)
 
     def _receive_frame(self, frame: Frame) -> list[h2.events.Event]:
+        if frame.__class__ is RstStreamFrame:
+            _RX_RESET.inc()
         guard = self.guard
         if guard is not None:
             guard.received(
@@ -213,7 +222,7 @@ class QuietH2Connection(h2.connection.H2Connection):
         if self.guard is not None:
             why = self.guard.stream_reset(frame.stream_id, ErrorCodes.REFUSED_STREAM)
             if why is not None:
-                raise Flood(why)
+                raise Flood(why, "premature_reset")
         return frames, []
 
     def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Frame], list[Any]]:
@@ -719,6 +728,8 @@ class H2TunnelConnection(Protocol):
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as e:
             kind = "flood" if isinstance(e, Flood) else "protocol error"
+            if isinstance(e, Flood):
+                STATS.counter(f"http2.{e.stat}").inc()
             why = f"HTTP/2 {kind} from peer: {e}"
             if self.conn.state_machine.state is not h2.connection.ConnectionState.CLOSED:
                 # h2 checks the preface before its own GOAWAY handling: a bad one would end
@@ -748,6 +759,7 @@ class H2TunnelConnection(Protocol):
             return
         self.log.warn("{conn}: HTTP/2 flood from peer: {why}; GOAWAY ENHANCE_YOUR_CALM",
                       conn=self.describe(), why=why)
+        STATS.counter("http2.premature_reset").inc()
         self.goaway_sent = True
         self.conn.close_connection(error_code=ErrorCodes.ENHANCE_YOUR_CALM)
         self.close(f"HTTP/2 flood from peer: {why}")
@@ -858,6 +870,10 @@ class H2TunnelConnection(Protocol):
                 # without bound.
                 why = self.guard.queued(data)
                 if why is not None:
+                    STATS.counter(
+                        "http2.outbound_control_flood" if "control" in why
+                        else "http2.outbound_flood"
+                    ).inc()
                     self.log.warn("{conn}: {why}; aborting", conn=self.describe(), why=why)
                     self.abort(f"outbound flood: {why}")
                     return
@@ -1044,6 +1060,7 @@ class H2TunnelConnection(Protocol):
         if not self.may_send or self.goaway_sent:
             return
         self.goaway_sent = True
+        _GOAWAY_SENT.inc()
         if code == ErrorCodes.NO_ERROR:
             self.conn.graceful_goaway()
             self._flush()

@@ -45,9 +45,14 @@ PREMATURE_RESET_MIN = 100
 class Flood(DenialOfServiceError):
     """
     A peer exceeded a flood limit: h2 answers GOAWAY(ENHANCE_YOUR_CALM) for this error.
+    ``stat`` names the ``http2.*`` counter it counts in (Envoy's names).
     """
 
     error_code = ErrorCodes.ENHANCE_YOUR_CALM
+
+    def __init__(self, message: str, stat: str) -> None:
+        super().__init__(message)
+        self.stat = stat
 
 
 class LimitedFrameBuffer(FrameBuffer):
@@ -68,7 +73,7 @@ class LimitedFrameBuffer(FrameBuffer):
                 self._headers_buffer = []  # the memory goes now, not with the connection
                 raise Flood(
                     f"header block of more than {self.max_header_block} bytes "
-                    "(max_request_headers_kb)"
+                    "(max_request_headers_kb)", "header_overflow",
                 )
         return super()._update_header_buffer(f)  # type: ignore[no-any-return]
 
@@ -102,7 +107,8 @@ class FloodGuard:
                 self.consecutive_empty += 1
                 if self.consecutive_empty > s.max_consecutive_inbound_frames_with_empty_payload:
                     raise Flood(f"{self.consecutive_empty} consecutive frames with an empty "
-                                "payload (max_consecutive_inbound_frames_with_empty_payload)")
+                                "payload (max_consecutive_inbound_frames_with_empty_payload)",
+                                "inbound_empty_frames_flood")
             else:
                 self.consecutive_empty = 0
             if isinstance(frame, HeadersFrame) and new_stream:
@@ -116,7 +122,8 @@ class FloodGuard:
             if self.priority_frames > limit:
                 raise Flood(f"{self.priority_frames} PRIORITY frames for "
                             f"{self.opened_streams} streams "
-                            "(max_inbound_priority_frames_per_stream)")
+                            "(max_inbound_priority_frames_per_stream)",
+                            "inbound_priority_frames_flood")
         elif isinstance(frame, WindowUpdateFrame):
             self.window_updates += 1
             limit = 5 + 2 * (
@@ -127,11 +134,12 @@ class FloodGuard:
             if self.window_updates > limit:
                 raise Flood(f"{self.window_updates} WINDOW_UPDATE frames for "
                             f"{self.data_frames_sent} DATA frames sent "
-                            "(max_inbound_window_update_frames_per_data_frame_sent)")
+                            "(max_inbound_window_update_frames_per_data_frame_sent)",
+                            "inbound_window_update_frames_flood")
         elif isinstance(frame, RstStreamFrame):
             why = self.stream_reset(frame.stream_id, frame.error_code)
             if why is not None:
-                raise Flood(why)
+                raise Flood(why, "premature_reset")
 
     def stream_opened(self, stream_id: int) -> None:
         self.opened_streams += 1

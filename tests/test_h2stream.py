@@ -1217,3 +1217,26 @@ class SameBatchResetTests(unittest.TestCase):
         self.assertEqual(tunnel.stream._outbound_size, 0)
         reason = reason_of(tunnel.protocol)
         self.assertTrue(reason.check(ierror.ConnectionDone), reason)
+
+
+class StatsTests(unittest.TestCase):
+    def test_floods_and_resets_are_counted_under_envoys_names(self) -> None:
+        from hbonex.stats import STATS
+
+        before = STATS.snapshot()
+        pair = H2Pair()
+        tunnel = pair.open_tunnel()
+        tunnel.stream.reset(ErrorCodes.CANCEL)
+        pair.pump()
+        sid = pair.send_raw_request([(b":method", b"CONNECT"),
+                                     (b":authority", b"127.0.0.1:8080")])
+        pair.client_transport.clear()
+        pair.server.dataReceived(raw_frame(0x0, 0, sid, b"") * 3)  # empty DATA frames
+        after = STATS.snapshot()
+
+        def grown(name: str) -> int:
+            return after.get(name, 0) - before.get(name, 0)
+
+        self.assertEqual(grown("http2.inbound_empty_frames_flood"), 1)
+        self.assertGreaterEqual(grown("http2.tx_reset"), 1)
+        self.assertGreaterEqual(grown("http2.rx_reset"), 1)
