@@ -31,6 +31,7 @@ from hbonex.tls import PeerPolicy, tls_settings_from_material
 
 class Options(TLSOptions):
     tapname = "hbone-client"
+    with_config = ("max-connections",)
     synopsis = "[options] --forward 127.0.0.1:9000=127.0.0.1:8080"
     longdesc = (
         "Forward local TCP connections through HBONE tunnels (HTTP CONNECT over mutual TLS) "
@@ -148,7 +149,9 @@ def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
     if options["config"]:
-        return ProxyService(
-            options.config_bootstrap(reactor), source=f"--config {options['config']}"
-        )
-    return ProxyService(build(options, reactor))
+        bootstrap = options.config_bootstrap(reactor)
+        options.apply_limits(bootstrap)
+        return ProxyService(bootstrap, source=f"--config {options['config']}")
+    bootstrap = build(options, reactor)
+    options.apply_limits(bootstrap)
+    return ProxyService(bootstrap)

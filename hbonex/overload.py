@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from twisted.logger import Logger
 
+from hbonex.stats import STATS
+
 
 class DownstreamLimit:
     """
@@ -29,6 +31,7 @@ class DownstreamLimit:
         """
         if self.max_active and self.active >= self.max_active:
             self.overflow += 1
+            STATS.counter(f"listener.{listener}.downstream_global_cx_overflow").inc()
             # One line per refusal would itself be a flood: every 1st, 10th, 100th...
             n = self.overflow
             if n & (n - 1) == 0 or n % 1000 == 0:

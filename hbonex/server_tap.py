@@ -30,7 +30,7 @@ from hbonex.tls import PeerPolicy, ServerTLS, tls_settings_from_material
 class Options(TLSOptions):
     tapname = "hbone-server"
     # Not part of the YAML: how long shutdown waits for open tunnels.
-    with_config = ("drain-timeout",)
+    with_config = ("drain-timeout", "max-connections")
     synopsis = "[options]"
     longdesc = "Terminate HBONE tunnels (HTTP CONNECT over mutual TLS) and relay them."
     optFlags = [
@@ -131,8 +131,11 @@ def makeService(options: Options) -> service.MultiService:
 
     if options["config"]:
         bootstrap = options.config_bootstrap(reactor)
+        options.apply_limits(bootstrap)
         return ProxyService(
             bootstrap, drain_timeout=options["drain-timeout"],
             source=f"--config {options['config']}",
         )
-    return ProxyService(build(options, reactor), drain_timeout=options["drain-timeout"])
+    bootstrap = build(options, reactor)
+    options.apply_limits(bootstrap)
+    return ProxyService(bootstrap, drain_timeout=options["drain-timeout"])

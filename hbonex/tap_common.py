@@ -60,6 +60,9 @@ class TLSOptions(usage.Options):
         ["keepalive-interval", None, 10.0, "HTTP/2 PING interval in seconds (0: off).", float],
         ["keepalive-timeout", None, 20.0, "Close when a PING is unanswered this long.", float],
         ["connect-timeout", None, 5.0, "Upstream connect timeout in seconds.", float],
+        ["max-connections", None, 0, "Refuse new downstream connections while this many are "
+         "active, across all listeners (Envoy's overload manager downstream_connections; "
+         "0: no limit).", int],
         ["config", "c", None, "Envoy v3 bootstrap YAML file, instead of the other options."],
     ]
 
@@ -114,6 +117,13 @@ class TLSOptions(usage.Options):
         defaults = getattr(parent, "defaults", {})
         if "pidfile" in defaults and parent.get("pidfile") == defaults["pidfile"]:
             parent["pidfile"] = ""
+
+    def apply_limits(self, bootstrap: Any) -> None:
+        """
+        --max-connections: the process-wide downstream limit (over the YAML's, if given).
+        """
+        if "max-connections" in self.given or not self["config"]:
+            bootstrap.runtime.downstream_limit.max_active = self["max-connections"]
 
     def refuse_flags_with_config(self) -> None:
         """

@@ -308,3 +308,42 @@ class HandshakeFloodTests(FloodTestCase):
         lines = server.matches(r"handshake timed out after 1 s")
         self.assertGreaterEqual(len(lines), 1000)
         await self.assert_still_serving(server, echo)
+
+
+class ConnectionLimitTests(FloodTestCase):
+    @e2e
+    async def test_global_downstream_limit(self) -> None:
+        """
+        --max-connections 2: a third connection is refused at once (before any TLS work)
+        and logged; the two open ones are untouched; a slot freed is usable again.
+        """
+        server, echo = await self.setup_server("--max-connections", "2")
+        first = await self.raw(server)
+        second = await self.raw(server)
+        await gather([c.wait(lambda c=c: len(c.frames) >= 1, "SETTINGS") for c in (first,
+                                                                                  second)])
+        third = await self.raw(server)
+        await third.done
+        self.assertEqual(third.frames, [])
+        await server.wait_for(r"connection from 127\.0\.0\.1:\d+ refused: 2 connections "
+                              r"active, the limit is 2 \(1 refused so far\)")
+        self.assertIsNone(first.lost)
+        self.assertIsNone(second.lost)
+        first.transport.loseConnection()
+        await first.done
+
+        async def admitted() -> bool:
+            client = await self.raw(server)
+            try:
+                await client.wait(lambda: len(client.frames) >= 1 or client.lost is not None,
+                                  "SETTINGS or a refusal")
+            except AssertionError:
+                return False
+            return client.lost is None
+
+        for _ in range(50):  # the server notices the close a moment later
+            if await admitted():
+                break
+        else:
+            self.fail("a freed slot was never usable again")
+        self.assertIsNone(second.lost)

@@ -264,10 +264,11 @@ class HelpTests(unittest.TestCase):
                       self.usage(server_tap))
 
     def test_config_says_what_applies_next_to_it(self) -> None:
-        self.assertIn("Envoy v3 bootstrap YAML file, instead of the other options (none may be "
-                      "given with it).", self.usage(client_tap))
         self.assertIn("Envoy v3 bootstrap YAML file, instead of the other options (only "
-                      "--drain-timeout applies next to it).", self.usage(server_tap))
+                      "--max-connections applies next to it).", self.usage(client_tap))
+        self.assertIn("Envoy v3 bootstrap YAML file, instead of the other options (only "
+                      "--drain-timeout --max-connections applies next to it).",
+                      self.usage(server_tap))
 
     def test_state_dir(self) -> None:
         for module in MAKERS.values():
@@ -366,18 +367,23 @@ class TwistdCommandLineTests(unittest.TestCase):
         )
 
     def test_config_alone(self) -> None:
-        """Every flag next to --config is refused, but the server's --drain-timeout."""
+        """
+        Every flag next to --config is refused, but --max-connections and the server's
+        --drain-timeout.
+        """
         self.assertEqual(
             self.error_line("-n", "hbone-client", "--config", str(CONFIG),
                             "--forward", "127.0.0.1:9005=127.0.0.1:1"),
             "twistd: error: hbone-client: --forward: cannot be given with --config (the YAML "
-            "describes everything) (see twistd hbone-client --help)",
+            "describes everything; only --max-connections may be given next to it) (see "
+            "twistd hbone-client --help)",
         )
         self.assertEqual(
             self.error_line("-n", "hbone-server", "-c", str(CONFIG), "--listen", "9",
                             "--state-dir", self.state_dir),
             "twistd: error: hbone-server: --listen, --state-dir: cannot be given with --config "
-            "(the YAML describes everything; only --drain-timeout may be given next to it) "
+            "(the YAML describes everything; only --drain-timeout --max-connections may be "
+            "given next to it) "
             "(see twistd hbone-server --help)",
         )
         config = self.twistd("-n", "hbone-server", "--config", str(CONFIG),
@@ -391,7 +397,8 @@ class TwistdCommandLineTests(unittest.TestCase):
         error = self.assertRaises(usage.UsageError, options.parseOptions,
                                   ["--header", "a=b", "--config", str(CONFIG)])
         self.assertEqual(str(error), "--header: cannot be given with --config (the YAML "
-                                     "describes everything)")
+                                     "describes everything; only --max-connections may be "
+                                     "given next to it)")
 
 
 # -- verifyObject on every @implementer class ------------------------------------------------
