@@ -84,13 +84,18 @@ class Runtime:
         self.server_connections: set[Any] = set()
         #: Accepted connections across every listener (the overload manager's limit).
         self.downstream_limit = DownstreamLimit()
-        self._http1_pools: dict[str, Any] = {}
+        self._http_pools: dict[str, Any] = {}
 
-    def http1_pool(self, cluster: Cluster) -> Any:
+    def http_pool(self, cluster: Cluster) -> Any:
         """
-        The cluster's pool of kept-alive upstream HTTP/1.1 connections (for the router).
+        Where the router sends a cluster's requests: its HTTP/2 connections (a cluster with
+        HTTP/2 protocol options) or a pool of kept-alive HTTP/1.1 connections.
         """
-        pool = self._http1_pools.get(cluster.name)
+        pool = self._http_pools.get(cluster.name)
+        if pool is None and cluster.upstream_protocol == "http2":
+            from hbonex.http.pool2 import H2RequestPool
+
+            pool = self._http_pools[cluster.name] = H2RequestPool(cluster)
         if pool is None:
             from hbonex.http.pool1 import Http1Pool
 
@@ -102,7 +107,7 @@ class Runtime:
                 max_pending=breakers.max_pending_requests,
                 idle_timeout=cluster.pool_idle_timeout,
             )
-            self._http1_pools[cluster.name] = pool
+            self._http_pools[cluster.name] = pool
         return pool
 
     def cluster(self, name: str) -> Cluster:

@@ -96,7 +96,7 @@ class H2Pool:
         def start() -> None:
             nonlocal attempt, current
             attempt += 1
-            current = self._acquire().addCallback(opening)
+            current = self.acquire_connection().addCallback(opening)
             current.addCallbacks(opened, failed)
 
         def opening(c: H2TunnelClient) -> defer.Deferred[Any]:
@@ -130,7 +130,11 @@ class H2Pool:
         start()
         return result
 
-    def _acquire(self) -> defer.Deferred[H2TunnelClient]:
+    def acquire_connection(self) -> defer.Deferred[H2TunnelClient]:
+        """
+        A ready connection with a free stream; the caller opens its stream in the callback
+        (synchronously), so the room is taken at once.
+        """
         if self._closed:
             return defer.fail(UpstreamError(503, "pool closed"))
         for conn in self.connections:

@@ -55,6 +55,9 @@ class H2TunnelClient(H2TunnelConnection):
         self._settings_seen = False
         self._handshake_done = False
         self._pending: dict[int, defer.Deferred[tuple[H2Stream, dict[bytes, bytes]]]] = {}
+        #: Ordinary requests waiting for their response headers: stream id -> the response
+        #: side (decodeHeaders/decodeData/decodeTrailers/onUpstreamReset).
+        self._requests: dict[int, Any] = {}
         #: Called by the pool when streams free up / the connection dies.
         self.on_capacity: Any = None
         self.on_lost: Any = None
@@ -164,7 +167,38 @@ class H2TunnelClient(H2TunnelConnection):
         self._flush()
         return d
 
+    def open_request(
+        self, headers: list[tuple[bytes, bytes]], end_stream: bool, response: Any
+    ) -> H2Stream:
+        """
+        Send an ordinary request (the router's, upstream over HTTP/2); its response goes to
+        ``response``.  The caller checked ``capacity``.
+        """
+        from hbonex.http.codec2 import H2ResponseBody
+
+        sid = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(sid, headers, end_stream=end_stream)
+        self.guard.stream_opened(sid)
+        stream = H2Stream(self, sid)
+        if end_stream:
+            stream._end_requested = stream._ended_local = True
+        self.add_stream(stream)
+        self._requests[sid] = response
+        stream.attach(H2ResponseBody(response))
+        self._flush()
+        return stream
+
     def response_received(self, event: h2.events.ResponseReceived) -> None:
+        response = self._requests.pop(event.stream_id, None)
+        if response is not None:
+            from hbonex.http.headers import Headers
+
+            ended = event.stream_ended is not None
+            stream = self.streams.get(event.stream_id)
+            if ended and stream is not None and stream.protocol is not None:
+                stream.protocol.ended = True  # type: ignore[attr-defined]  # no body follows
+            response.decodeHeaders(Headers(event.headers), ended)
+            return
         d = self._pending.pop(event.stream_id, None)
         stream = self.streams.get(event.stream_id)
         if d is None or stream is None:

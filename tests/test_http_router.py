@@ -196,3 +196,67 @@ class LocalReplyTests(unittest.TestCase):
         manager, sink = s.request()
         respond(s.upstream.codecs[0], b"HTTP/1.1 2OO OK\r\n\r\n")
         self.assertEqual(sink.events[0][:2], ("headers", b"503"))
+
+
+class H2UpstreamTests(unittest.TestCase):
+    """The router sending requests upstream as HTTP/2 streams (hbonex.http.pool2)."""
+
+    def setUp(self) -> None:
+        from hbonex.h2settings import H2Settings
+        from hbonex.tunnel_client import H2TunnelClient
+        from tests.test_http_codec2 import Server
+
+        self.clock = Clock()
+        self.server = Server(self.clock)
+        self.client = H2TunnelClient(H2Settings(), self.clock)
+        self.server_t, self.client_t = HalfCloseTransport(), HalfCloseTransport()
+        self.server.makeConnection(self.server_t)
+        self.client.makeConnection(self.client_t)
+        self.client.handshakeCompleted()
+        self.pump()
+
+    def pump(self) -> None:
+        for _ in range(1000):
+            a, b = self.client_t.value(), self.server_t.value()
+            if not a and not b:
+                return
+            self.client_t.clear()
+            self.server_t.clear()
+            if a:
+                self.server.dataReceived(a)
+            if b:
+                self.client.dataReceived(b)
+        raise AssertionError("never quiet")
+
+    def request(self, body: bytes) -> tuple[FilterManager, Sink]:
+        from hbonex.http.pool2 import H2Exchange
+
+        class Pool:
+            def acquire(inner: Any) -> defer.Deferred[Any]:
+                return defer.succeed(H2Exchange(self.client))
+
+        sink = Sink()
+        router = RouterFilter(self.clock, lambda cluster: Pool())
+        manager = FilterManager([router], sink,
+                                route_resolver=lambda h, c: HttpRoute(cluster="h2"))
+        manager.decodeHeaders(Headers.of(method="POST", path="/echo", authority="svc",
+                                         scheme="http", connection="keep-alive"), False)
+        manager.decodeData(body, True)
+        self.pump()
+        return manager, sink
+
+    def test_request_and_response_with_trailers_over_a_stream(self) -> None:
+        body = bytes(range(256)) * 400  # beyond the default 64 KiB windows
+        manager, sink = self.request(body)
+        self.assertEqual(sink.events[0][:2], ("headers", b"200"))
+        self.assertEqual(sink.body, body)
+        self.assertEqual(sink.events[-1], ("trailers", [(b"x-length", str(len(body)).encode())]))
+        self.assertTrue(manager.complete)
+        self.assertEqual(self.client.streams, {})
+        self.assertEqual(self.server.streams, {})
+
+    def test_many_requests_share_one_connection(self) -> None:
+        results = [self.request(b"request %d" % i) for i in range(20)]
+        for i, (_, sink) in enumerate(results):
+            self.assertEqual(sink.body, b"request %d" % i)
+        self.assertEqual(len(self.server.managers), 20)

@@ -515,6 +515,7 @@ def _http_providers() -> dict[str, Callable[[], Any]]:
             H2Stream(H2TunnelClient(H2Settings(), Clock()), 1)
         ),
         "hbonex.http.codec2.H2RequestBody": lambda: codec2.H2RequestBody(None, False),
+        "hbonex.http.codec2.H2ResponseBody": lambda: codec2.H2ResponseBody(None),
         "hbonex.http.client1.Http1ClientCodec": Http1ClientCodec,
         "hbonex.http.router.RouterFilter": lambda: RouterFilter(Clock(), lambda c: None),
         "hbonex.http.connection_manager.StandardHeaders": lambda: StandardHeaders(None),

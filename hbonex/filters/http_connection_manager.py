@@ -50,7 +50,7 @@ class HttpConnectionManagerFilter:
         # A route table serves ordinary requests through the filter chain; the CLI's
         # ConnectRouter tunnels only (anything else is 405, logged as a refused tunnel).
         http = None if isinstance(config.router, ConnectRouter) else HttpStreamFactory(
-            reactor, config.router, config.runtime.http1_pool, info,
+            reactor, config.router, config.runtime.http_pool, info,
             filter_factories=config.http_filters,
             access_log=config.tunnels.record if config.access_log else None,
         )

@@ -118,6 +118,38 @@ class H2RequestBody(Protocol):
             self.handler.reset()
 
 
+@implementer(IHalfCloseableProtocol)
+class H2ResponseBody(Protocol):
+    """
+    Attached to an upstream request's stream: the response body, trailers and end go to the
+    response side (the router); a stream that ends otherwise is an upstream reset.
+    """
+
+    def __init__(self, response: Any) -> None:
+        self.response = response
+        self.ended = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.response.decodeData(data, False)
+
+    def trailersReceived(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.ended = True
+        self.response.decodeTrailers(Headers(headers))
+
+    def readConnectionLost(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.response.decodeData(b"", True)
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self.ended:
+            self.ended = True
+            self.response.onUpstreamReset(reason.getErrorMessage())
+
+
 def serve_request(
     connection: H2TunnelConnection,
     stream_id: int,
@@ -145,4 +177,10 @@ def serve_request(
     return stream
 
 
-__all__ = ["H2RequestBody", "H2ResponseSink", "malformed_request", "serve_request"]
+__all__ = [
+    "H2RequestBody",
+    "H2ResponseBody",
+    "H2ResponseSink",
+    "malformed_request",
+    "serve_request",
+]
