@@ -243,6 +243,21 @@ class IStreamDecoderFilterCallbacks(IStreamFilterCallbacks):
         Response trailers (ending the response).
         """
 
+    def registerResponseProducer(producer: object) -> None:
+        """
+        The response's source (an IPushProducer) is paused while the client is full.
+        """
+
+    def unregisterResponseProducer() -> None:
+        """
+        The response's source is done.
+        """
+
+    def requestBodyProducer() -> object:
+        """
+        An IPushProducer whose pause stops reading the request body from the client.
+        """
+
 
 class IStreamEncoderFilterCallbacks(IStreamFilterCallbacks):
     def continueEncoding() -> None:

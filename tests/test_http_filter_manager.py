@@ -32,8 +32,13 @@ H, D, T = FilterHeadersStatus, FilterDataStatus, FilterTrailersStatus
 @implementer(IResponseSink)
 class Sink:
     def __init__(self) -> None:
+        from tests.fakes import FakeProducer
+
         self.events: list[tuple[Any, ...]] = []
         self.was_reset = False
+        self.producer: Any = None
+        #: What the router pauses when the upstream is full.
+        self.request_source = FakeProducer()
 
     def sendHeaders(self, headers: Headers, endStream: bool) -> None:
         self.events.append(("headers", headers.get(b":status"), endStream))
@@ -46,6 +51,15 @@ class Sink:
 
     def reset(self) -> None:
         self.was_reset = True
+
+    def registerProducer(self, producer: Any) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def requestProducer(self) -> Any:
+        return self.request_source
 
     @property
     def body(self) -> bytes:

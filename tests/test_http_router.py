@@ -260,3 +260,31 @@ class H2UpstreamTests(unittest.TestCase):
         for i, (_, sink) in enumerate(results):
             self.assertEqual(sink.body, b"request %d" % i)
         self.assertEqual(len(self.server.managers), 20)
+
+
+class BackpressureTests(unittest.TestCase):
+    def test_producers_back_to_back(self) -> None:
+        """
+        A full upstream pauses reading the request from the client; a full client pauses
+        reading the response from the upstream; the request's end unwires the first.
+        """
+        s = Setup()
+        manager, sink = s.request(Headers.of(method="POST", path="/up", authority="svc",
+                                             scheme="http"), end=False)
+        upstream = s.upstream.codecs[0].transport
+        assert upstream is not None
+        self.assertIs(upstream.producer, sink.request_source)  # type: ignore[attr-defined]
+        upstream.producer.pauseProducing()  # type: ignore[attr-defined]
+        self.assertEqual(sink.request_source.state, "paused")
+        manager.decodeData(b"last", True)
+        self.assertIsNone(upstream.producer)  # type: ignore[attr-defined]
+        self.assertEqual(sink.request_source.state, "producing")
+        # The response side: the client is full, the upstream connection stops being read.
+        respond(s.upstream.codecs[0], b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345")
+        sink.producer.pauseProducing()
+        self.assertEqual(upstream.producerState, "paused")  # type: ignore[attr-defined]
+        sink.producer.resumeProducing()
+        self.assertEqual(upstream.producerState, "producing")  # type: ignore[attr-defined]
+        respond(s.upstream.codecs[0], b"67890")
+        self.assertEqual(sink.body, b"1234567890")
+        self.assertIsNone(sink.producer)  # unregistered at the response's end

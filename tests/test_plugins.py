@@ -516,10 +516,19 @@ def _http_providers() -> dict[str, Callable[[], Any]]:
         ),
         "hbonex.http.codec2.H2RequestBody": lambda: codec2.H2RequestBody(None, False),
         "hbonex.http.codec2.H2ResponseBody": lambda: codec2.H2ResponseBody(None),
+        "hbonex.http.codec1._RequestSource":
+            lambda: codec1._RequestSource(codec1.Http1ServerCodec(lambda sink: None, Clock())),
+        "hbonex.http.router._Reading": lambda: _router_reading(),
         "hbonex.http.client1.Http1ClientCodec": Http1ClientCodec,
         "hbonex.http.router.RouterFilter": lambda: RouterFilter(Clock(), lambda c: None),
         "hbonex.http.connection_manager.StandardHeaders": lambda: StandardHeaders(None),
     }
+
+
+def _router_reading() -> Any:
+    from hbonex.http.router import _Reading
+
+    return _Reading(StringTransport())
 
 
 def _encoder_callbacks() -> Any:

@@ -16,7 +16,7 @@ import re
 from typing import Any, Callable
 
 import attrs
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -91,6 +91,40 @@ class _Sink:
     def reset(self) -> None:
         self._codec._reset(self._stream)
 
+    def registerProducer(self, producer: Any) -> None:
+        # The client's socket is full: the producer (the upstream response) pauses.
+        transport = self._codec.transport
+        if transport is not None:
+            try:
+                transport.registerProducer(producer, True)  # type: ignore[attr-defined]
+            except RuntimeError:  # one is registered already (an earlier response)
+                pass
+
+    def unregisterProducer(self) -> None:
+        transport = self._codec.transport
+        if transport is not None:
+            transport.unregisterProducer()  # type: ignore[attr-defined]
+
+    def requestProducer(self) -> Any:
+        return _RequestSource(self._codec)
+
+
+@implementer(IPushProducer)
+class _RequestSource:
+    """Pauses reading the request body from the client (the upstream is full)."""
+
+    def __init__(self, codec: Http1ServerCodec) -> None:
+        self._codec = codec
+
+    def pauseProducing(self) -> None:
+        self._codec.pause_reading("upstream")
+
+    def resumeProducing(self) -> None:
+        self._codec.resume_reading("upstream")
+
+    def stopProducing(self) -> None:
+        pass
+
 
 @implementer(IHalfCloseableProtocol)
 class Http1ServerCodec(Protocol):
@@ -122,7 +156,9 @@ class Http1ServerCodec(Protocol):
         self._idle_timer: IDelayedCall | None = None
         self._closing = False
         self._close_after_response = False
-        self._paused = False
+        #: Why reading from the client is paused: "pipeline" (a response is still going out)
+        #: and/or "upstream" (the upstream cannot take the request body yet).
+        self._pause_reasons: set[str] = set()
         self.requests = 0
 
     # -- connection ---------------------------------------------------------------------------
@@ -425,9 +461,7 @@ class Http1ServerCodec(Protocol):
         if stream is None or not stream.request_done:
             return
         if not stream.response_done:
-            if not self._paused and self.transport is not None:
-                self._paused = True
-                self.transport.pauseProducing()  # type: ignore[union-attr,attr-defined]
+            self.pause_reading("pipeline")
             return
         self._stream = None
         if not stream.keep_alive or self._close_after_response:
@@ -439,9 +473,8 @@ class Http1ServerCodec(Protocol):
         if self.limits.idle_timeout > 0 and not self._buffer:
             self._idle_timer = self.reactor.callLater(self.limits.idle_timeout,
                                                       self._idle_timed_out)
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()  # type: ignore[union-attr,attr-defined]
+        self._pause_reasons.discard("upstream")
+        self.resume_reading("pipeline")
         if self._buffer:
             self.reactor.callLater(0, self._continue_parsing)
 
@@ -452,6 +485,18 @@ class Http1ServerCodec(Protocol):
             self._parse()
         except BadRequest as e:
             self._error(e.status, e.reason)
+
+    def pause_reading(self, reason: str) -> None:
+        if not self._pause_reasons and self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._pause_reasons.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        if reason not in self._pause_reasons:
+            return
+        self._pause_reasons.discard(reason)
+        if not self._pause_reasons and self.transport is not None and not self._closing:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     # -- responses ----------------------------------------------------------------------------
 

@@ -85,6 +85,18 @@ class H2ResponseSink:
     def reset(self) -> None:
         self.stream.reset(ErrorCodes.INTERNAL_ERROR)
 
+    def registerProducer(self, producer: Any) -> None:
+        # The stream's queue (or the connection's socket) is full: the producer pauses.
+        if self.stream._producer is None and not self.stream._closed:
+            self.stream.registerProducer(producer, True)
+
+    def unregisterProducer(self) -> None:
+        self.stream.unregisterProducer()
+
+    def requestProducer(self) -> Any:
+        # Pausing the stream stops delivery, and so the window updates: the client waits.
+        return self.stream
+
 
 @implementer(IHalfCloseableProtocol)
 class H2RequestBody(Protocol):

@@ -75,6 +75,20 @@ class IResponseSink(Interface):
     def reset() -> None:
         """Abort the request (RST_STREAM; an HTTP/1.1 connection is closed)."""
 
+    def registerProducer(producer: Any) -> None:
+        """
+        Backpressure for the response: ``producer`` (an IPushProducer, e.g. the upstream
+        connection) is paused while the client cannot take more.
+        """
+
+    def unregisterProducer() -> None:
+        """The response producer is done."""
+
+    def requestProducer() -> Any:
+        """
+        An IPushProducer for the request body: pausing it stops reading from the client.
+        """
+
 
 #: Envoy's local reply texts for the statuses it generates.
 REASONS = {
@@ -301,6 +315,15 @@ class _DecoderCallbacks:
 
     def encodeTrailers(self, trailers: Any) -> None:
         self._manager.encode_trailers(trailers)
+
+    def registerResponseProducer(self, producer: Any) -> None:
+        self._manager.sink.registerProducer(producer)
+
+    def unregisterResponseProducer(self) -> None:
+        self._manager.sink.unregisterProducer()
+
+    def requestBodyProducer(self) -> Any:
+        return self._manager.sink.requestProducer()
 
 
 @implementer(IStreamEncoderFilterCallbacks)

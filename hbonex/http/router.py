@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable
 
 import attrs
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from zope.interface import implementer
 
 from hbonex.errors import UpstreamError
@@ -62,6 +62,9 @@ class RouterFilter:
         self._timer: IDelayedCall | None = None
         self._acquiring: Any = None
         self._started = 0.0
+        self._upstream_transport: Any = None
+        self._request_source: Any = None
+        self._response_source: Any = None
 
     def setDecoderFilterCallbacks(self, callbacks: Any) -> None:
         self.callbacks = callbacks
@@ -107,6 +110,8 @@ class RouterFilter:
         self._request_ended = self._request_ended or endStream
         if self._codec is not None:
             self._codec.send_data(data, endStream)
+            if endStream:
+                self._unwire_request()
         elif not self._done:
             self._pending.append(("data", data, endStream))
             self._pending_bytes += len(data)
@@ -116,6 +121,7 @@ class RouterFilter:
         self._request_ended = True
         if self._codec is not None:
             self._codec.send_trailers(trailers)
+            self._unwire_request()
         elif not self._done:
             self._pending.append(("trailers", trailers, True))
         return None
@@ -128,12 +134,42 @@ class RouterFilter:
         self._codec = codec
         self.callbacks.streamInfo().upstream_host = _peer_of(codec)
         codec.start_request(headers, end_stream, _UpstreamResponse(self))
+        self._wire_backpressure(codec, end_stream)
         pending, self._pending = self._pending, []
         for kind, value, end in pending:
             if kind == "data":
                 codec.send_data(value, end)
             else:
                 codec.send_trailers(value)
+
+    def _wire_backpressure(self, codec: Any, request_ended: bool) -> None:
+        """
+        Producers back to back, as a relay: a full upstream pauses reading the request from
+        the client, a full client pauses reading the response from the upstream.
+        """
+        upstream = codec.transport
+        if upstream is None:
+            return
+        self._upstream_transport = upstream
+        if not request_ended:
+            self._request_source = self.callbacks.requestBodyProducer()
+            try:
+                upstream.registerProducer(self._request_source, True)
+            except RuntimeError:
+                self._request_source = None
+        self._response_source = _Reading(upstream)
+        self.callbacks.registerResponseProducer(self._response_source)
+
+    def _unwire_request(self) -> None:
+        source, self._request_source = self._request_source, None
+        if source is not None:
+            self._upstream_transport.unregisterProducer()
+            source.resumeProducing()  # whatever a full upstream paused, the end must pass
+
+    def _unwire_response(self) -> None:
+        if self._response_source is not None:
+            self._response_source = None
+            self.callbacks.unregisterResponseProducer()
 
     def _connect_failed(self, failure: Any) -> None:
         self._acquiring = None
@@ -189,6 +225,8 @@ class RouterFilter:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self._unwire_request()
+        self._unwire_response()
         codec, self._codec = self._codec, None
         if codec is not None and not self._request_ended:
             # Answered before the request ended: the rest of it will not be sent, so the
@@ -208,6 +246,23 @@ class RouterFilter:
     def _release(self, codec: Any) -> None:
         if codec.on_idle is not None:
             codec.on_idle(codec)
+
+
+@implementer(IPushProducer)
+class _Reading:
+    """The upstream side as the response's producer: pausing it stops reading upstream."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass  # the response's end or reset is handled where it happens
 
 
 class _UpstreamResponse:
