@@ -28,6 +28,8 @@ class RouteDecision:
     #: Refuse (400) a CONNECT whose client sends tunnel bytes before our 200 (Envoy's
     #: reject_early_connect_data, CVE-2025-64763).
     reject_early_data: bool = False
+    #: The route's request timeout for ordinary requests (None: Envoy's default, 15 s).
+    timeout: float | None = None
 
 
 class ConnectRouter:
@@ -195,7 +197,7 @@ class RouteConfig:
                 original = _pseudo(request, header) or ""
             return RouteDecision(
                 200, cluster=route.cluster, original_destination=original,
-                idle_timeout=route.idle_timeout, kind=kind,
+                idle_timeout=route.idle_timeout, kind=kind, timeout=route.timeout,
             )
         return RouteDecision(404, f"no route matches in virtual host {vhost.name}")
 
