@@ -26,6 +26,12 @@ from tests.test_e2e_configs import run_command
 from tests.test_e2e_tunnel import E2ETestCase
 
 MiB = 1024 * 1024
+ROUTER_ONLY = """\
+http_filters:
+- name: envoy.filters.http.router
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"""
 HCM_TYPE = (
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
     "HttpConnectionManager"
@@ -54,10 +60,7 @@ static_resources:
                 route: {{cluster: backend, timeout: 1s}}
               - match: {{prefix: /api}}
                 route: {{cluster: backend}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+{http_filters}
   clusters:
   - name: backend
     type: STATIC
@@ -89,6 +92,7 @@ class Echo(resource.Resource):
         request.setHeader(b"x-forwarded-for-seen",
                           request.getHeader(b"x-forwarded-for") or b"-")
         request.setHeader(b"x-request-id-seen", request.getHeader(b"x-request-id") or b"-")
+        request.setHeader(b"x-tag-seen", request.getHeader(b"x-tag") or b"-")
         return body
 
 
@@ -99,10 +103,12 @@ class Slow(resource.Resource):
         return server.NOT_DONE_YET  # never answers
 
 
-class HcmTests(E2ETestCase):
+class HcmCase(E2ETestCase):
+    """A connection manager config in a real hbone-server, a backend, curl."""
+
     timeout = 90
 
-    async def setup_hcm(self) -> Any:
+    async def setup_hcm(self, http_filters: str = ROUTER_ONLY, pythonpath: str = "") -> Any:
         root = resource.Resource()
         api = Echo()
         root.putChild(b"api", api)
@@ -113,10 +119,17 @@ class HcmTests(E2ETestCase):
         workdir = Path(self.mktemp()).resolve()
         workdir.mkdir()
         config = workdir / "hcm.yaml"
-        config.write_text(CONFIG.format(backend=port.getHost().port, hcm_type=HCM_TYPE))
+        filters = "\n".join(" " * 10 + line for line in http_filters.splitlines())
+        config.write_text(CONFIG.format(backend=port.getHost().port, hcm_type=HCM_TYPE,
+                                        http_filters=filters))
         self.workdir = workdir
+        env = {}
+        if pythonpath:
+            from tests.support import REPO_ROOT
+
+            env["PYTHONPATH"] = os.pathsep.join([pythonpath, str(REPO_ROOT)])
         return await start_twistd(self, "hbone-server", ["--config", str(config)],
-                                  name="hcm")
+                                  name="hcm", env=env)
 
     async def curl(self, *args: str) -> str:
         curl = shutil.which("curl")
@@ -162,6 +175,9 @@ class HcmTests(E2ETestCase):
         out = await self.curl(*mode, "-o", os.devnull, "-w", "%{http_code}", f"{base}/slow")
         self.assertEqual(out, "504")
 
+
+
+class HcmTests(HcmCase):
     @e2e
     async def test_http11(self) -> None:
         proxy = await self.setup_hcm()
@@ -218,3 +234,37 @@ class HcmTests(E2ETestCase):
         grown = rss_kib(pid) - before
         # The backend (twisted.web) holds the whole body; the proxy streams it.
         self.assertLess(grown, 48 * 1024, f"proxy RSS grew {grown} KiB for {size} bytes")
+
+
+class HttpFilterPluginTests(HcmCase):
+    """
+    docs/extensions.md's HTTP filter, written out as the page shows it (a third-party package
+    and its dropin on PYTHONPATH), in a real hbone-server's connection manager.
+    """
+
+    @e2e
+    async def test_documented_http_filter(self) -> None:
+        import re
+
+        text = (Path(__file__).parent.parent / "docs" / "extensions.md").read_text()
+        files = dict(re.findall(r"^`([\w/]+\.py)`[^\n]*:\n\n```python\n(.*?)^```", text,
+                                re.MULTILINE | re.DOTALL))
+        plugin_dir = Path(self.mktemp()).resolve()
+        for name in ("mypkg/tag.py", "twisted/plugins/mypkg_tag.py"):
+            (plugin_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            (plugin_dir / name).write_text(files[name])
+        [snippet] = re.findall(r"^```yaml\n(http_filters:\n.*?)^```", text,
+                               re.MULTILINE | re.DOTALL)
+        proxy = await self.setup_hcm(http_filters=snippet, pythonpath=str(plugin_dir))
+        base = f"http://127.0.0.1:{proxy.port}"
+        headers_file = self.workdir / "h"
+        out = await self.curl("-D", str(headers_file), "-w", " %{http_code}", "-H",
+                              "x-deny: 1", f"{base}/api/n?size=10")
+        self.assertEqual(out, "denied by tag\n 403")
+        self.assertIn("x-tag: blue", headers_file.read_text().lower())  # encoders ran too
+        out = await self.curl("-D", str(headers_file), "-o", os.devnull, "-w", "%{http_code}",
+                              f"{base}/api/n?size=10")
+        self.assertEqual(out, "200")
+        head = headers_file.read_text().lower()
+        self.assertIn("x-tag: blue", head)
+        self.assertIn("x-tag-seen: blue", head)  # the upstream got the request header
