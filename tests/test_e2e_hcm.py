@@ -152,7 +152,9 @@ class HcmCase(E2ETestCase):
         head = headers_file.read_bytes().decode("latin-1").lower()
         self.assertEqual(len(data), 300007)
         self.assertIn(f"x-body-sha256: {sha256(data)}", head)
-        self.assertIn("x-forwarded-for-seen: 127.0.0.1", head)
+        # Envoy appends to x-forwarded-for only with use_remote_address.
+        self.assertIn("x-forwarded-for-seen: -", head)
+        self.assertIn("server: envoy", head)  # server_header_transformation OVERWRITE
         self.assertRegex(head, r"x-request-id-seen: [0-9a-f-]{36}")
         self.assertIn("x-envoy-upstream-service-time:", head)
         # POST: the body up and back, hashed both ways.

@@ -14,13 +14,15 @@ import time
 import uuid
 from typing import Any, Callable, Sequence
 
+import attrs
 from zope.interface import implementer
 
 from hbonex.connect import ConnectRequest
 from hbonex.http.filter_manager import FilterHeadersStatus, FilterManager
 from hbonex.http.headers import Headers
+from hbonex.http.path import EscapedSlashes, PathRedirect, PathRejected, normalize
 from hbonex.http.router import HttpRoute, RouterFilter
-from hbonex.interfaces import IStreamDecoderFilter
+from hbonex.interfaces import IStreamFilter
 
 DEFAULT_ROUTE_TIMEOUT = 15.0
 
@@ -67,30 +69,96 @@ def route_resolver(router: Any) -> Callable[[Headers, Any], HttpRoute | None]:
     return resolve
 
 
-@implementer(IStreamDecoderFilter)
+@attrs.frozen
+class HttpOptions:
+    """
+    The connection manager's own request handling (Envoy's HttpConnectionManager fields of
+    the same names, Envoy's defaults).
+    """
+
+    server_name: bytes = b"envoy"
+    #: OVERWRITE, APPEND_IF_ABSENT or PASS_THROUGH.
+    server_header_transformation: str = "OVERWRITE"
+    generate_request_id: bool = True
+    always_set_request_id_in_response: bool = False
+    #: Append the peer's address to x-forwarded-for (and trust nothing else about it).
+    use_remote_address: bool = False
+    skip_xff_append: bool = False
+    normalize_path: bool = False
+    merge_slashes: bool = False
+    escaped_slashes: EscapedSlashes = EscapedSlashes.KEEP_UNCHANGED
+    #: common_http_protocol_options.headers_with_underscores_action: ALLOW, REJECT_REQUEST,
+    #: DROP_HEADER.
+    headers_with_underscores: str = "ALLOW"
+
+
+DEFAULT_OPTIONS = HttpOptions()
+
+
+@implementer(IStreamFilter)
 class StandardHeaders:
     """
-    The connection manager's own request handling, ahead of the configured filters:
-    ``x-request-id`` kept or generated, ``x-forwarded-for`` appended with the peer's address,
-    ``x-forwarded-proto`` set from the downstream scheme.
+    The connection manager's own handling, ahead of the configured filters: path
+    normalisation (before routing, so routes and RBAC see one spelling), headers with
+    underscores, ``x-request-id`` kept or generated, ``x-forwarded-for`` appended with the
+    peer's address (``use_remote_address``), ``x-forwarded-proto``; on the response the
+    ``server`` header.
     """
 
-    def __init__(self, info: Any) -> None:
+    def __init__(self, info: Any, options: HttpOptions = DEFAULT_OPTIONS) -> None:
         self.info = info
+        self.options = options
+        self.decoder: Any = None
+        self.request_id: bytes | None = None
 
     def setDecoderFilterCallbacks(self, callbacks: Any) -> None:
+        self.decoder = callbacks
+
+    def setEncoderFilterCallbacks(self, callbacks: Any) -> None:
         pass
 
     def decodeHeaders(self, headers: Headers, endStream: bool) -> Any:
-        if headers.get(b":method") != b"CONNECT":
-            if b"x-request-id" not in headers:
-                headers.add(b"x-request-id", str(uuid.uuid4()).encode())
+        o = self.options
+        if o.headers_with_underscores != "ALLOW":
+            underscored = [n for n, _ in headers if b"_" in n and not n.startswith(b":")]
+            if underscored and o.headers_with_underscores == "REJECT_REQUEST":
+                self.decoder.sendLocalReply(400, b"", None,
+                                            "unexpected_underscore", "")
+                return FilterHeadersStatus.StopIteration
+            for name in underscored:
+                headers.remove(name)
+        if headers.get(b":method") == b"CONNECT":
+            return FilterHeadersStatus.Continue
+        path = headers.get(b":path")
+        if path is not None and (o.normalize_path or o.merge_slashes
+                                 or o.escaped_slashes is not EscapedSlashes.KEEP_UNCHANGED):
+            try:
+                headers.set(b":path", normalize(path, o.normalize_path, o.merge_slashes,
+                                                o.escaped_slashes))
+            except PathRejected:
+                self.decoder.sendLocalReply(400, b"", None, "path_normalization_failed", "")
+                return FilterHeadersStatus.StopIteration
+            except PathRedirect as redirect:
+                location = redirect.location
+
+                def add_location(h: Headers) -> None:
+                    h.set(b"location", location)
+
+                self.decoder.sendLocalReply(307, b"", add_location, "path_redirect", "")
+                return FilterHeadersStatus.StopIteration
+        request_id = headers.get(b"x-request-id")
+        if request_id is None and o.generate_request_id:
+            request_id = str(uuid.uuid4()).encode()
+            headers.add(b"x-request-id", request_id)
+        self.request_id = request_id
+        if o.use_remote_address and not o.skip_xff_append:
             remote = getattr(self.info, "remoteAddress", "") or ""
             peer = remote.rsplit(":", 1)[0].strip("[]") if ":" in remote else remote
             if peer:
                 forwarded = headers.joined(b"x-forwarded-for")
                 headers.set(b"x-forwarded-for",
                             (forwarded + b", " if forwarded else b"") + peer.encode())
+        if b"x-forwarded-proto" not in headers or o.use_remote_address:
             headers.set(b"x-forwarded-proto", headers.get(b":scheme") or b"http")
         return FilterHeadersStatus.Continue
 
@@ -98,6 +166,22 @@ class StandardHeaders:
         return None
 
     def decodeTrailers(self, trailers: Headers) -> Any:
+        return None
+
+    def encodeHeaders(self, headers: Headers, endStream: bool) -> Any:
+        o = self.options
+        if o.server_header_transformation == "OVERWRITE" or (
+            o.server_header_transformation == "APPEND_IF_ABSENT" and b"server" not in headers
+        ):
+            headers.set(b"server", o.server_name)
+        if o.always_set_request_id_in_response and self.request_id is not None:
+            headers.set(b"x-request-id", self.request_id)
+        return FilterHeadersStatus.Continue
+
+    def encodeData(self, data: bytes, endStream: bool) -> Any:
+        return None
+
+    def encodeTrailers(self, trailers: Headers) -> Any:
         return None
 
     def onDestroy(self) -> None:
@@ -118,6 +202,7 @@ class HttpStreamFactory:
         filter_factories: Sequence[Callable[[], Any]] = (),
         buffer_limit: int = 1024 * 1024,
         access_log: Callable[..., None] | None = None,
+        options: HttpOptions = DEFAULT_OPTIONS,
     ) -> None:
         self.reactor = reactor
         self.resolve = route_resolver(router)
@@ -126,9 +211,10 @@ class HttpStreamFactory:
         self.filter_factories = tuple(filter_factories)
         self.buffer_limit = buffer_limit
         self.access_log = access_log
+        self.options = options
 
     def __call__(self, sink: Any) -> FilterManager:
-        filters: list[Any] = [StandardHeaders(self.info)]
+        filters: list[Any] = [StandardHeaders(self.info, self.options)]
         filters += [make() for make in self.filter_factories]
         filters.append(RouterFilter(self.reactor, self.pool_for))
         manager = FilterManager(filters, sink, connection_info=self.info,
@@ -151,4 +237,10 @@ class HttpStreamFactory:
         )
 
 
-__all__ = ["HttpStreamFactory", "StandardHeaders", "request_of", "route_resolver"]
+__all__ = [
+    "HttpOptions",
+    "HttpStreamFactory",
+    "StandardHeaders",
+    "request_of",
+    "route_resolver",
+]
