@@ -66,7 +66,7 @@ class ProxyService(service.MultiService):
         super().startService()
         b = self.bootstrap
         for listener in b.listeners:
-            if not listener.internal:
+            if not listener.internal and not listener.ignore_global_conn_limit:
                 # An internal listener's connections are our own second hop, counted already.
                 listener.downstream_limit = b.runtime.downstream_limit
             if listener.internal:

@@ -66,7 +66,15 @@ def describe(loaded: LoadedConfig) -> list[str]:
     The summary tree ``hbonex config check`` prints.
     """
     lines = [f"{loaded.source}: OK ({len(loaded.listeners)} listener(s), "
-             f"{len(loaded.clusters)} cluster(s))", "listeners:"]
+             f"{len(loaded.clusters)} cluster(s))"]
+    limit = loaded.bootstrap.runtime.downstream_limit.max_active
+    if limit:
+        lines.append(f"global downstream connection limit: {limit}")
+    router_flags = [getattr(f.parsed, "router", None) for i in loaded.listeners
+                    for c in i.chains for f in c.filters]
+    if any(getattr(r, "reject_early_data", False) for r in router_flags):
+        lines.append("early CONNECT data refused (reject_early_connect_data)")
+    lines.append("listeners:")
     for info in loaded.listeners:
         listener = info.listener
         where = "internal listener" if listener.internal else (
@@ -265,7 +273,9 @@ def render_client(options: Any) -> tuple[dict[str, Any], list[str]]:
                 },
             }]}],
         })
-    data = {"static_resources": {"listeners": listeners, "clusters": [cluster]}}
+    data: dict[str, Any] = {"static_resources": {"listeners": listeners,
+                                                 "clusters": [cluster]}}
+    _global_limit(options, data)
     return data, _notes(options)
 
 
@@ -339,8 +349,28 @@ def render_server(options: Any) -> tuple[dict[str, Any], list[str]]:
     if options["drain-timeout"] != 5.0:
         notes.append(f"--drain-timeout {options['drain-timeout']:g} is not part of the YAML; "
                      "pass it to twistd hbone-server along with --config")
-    data = {"static_resources": {"listeners": [listener], "clusters": [cluster]}}
+    data: dict[str, Any] = {"static_resources": {"listeners": [listener],
+                                                 "clusters": [cluster]}}
+    if options["reject-early-connect-data"]:
+        data["layered_runtime"] = {"layers": [{"name": "static_layer_0", "static_layer": {
+            "envoy.reloadable_features.reject_early_connect_data": True}}]}
+    _global_limit(options, data)
     return data, notes
+
+
+def _global_limit(options: Any, data: dict[str, Any]) -> None:
+    """
+    --max-connections as the overload manager's downstream connections resource monitor.
+    """
+    if options["max-connections"]:
+        data["overload_manager"] = {"resource_monitors": [{
+            "name": "envoy.resource_monitors.global_downstream_max_connections",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
+                         "downstream_connections.v3.DownstreamConnectionsConfig",
+                "max_active_downstream_connections": options["max-connections"],
+            },
+        }]}
 
 
 def render(side: str, flags: Sequence[str]) -> str:

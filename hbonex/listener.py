@@ -424,6 +424,8 @@ class Listener:
         self.connections_refused = 0
         #: The process-wide downstream connection limit (set by the service), if any.
         self.downstream_limit: DownstreamLimit | None = None
+        #: Envoy's ignore_global_conn_limit: the service sets no downstream_limit.
+        self.ignore_global_conn_limit = False
         #: How long the TLS inspector waits for a ClientHello (Envoy: listener_filters_timeout).
         self.inspection_timeout = 15.0
         self.factory = ListenerFactory(self)

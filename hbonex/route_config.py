@@ -14,7 +14,8 @@ __all__ = ["parse_route_config"]
 
 
 def parse_route_config(message: Any, path: str, context: Any, *,
-                       connect_enabled: bool = False) -> RouteConfig:
+                       connect_enabled: bool = False, reject_early_data: bool = False
+                       ) -> RouteConfig:
     vhosts = []
     names: dict[str, str] = {}
     domains: dict[str, str] = {}
@@ -34,7 +35,8 @@ def parse_route_config(message: Any, path: str, context: Any, *,
                 )
             domains[domain.lower()] = vhost_path
         vhosts.append(vhost)
-    return RouteConfig(message.name, tuple(vhosts), connect_enabled=connect_enabled)
+    return RouteConfig(message.name, tuple(vhosts), connect_enabled=connect_enabled,
+                       reject_early_data=reject_early_data)
 
 
 def _virtual_host(message: Any, path: str, context: Any) -> VirtualHost:

@@ -167,6 +167,9 @@ class RouteConfig:
     name: str
     virtual_hosts: tuple[VirtualHost, ...]
     connect_enabled: bool = False  # HCM-level upgrade_configs CONNECT
+    #: Refuse CONNECTs with data before our 200 (runtime envoy.reloadable_features.
+    #: reject_early_connect_data).
+    reject_early_data: bool = False
 
     def route(self, request: ConnectRequest, info: Any) -> RouteDecision:
         host = request.authority.lower()
@@ -198,6 +201,7 @@ class RouteConfig:
             return RouteDecision(
                 200, cluster=route.cluster, original_destination=original,
                 idle_timeout=route.idle_timeout, kind=kind, timeout=route.timeout,
+                reject_early_data=self.reject_early_data and request.method == "CONNECT",
             )
         return RouteDecision(404, f"no route matches in virtual host {vhost.name}")
 

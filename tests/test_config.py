@@ -311,6 +311,7 @@ static_resources:
         self.assertEqual(self.error(text), (
             "static_resources.listeners[0].filter_chains[0].filters[0].name: unknown network "
             "filter 'envoy.filters.network.echo'; known: "
+            "envoy.filters.network.connection_limit, "
             "envoy.filters.network.http_connection_manager, envoy.filters.network.tcp_proxy "
             "(line 7)"
         ))
@@ -498,7 +499,8 @@ static_resources:
         message = self.error("static_resource: {}\n")
         self.assertTrue(message.startswith(
             "static_resource: unknown field 'static_resource'; accepted here: admin, "
-            "bootstrap_extensions, node, static_resources, and "), message)
+            "bootstrap_extensions, layered_runtime, node, overload_manager, static_resources, "
+            "and "), message)
         self.assertTrue(message.endswith(
             "more fields of envoy.config.bootstrap.v3.Bootstrap that hbonex does not implement "
             "(did you mean 'static_resources'?) (line 1)"), message)
@@ -783,7 +785,8 @@ class NodeTests(unittest.TestCase):
 class PluginTests(unittest.TestCase):
     def test_builtins_are_plugins(self) -> None:
         expected = {
-            INetworkFilterExtension: ["envoy.filters.network.http_connection_manager",
+            INetworkFilterExtension: ["envoy.filters.network.connection_limit",
+                                      "envoy.filters.network.http_connection_manager",
                                       "envoy.filters.network.tcp_proxy"],
             IHTTPFilterExtension: ["envoy.filters.http.router"],
             IClusterTypeExtension: ["LOGICAL_DNS", "ORIGINAL_DST", "STATIC", "STRICT_DNS"],

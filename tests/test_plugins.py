@@ -78,6 +78,7 @@ class ExtensionDiscoveryTests(unittest.TestCase):
 
         expected = {
             "envoy.filters.network.tcp_proxy": INetworkFilterExtension,
+            "envoy.filters.network.connection_limit": INetworkFilterExtension,
             "envoy.filters.network.http_connection_manager": INetworkFilterExtension,
             "envoy.filters.http.router": IHTTPFilterExtension,
             "STATIC": IClusterTypeExtension,
@@ -434,6 +435,7 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
     ``module.Class``.
     """
     from hbonex import demo
+    from hbonex.filters.connection_limit import ConnectionLimitConfig, ConnectionLimitFilter
     from hbonex.filters.http_connection_manager import (
         HttpConnectionManagerConfig,
         HttpConnectionManagerFilter,
@@ -463,6 +465,9 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
         "hbonex.listener.InspectingProtocol": lambda: _inspecting_protocol(),
         "hbonex.listener.ConnectionInfo": lambda: ConnectionInfo("l", "1.2.3.4:5", "5.6.7.8:9"),
         "hbonex.filters.tcp_proxy.TcpProxyFilter": tcp_proxy,
+        "hbonex.filters.connection_limit.ConnectionLimitFilter": lambda: ConnectionLimitFilter(
+            ConnectionLimitConfig("verify", 1, Clock())
+        ),
         "hbonex.filters.http_connection_manager.HttpConnectionManagerFilter": lambda: (
             HttpConnectionManagerFilter(HttpConnectionManagerConfig("h", None, None))
         ),
@@ -613,6 +618,7 @@ class ImplementerTests(unittest.TestCase):
         expected = {
             "hbonex.listener.ListenerConnection": INetworkFilterCallbacks,
             "hbonex.filters.tcp_proxy.TcpProxyFilter": INetworkFilter,
+            "hbonex.filters.connection_limit.ConnectionLimitFilter": INetworkFilter,
             "hbonex.filters.http_connection_manager.HttpConnectionManagerFilter":
                 INetworkFilter,
             "hbonex.tls.ServerTLS": IOpenSSLServerConnectionCreator,

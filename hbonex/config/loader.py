@@ -71,6 +71,16 @@ TLS_INSPECTOR_TYPE = (
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 HTTP_OPTIONS_TYPE = f"type.googleapis.com/{HTTP_OPTIONS}"
 TYPED_STRUCTS = ("xds.type.v3.TypedStruct", "udpa.type.v1.TypedStruct")
+DOWNSTREAM_CONNECTIONS = "envoy.resource_monitors.global_downstream_max_connections"
+DOWNSTREAM_CONNECTIONS_TYPE = (
+    "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3."
+    "DownstreamConnectionsConfig"
+)
+REJECT_EARLY_CONNECT_DATA = "envoy.reloadable_features.reject_early_connect_data"
+GLOBAL_MAX_CONNECTIONS = "overload.global_downstream_max_connections"
+#: The runtime keys (``layered_runtime`` static layers) hbonex reads, with their types; any
+#: other key is a warning.
+RUNTIME_KEYS: dict[str, type] = {REJECT_EARLY_CONNECT_DATA: bool, GLOBAL_MAX_CONNECTIONS: int}
 DEFAULT_CONNECT_TIMEOUT = 5.0
 LB_POLICIES = ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "CLUSTER_PROVIDED")
 
@@ -180,6 +190,8 @@ class ConfigContext:
         self.internal_listener_enabled = False
         #: Every listener name in the file -> (path, internal?), known before clusters build.
         self.listener_names: dict[str, tuple[str, bool]] = {}
+        #: Runtime values from ``layered_runtime`` static layers (keys in RUNTIME_KEYS).
+        self.runtime_values: dict[str, Any] = {}
         #: typed_config '@type' of the extension being parsed (one plugin, several messages).
         self.type_url: Optional[str] = None
         self._nodes: dict[int, Node] = {}
@@ -632,6 +644,9 @@ def _build(root: BootstrapMessage, context: ConfigContext) -> None:
             root.admin, preserving_proto_field_name=True)
     for index, ext in enumerate(root.bootstrap_extensions):
         _bootstrap_extension(ext, f"bootstrap_extensions[{index}]", context)
+    if root.HasField("layered_runtime"):
+        _layered_runtime(root.layered_runtime, "layered_runtime", context)
+    _global_connection_limit(root, context)
     if not root.HasField("static_resources"):
         raise context.error("", "missing required field 'static_resources'")
     static = root.static_resources
@@ -682,6 +697,88 @@ def _bootstrap_extension(ext: Any, path: str, context: ConfigContext) -> None:
             path, f"unknown bootstrap extension {ext.name!r}; known: {INTERNAL_LISTENER}", "name"
         )
     context.internal_listener_enabled = True
+
+
+def _layered_runtime(message: Any, path: str, context: ConfigContext) -> None:
+    """
+    Static layers, later ones over earlier ones (nested mappings are dotted keys, as in
+    Envoy): the keys hbonex reads go to ``context.runtime_values``, others are warnings.
+    """
+    for index, layer in enumerate(message.layers):
+        where = f"{path}.layers[{index}]"
+        if not layer.name:
+            raise context.error(where, "missing required field 'name'")
+        if layer.WhichOneof("layer_specifier") != "static_layer":
+            continue  # admin_layer: a warning from the table; the others are refused there
+        values: dict[str, Any] = {}
+        _flatten(json_format.MessageToDict(layer.static_layer), "", values)
+        layer_path = f"{where}.static_layer"
+        for key, value in values.items():
+            kind = RUNTIME_KEYS.get(key)
+            if kind is None:
+                context.warn(layer_path, f"runtime key {key!r} has no effect in hbonex (it "
+                             f"reads {', '.join(sorted(RUNTIME_KEYS))})")
+                continue
+            if kind is bool and not isinstance(value, bool):
+                raise context.error(layer_path, f"{key}: expected true or false, got {value!r}")
+            if kind is int:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                        value != int(value) or value < 0):
+                    raise context.error(layer_path, f"{key}: expected a non-negative integer, "
+                                        f"got {value!r}")
+                value = int(value)
+            context.runtime_values[key] = value
+
+
+def _flatten(value: Any, prefix: str, into: dict[str, Any]) -> None:
+    for key, item in value.items():
+        name = f"{prefix}{key}"
+        if isinstance(item, dict):
+            _flatten(item, f"{name}.", into)
+        else:
+            into[name] = item
+
+
+def _global_connection_limit(root: BootstrapMessage, context: ConfigContext) -> None:
+    """
+    The overload manager's ``global_downstream_max_connections`` resource monitor (or, as in
+    Envoy, the older runtime key of that name when there is no monitor) -> the process-wide
+    downstream connection limit.
+    """
+    limit: Optional[int] = None
+    where = "overload_manager.resource_monitors"
+    for index, monitor in enumerate(root.overload_manager.resource_monitors):
+        path = f"{where}[{index}]"
+        if monitor.HasField("typed_config"):
+            type_url = monitor.typed_config.type_url
+            if type_url != DOWNSTREAM_CONNECTIONS_TYPE:
+                raise context.error(
+                    f"{path}.typed_config", f"unknown resource monitor type {type_url!r}; "
+                    f"known: {DOWNSTREAM_CONNECTIONS_TYPE}", "@type")
+        if monitor.name != DOWNSTREAM_CONNECTIONS:
+            raise context.error(path, f"unknown resource monitor {monitor.name!r}; known: "
+                                f"{DOWNSTREAM_CONNECTIONS}", "name")
+        if not monitor.HasField("typed_config"):
+            raise context.error(path, "missing required field 'typed_config' "
+                                "(max_active_downstream_connections)")
+        if limit is not None:
+            raise context.error(path, f"{DOWNSTREAM_CONNECTIONS} is configured twice", "name")
+        cls = message_class(type_name(DOWNSTREAM_CONNECTIONS_TYPE))
+        assert cls is not None
+        config: Any = cls()
+        monitor.typed_config.Unpack(config)
+        limit = config.max_active_downstream_connections
+        if limit < 1:
+            raise context.error(f"{path}.typed_config.max_active_downstream_connections",
+                                f"must be at least 1, got {limit}")
+    runtime = context.runtime_values.get(GLOBAL_MAX_CONNECTIONS)
+    if limit is not None:
+        if runtime is not None:
+            context.warn("layered_runtime", f"runtime key {GLOBAL_MAX_CONNECTIONS!r} is "
+                         f"ignored: the {DOWNSTREAM_CONNECTIONS} resource monitor is set")
+        context.runtime.downstream_limit.max_active = limit
+    elif runtime:
+        context.runtime.downstream_limit.max_active = runtime
 
 
 def _check_address(path: str, info: ListenerInfo,
@@ -769,6 +866,7 @@ def _build_listener(message: Any, path: str, context: ConfigContext) -> Listener
         message.name, context.reactor, [c.chain for c in chains], endpoint=endpoint,
         internal=internal, per_connection_buffer_limit_bytes=limit, backlog=backlog,
     )
+    listener.ignore_global_conn_limit = message.ignore_global_conn_limit
     return ListenerInfo(listener, chains, path, address)
 
 

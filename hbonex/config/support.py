@@ -50,14 +50,13 @@ _TLS = "envoy.extensions.transport_sockets.tls.v3"
 #: message full name -> field -> (YES | WARN | ERROR, why).  Unlisted fields are errors.
 TABLE: dict[str, dict[str, tuple[str, str]]] = {
     "envoy.config.bootstrap.v3.Bootstrap": _m(
-        "node admin static_resources bootstrap_extensions",
+        "node admin static_resources bootstrap_extensions overload_manager layered_runtime",
         warn={
             "stats_config": _STATS, "stats_flush_interval": _STATS, "stats_sinks": _STATS,
             "stats_flush_on_admin": _STATS, "deferred_stat_options": _STATS,
             "stats_server_version_override": _STATS, "enable_dispatcher_stats": _STATS,
-            "layered_runtime": "hbonex has no runtime overrides",
             "watchdog": "no watchdog", "watchdogs": "no watchdog",
-            "overload_manager": "no overload manager", "fatal_actions": "no fatal actions",
+            "fatal_actions": "no fatal actions",
             "use_tcp_for_dns_lookups": _DNS, "dns_resolution_config": _DNS,
             "typed_dns_resolver_config": _DNS, "node_context_params": "no xDS",
             "header_prefix": "hbonex adds no x-envoy- headers", "tracing": "no tracing",
@@ -69,11 +68,29 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
     "envoy.config.bootstrap.v3.Bootstrap.StaticResources": _m(
         "listeners clusters", error={"secrets": "no SDS: put certificates in data sources"}),
     "envoy.config.core.v3.TypedExtensionConfig": _m("name typed_config"),
+    # -- overload manager: the global downstream connection limit only --
+    "envoy.config.overload.v3.OverloadManager": _m(
+        "resource_monitors",
+        warn={"refresh_interval": "the connection count is exact, not sampled",
+              "buffer_factory_config": "no buffer accounting"},
+        error={"actions": "no overload actions (only the downstream connection limit)",
+               "loadshed_points": "no load shed points (only the downstream connection "
+                                  "limit)"}),
+    "envoy.config.overload.v3.ResourceMonitor": _m("name typed_config"),
+    "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig":
+        _m("max_active_downstream_connections"),
+    # -- runtime: static layers, for the keys in hbonex.config.loader.RUNTIME_KEYS --
+    "envoy.config.bootstrap.v3.LayeredRuntime": _m("layers"),
+    "envoy.config.bootstrap.v3.RuntimeLayer": _m(
+        "name static_layer",
+        warn={"admin_layer": "no admin endpoint: its overrides are always empty"},
+        error={"disk_layer": "runtime files are not read: put the values in a static_layer",
+               "rtds_layer": "no RTDS: put the values in a static_layer"}),
     "envoy.extensions.bootstrap.internal_listener.v3.InternalListener": _m("buffer_size_kb"),
     # -- listeners --
     "envoy.config.listener.v3.Listener": _m(
         "name address internal_listener per_connection_buffer_limit_bytes tcp_backlog_size "
-        "listener_filters filter_chains",
+        "listener_filters filter_chains ignore_global_conn_limit",
         warn={"stat_prefix": _STATS, "metadata": "no consumer of listener metadata",
               "drain_type": "drain is shutdown's --drain-timeout",
               "listener_filters_timeout": "the TLS inspector's timeout is 15 s",
@@ -83,8 +100,7 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
               "traffic_direction": "informational", "enable_reuse_port": "socket tuning",
               "reuse_port": "socket tuning", "connection_balance_config": "one process",
               "max_connections_to_accept_per_socket_event": "accept tuning",
-              "ignore_global_conn_limit": "no global connection limit",
-              "bypass_overload_manager": "no overload manager"},
+              "bypass_overload_manager": "no overload actions"},
         error={"use_original_dst": "no iptables redirection",
                "transparent": "no transparent sockets", "freebind": "no freebind sockets",
                "bind_to_port": "listeners always bind", "default_filter_chain": "routing",
@@ -112,6 +128,9 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
         "destination_port server_names transport_protocol application_protocols"),
     "envoy.config.listener.v3.Filter": _m("name typed_config"),
     "envoy.config.core.v3.TransportSocket": _m("name typed_config"),
+    "envoy.extensions.filters.network.connection_limit.v3.ConnectionLimit": _m(
+        "stat_prefix max_connections delay",
+        warn={"runtime_enabled": "no runtime switch: the filter is always enabled"}),
     # -- tcp_proxy --
     _TCP: _m(
         "stat_prefix cluster weighted_clusters idle_timeout max_connect_attempts "

@@ -58,8 +58,12 @@ def parse_http_connection_manager(message: Any, path: str, context: Any
         raise context.error(path, "one of route_config, rds, scoped_routes is required")
     if kind != "route_config":
         raise context.error(path, f"{kind} is not supported; use an inline route_config", kind)
+    # Envoy's runtime guard (layered_runtime): for every HCM of the process.
+    from hbonex.config.loader import REJECT_EARLY_CONNECT_DATA
+
+    reject_early = bool(getattr(context, "runtime_values", {}).get(REJECT_EARLY_CONNECT_DATA))
     router = parse_route_config(message.route_config, f"{path}.route_config", context,
-                                connect_enabled=connect_enabled)
+                                connect_enabled=connect_enabled, reject_early_data=reject_early)
     filters = message.http_filters
     if not filters:
         raise context.error(f"{path}.http_filters" if context.has(f"{path}.http_filters")

@@ -9,11 +9,13 @@ from hbonex.cluster_types import (
     StaticClusterType,
     StrictDnsClusterType,
 )
+from hbonex.filters.connection_limit import ConnectionLimitExtension
 from hbonex.filters.hcm_config import HttpConnectionManagerExtension, RouterExtension
 from hbonex.filters.tcp_proxy import TcpProxyExtension
 from hbonex.transport_sockets import RawBufferTransportSocket, TlsTransportSocket
 
 tcp_proxy = TcpProxyExtension()
+connection_limit = ConnectionLimitExtension()
 http_connection_manager = HttpConnectionManagerExtension()
 router = RouterExtension()
 static_cluster = StaticClusterType()
