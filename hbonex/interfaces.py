@@ -109,12 +109,17 @@ class IExtension(Interface):
     name = Attribute("Envoy extension name, e.g. 'envoy.filters.network.tcp_proxy'")
     typeUrls = Attribute("tuple of accepted typed_config '@type' URLs (may be empty)")
 
-    def parseConfig(config: dict, path: str, context: object) -> object:
+    def parseConfig(config: object, path: str, context: object) -> object:
         """
-        Validate ``config`` (``typed_config`` without '@type') found at YAML ``path`` and
-        return the parsed form.  Raise hbonex.errors.ConfigError naming the path, what is
-        wrong and what is accepted.  ``context`` is an hbonex.config.ConfigContext (reactor,
-        runtime, clusters declared so far, helpers for the common Envoy types).
+        Validate ``config`` found at YAML ``path`` and return the parsed form.  ``config`` is
+        the ``typed_config`` unpacked as its Envoy message (a google.protobuf Message of the
+        plugin's ``@type``; an entry named without ``typed_config`` gets that message's
+        defaults), or, for a plugin without a compiled proto, the ``value`` of the
+        ``xds.type.v3.TypedStruct`` naming it as a plain mapping (hbonex.yamlpath.MarkedDict,
+        read with ``context.node(config, path)``).  Raise hbonex.errors.ConfigError naming
+        the path, what is wrong and what is accepted.  ``context`` is an
+        hbonex.config.ConfigContext (reactor, runtime, clusters declared so far, helpers for
+        the common Envoy types).
         """
 
 
@@ -145,10 +150,11 @@ class IClusterTypeExtension(IExtension):
     A cluster type (Envoy's ``type: STATIC`` etc.; ``name`` is the type's name).
     """
 
-    def buildCluster(common: object, config: dict, path: str, context: object) -> object:
+    def buildCluster(common: object, config: object, path: str, context: object) -> object:
         """
         Build an hbonex.cluster.Cluster from the already parsed common cluster settings
-        (``common``, a dict of Cluster keyword arguments) and the raw cluster ``config``.
+        (``common``, a dict of Cluster keyword arguments) and ``config``, the cluster's Envoy
+        message (envoy.config.cluster.v3.Cluster).
         """
 
 
