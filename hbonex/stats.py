@@ -6,6 +6,9 @@ data path (an attribute increment), read by whoever exposes them.
 
 from __future__ import annotations
 
+import weakref
+from typing import Any, Protocol
+
 
 class Counter:
     """A value that only grows."""
@@ -39,10 +42,20 @@ class Gauge:
         self.value -= amount
 
 
+class StatsSource(Protocol):
+    def stats_values(self) -> dict[str, int]:
+        """Current values by full stat name."""
+
+
 class StatsStore:
     def __init__(self) -> None:
         self.counters: dict[str, Counter] = {}
         self.gauges: dict[str, Gauge] = {}
+        #: Objects that keep their own counts (listeners, clusters, filters), held weakly.
+        self._sources: list[weakref.ref[Any]] = []
+
+    def add_source(self, source: StatsSource) -> None:
+        self._sources.append(weakref.ref(source))
 
     def counter(self, name: str) -> Counter:
         counter = self.counters.get(name)
@@ -60,7 +73,18 @@ class StatsStore:
         """Every stat's current value, by name."""
         values = {name: c.value for name, c in self.counters.items()}
         values.update((name, g.value) for name, g in self.gauges.items())
+        alive = []
+        for ref in self._sources:
+            source = ref()
+            if source is not None:
+                alive.append(ref)
+                values.update(source.stats_values())
+        self._sources = alive
         return dict(sorted(values.items()))
+
+    def is_gauge(self, name: str) -> bool:
+        """Gauges go up and down (Envoy's ``*_active``, ``*_connections``); counters grow."""
+        return name in self.gauges or name.endswith(("_active", "active_connections"))
 
 
 #: The process's store.

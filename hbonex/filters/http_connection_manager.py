@@ -15,6 +15,7 @@ from hbonex.h2settings import H2Settings
 from hbonex.http.connection_manager import HttpStreamFactory
 from hbonex.interfaces import INetworkFilter, INetworkFilterCallbacks
 from hbonex.routing import ConnectRouter
+from hbonex.stats import STATS
 from hbonex.tunnel_server import H1TunnelServer, H2TunnelServer, SniffingCodec, TunnelLog
 
 log = Logger(namespace="hbonex.hcm")
@@ -35,6 +36,19 @@ class HttpConnectionManagerConfig:
     tunnels: TunnelLog = attrs.field(
         default=attrs.Factory(lambda self: TunnelLog(self.access_log), takes_self=True)
     )
+
+    def __attrs_post_init__(self) -> None:
+        STATS.add_source(self)
+
+    def stats_values(self) -> dict[str, int]:
+        t, prefix = self.tunnels, f"http.{self.stat_prefix}"
+        return {
+            f"{prefix}.downstream_cx_upgrades_total": t.opened,
+            f"{prefix}.downstream_cx_upgrades_active": t.active,
+            f"{prefix}.tunnels_refused": t.refused,
+            f"{prefix}.downstream_cx_rx_bytes_total": t.bytes_in,
+            f"{prefix}.downstream_cx_tx_bytes_total": t.bytes_out,
+        }
 
 
 @implementer(INetworkFilter)

@@ -25,6 +25,7 @@ from hbonex.errors import status_and_reason
 from hbonex.formatter import Template
 from hbonex.interfaces import INetworkFilter, INetworkFilterCallbacks, INetworkFilterExtension
 from hbonex.relay import Relay
+from hbonex.stats import STATS
 
 log = Logger(namespace="hbonex.tcp_proxy")
 
@@ -73,6 +74,19 @@ class TcpProxyConfig:
     tunneling: TunnelingConfig | None = None
     access_log: Sequence[Callable[[dict[str, str]], None]] = ()
     stats: TcpProxyStats = attrs.Factory(TcpProxyStats)
+
+    def __attrs_post_init__(self) -> None:
+        STATS.add_source(self)
+
+    def stats_values(self) -> dict[str, int]:
+        s, prefix = self.stats, f"tcp.{self.stat_prefix}"
+        return {
+            f"{prefix}.downstream_cx_total": s.downstream_cx_total,
+            f"{prefix}.downstream_cx_active": s.downstream_cx_active,
+            f"{prefix}.downstream_cx_rx_bytes_total": s.bytes_up,
+            f"{prefix}.downstream_cx_tx_bytes_total": s.bytes_down,
+            f"{prefix}.upstream_connect_fail": s.upstream_connect_fail,
+        }
 
     def pick_cluster(self) -> str:
         if len(self.clusters) == 1:

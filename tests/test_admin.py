@@ -1,0 +1,129 @@
+"""
+The admin endpoint's resources (hbonex.admin) over twisted.web's in-memory request: stats in
+Envoy's text, JSON and Prometheus forms, readiness, and POST-only levers.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+from twisted.web.test.requesthelper import DummyRequest
+
+from hbonex.admin import Admin, collect, prometheus_text
+from hbonex.bootstrap import Bootstrap
+from hbonex.cluster import Cluster, SocketAddress
+from hbonex.listener import FilterChain, Listener
+from hbonex.stats import STATS
+
+
+class FakeService:
+    def __init__(self, bootstrap: Bootstrap) -> None:
+        self.bootstrap = bootstrap
+        self.state = "LIVE"
+        self.ports: dict[str, Any] = {}
+        self.drained: list[bool] = []
+        self.levels: list[Any] = []
+
+    def drain(self, graceful: bool) -> None:
+        self.drained.append(graceful)
+        self.state = "DRAINING"
+
+    def set_log_level(self, level: Any) -> None:
+        self.levels.append(level)
+
+
+def bootstrap() -> Bootstrap:
+    b = Bootstrap(Clock())
+    listener = Listener("ingress", b.reactor, [FilterChain([])])
+    listener.connections_total = 7
+    b.add_listener(listener)
+    cluster = b.add_cluster(Cluster("backend", b.runtime,
+                                    endpoints=(SocketAddress("127.0.0.1", 1),)))
+    cluster.stats.upstream_cx_total = 3
+    cluster.stats.upstream_cx_active = 2
+    return b
+
+
+def request(admin: Admin, method: bytes, path: str, **args: str) -> tuple[int, bytes]:
+    segments = [s.encode() for s in path.strip("/").split("/")]
+    req = DummyRequest(segments)
+    req.method = method
+    req.args = {k.encode(): [v.encode()] for k, v in args.items()}
+    resource = admin.site.resource
+    while segments and not getattr(resource, "isLeaf", False):
+        resource = resource.getChildWithDefault(segments.pop(0), req)
+    body = resource.render(req)
+    return (req.responseCode or 200), body
+
+
+class AdminTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.service = FakeService(bootstrap())
+        self.admin = Admin(self.service)
+
+    def test_stats_text_json_filter_usedonly(self) -> None:
+        STATS.counter("http2.tx_reset").inc(0)
+        code, body = request(self.admin, b"GET", "/stats")
+        self.assertEqual(code, 200)
+        lines = body.decode().splitlines()
+        self.assertIn("listener.ingress.downstream_cx_total: 7", lines)
+        self.assertIn("cluster.backend.upstream_cx_total: 3", lines)
+        self.assertEqual(lines, sorted(lines))
+        _, body = request(self.admin, b"GET", "/stats", filter="^cluster\\.", format="json")
+        names = [s["name"] for s in json.loads(body)["stats"]]
+        self.assertTrue(names and all(n.startswith("cluster.") for n in names), names)
+        _, body = request(self.admin, b"GET", "/stats", usedonly="")
+        self.assertNotIn(b": 0\n", body)
+        code, _ = request(self.admin, b"GET", "/stats", filter="(")
+        self.assertEqual(code, 400)
+
+    def test_prometheus_parses_with_envoys_names_and_tags(self) -> None:
+        text = prometheus_text(collect(self.service.bootstrap)).decode()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        cx = families["envoy_cluster_upstream_cx"]  # counters lose the _total suffix
+        self.assertEqual(cx.type, "counter")
+        [sample] = [s for s in cx.samples if s.name.endswith("_total")]
+        self.assertEqual((sample.labels, sample.value),
+                         ({"envoy_cluster_name": "backend"}, 3.0))
+        active = families["envoy_cluster_upstream_cx_active"]
+        self.assertEqual(active.type, "gauge")
+        self.assertEqual(active.samples[0].value, 2.0)
+        code, body = request(self.admin, b"GET", "/stats/prometheus")
+        self.assertEqual(code, 200)
+        self.assertIn(b"envoy_listener_downstream_cx_total", body)
+
+    def test_ready_and_health_check(self) -> None:
+        self.assertEqual(request(self.admin, b"GET", "/ready"), (200, b"LIVE\n"))
+        self.assertEqual(request(self.admin, b"POST", "/healthcheck/fail")[0], 200)
+        self.assertEqual(request(self.admin, b"GET", "/ready"), (503, b"UNHEALTHY\n"))
+        request(self.admin, b"POST", "/healthcheck/ok")
+        self.assertEqual(request(self.admin, b"POST", "/drain_listeners", graceful="")[0], 200)
+        self.assertEqual(self.service.drained, [True])
+        self.assertEqual(request(self.admin, b"GET", "/ready"), (503, b"DRAINING\n"))
+
+    def test_levers_are_post_only(self) -> None:
+        for path in ("/drain_listeners", "/healthcheck/fail", "/logging", "/quitquitquit"):
+            code, _ = request(self.admin, b"GET", path)
+            self.assertEqual(code, 405, path)
+        self.assertEqual(self.service.drained, [])
+
+    def test_logging_level(self) -> None:
+        code, _ = request(self.admin, b"POST", "/logging", level="debug")
+        self.assertEqual(code, 200)
+        self.assertEqual([lvl.name for lvl in self.service.levels], ["debug"])
+        code, body = request(self.admin, b"POST", "/logging", level="loud")
+        self.assertEqual(code, 400)
+        self.assertIn(b"debug", body)
+
+    def test_listeners_clusters_server_info(self) -> None:
+        _, body = request(self.admin, b"GET", "/listeners")
+        self.assertEqual(json.loads(body)["listener_statuses"][0]["name"], "ingress")
+        _, body = request(self.admin, b"GET", "/clusters")
+        cluster = json.loads(body)["cluster_statuses"][0]
+        self.assertEqual((cluster["name"], cluster["hosts"]), ("backend", ["127.0.0.1:1"]))
+        _, body = request(self.admin, b"GET", "/server_info")
+        self.assertEqual(json.loads(body)["state"], "LIVE")
