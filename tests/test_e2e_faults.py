@@ -5,8 +5,8 @@ target (bounded memory in both processes).
 
 These are the trial-suite sizes (64 MiB pushed to a reader at 1 MiB/s for 6 s; 64 MiB each way
 and 200 concurrent tunnels are in tests/test_e2e_tunnel.py).  The full-size runs (1 GiB each
-way, 1000 concurrent tunnels, 500 MB to a 1 MiB/s reader) are meant for a benchmarks/ script,
-not the suite.
+way, 1000 concurrent tunnels, 500 MB to a 1 MiB/s reader) are benchmarks/faults.py, not the
+suite (their figures are in docs/benchmarks.md, "Faults, full size").
 """
 
 from __future__ import annotations
