@@ -61,6 +61,12 @@ class ProxyService(service.MultiService):
         #: Where the configuration came from (``--config FILE``), for startup errors.
         self.source = source
         self.ports: dict[str, Any] = {}
+        #: Envoy's server states, as the admin endpoint reports them.
+        self.state = "PRE_INITIALIZING"
+        #: The admin endpoint (an endpoint string), from YAML ``admin.address`` or --admin.
+        self.admin_endpoint = admin_endpoint(bootstrap.admin)
+        self.admin_port: Any = None
+        self._log_filter: Any = None
 
     def startService(self) -> None:
         super().startService()
@@ -97,6 +103,57 @@ class ProxyService(service.MultiService):
                 name=listener.name, host=getattr(address, "host", "?"),
                 port=getattr(address, "port", "?"), endpoint=listener.endpoint,
             )
+        if self.admin_endpoint:
+            self._start_admin()
+        self.state = "LIVE"
+
+    def _start_admin(self) -> None:
+        from hbonex.admin import Admin
+
+        endpoint = serverFromString(self.bootstrap.reactor, self.admin_endpoint)
+        failures: list[Any] = []
+        d = endpoint.listen(Admin(self).site)
+        d.addCallbacks(lambda port: setattr(self, "admin_port", port), failures.append)
+        if failures:
+            self._stop_ports()
+            raise SystemExit(f"twistd: error: cannot listen on the admin endpoint "
+                             f"{self.admin_endpoint}: {failures[0].getErrorMessage()}")
+        address = self.admin_port.getHost()
+        self.log.info("admin listening on {host}:{port} ({endpoint})",
+                      host=getattr(address, "host", "?"), port=getattr(address, "port", "?"),
+                      endpoint=self.admin_endpoint)
+
+    def drain(self, graceful: bool = True) -> None:
+        """
+        Stop accepting (the admin's /drain_listeners); with ``graceful``, GOAWAY every
+        HTTP/2 connection too so its tunnels finish and it closes.
+        """
+        self.state = "DRAINING"
+        self._stop_ports()
+        if graceful:
+            for conn in list(self.bootstrap.runtime.server_connections):
+                conn.send_goaway()
+
+    def set_log_level(self, level: Any) -> None:
+        """The admin's /logging: events below ``level`` are dropped from then on."""
+        from twisted.logger import (
+            FilteringLogObserver,
+            LogLevelFilterPredicate,
+            LogPublisher,
+            globalLogPublisher,
+        )
+
+        if self._log_filter is None:
+            # Put a filter in front of the observers twistd installed.
+            observers = list(getattr(globalLogPublisher, "_observers", []))
+            for observer in observers:
+                globalLogPublisher.removeObserver(observer)
+            self._log_filter = LogLevelFilterPredicate()
+            globalLogPublisher.addObserver(
+                FilteringLogObserver(LogPublisher(*observers), [self._log_filter])
+            )
+        self._log_filter.setLogLevelForNamespace("", level)
+        self.log.info("log level set to {name}", name=level.name)
 
     def _stop_ports(self) -> list[defer.Deferred[Any]]:
         ports, self.ports = self.ports, {}
@@ -104,13 +161,19 @@ class ProxyService(service.MultiService):
 
     def stopService(self) -> defer.Deferred[Any]:
         super().stopService()
+        self.state = "DRAINING"
         waits = self._stop_ports()
         for listener in self.bootstrap.listeners:
             if listener.internal:
                 self.bootstrap.runtime.internal_listeners.unregister(listener.name)
         for cluster in self.bootstrap.clusters.values():
             cluster.close()
-        waits.append(self._drain())
+        drained = self._drain()
+        if self.admin_port is not None:
+            # The admin answers /ready (503 DRAINING) until the drain is over.
+            admin, self.admin_port = self.admin_port, None
+            drained.addBoth(lambda _: admin.stopListening())
+        waits.append(drained)
         return defer.DeferredList(waits)
 
     def _drain(self) -> defer.Deferred[None]:
@@ -143,6 +206,25 @@ class ProxyService(service.MultiService):
 
     def port_of(self, listener_name: str) -> int:
         return self.ports[listener_name].getHost().port  # type: ignore[no-any-return]
+
+
+def admin_endpoint(admin: dict[str, Any] | None) -> str:
+    """
+    YAML ``admin.address`` as a Twisted endpoint string ('' when there is no admin).
+    """
+    if not admin:
+        return ""
+    if "endpoint" in admin:  # --admin
+        return str(admin["endpoint"])
+    address = admin.get("address") or {}
+    pipe = address.get("pipe")
+    if pipe:
+        return f"unix:{pipe.get('path', '')}"
+    socket_address = address.get("socket_address") or {}
+    host = socket_address.get("address", "127.0.0.1")
+    port = socket_address.get("port_value", 0)
+    kind = "tcp6" if ":" in host else "tcp"
+    return f"{kind}:{port}:interface={host.replace(':', chr(92) + ':')}"
 
 
 def _with_backlog(listener: Listener) -> str:

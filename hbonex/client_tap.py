@@ -31,7 +31,7 @@ from hbonex.tls import PeerPolicy, tls_settings_from_material
 
 class Options(TLSOptions):
     tapname = "hbone-client"
-    with_config = ("max-connections",)
+    with_config = ("max-connections", "admin")
     synopsis = "[options] --forward 127.0.0.1:9000=127.0.0.1:8080"
     longdesc = (
         "Forward local TCP connections through HBONE tunnels (HTTP CONNECT over mutual TLS) "

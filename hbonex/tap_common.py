@@ -60,6 +60,8 @@ class TLSOptions(usage.Options):
         ["keepalive-interval", None, 10.0, "HTTP/2 PING interval in seconds (0: off).", float],
         ["keepalive-timeout", None, 20.0, "Close when a PING is unanswered this long.", float],
         ["connect-timeout", None, 5.0, "Upstream connect timeout in seconds.", float],
+        ["admin", None, None, "Serve Envoy's admin endpoint (/ready, /stats, "
+         "/stats/prometheus...) on ADDR, host:port or an endpoint string (off by default)."],
         ["max-connections", None, 0, "Refuse new downstream connections while this many are "
          "active, across all listeners (Envoy's overload manager downstream_connections; "
          "0: no limit).", int],
@@ -124,6 +126,8 @@ class TLSOptions(usage.Options):
         """
         if "max-connections" in self.given or not self["config"]:
             bootstrap.runtime.downstream_limit.max_active = self["max-connections"]
+        if self["admin"]:
+            bootstrap.admin = {"endpoint": endpoint_string(self["admin"], "--admin")}
 
     def refuse_flags_with_config(self) -> None:
         """

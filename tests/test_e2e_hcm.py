@@ -270,3 +270,48 @@ class HttpFilterPluginTests(HcmCase):
         head = headers_file.read_text().lower()
         self.assertIn("x-tag: blue", head)
         self.assertIn("x-tag-seen: blue", head)  # the upstream got the request header
+
+
+class AdminEndpointTests(E2ETestCase):
+    """The admin endpoint of a real hbone-server (--admin), after real tunnels."""
+
+    @e2e
+    async def test_ready_stats_prometheus_and_levers(self) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+        from twisted.web.client import Agent, readBody
+
+        from tests.support import exchange, gather, start_echo
+
+        echo, server = await gather([start_echo(self),
+                                     self.start_server("--admin", "127.0.0.1:0")])
+        [m] = await server.wait_for_count(r"admin listening on 127\.0\.0\.1:(?P<port>\d+)", 1)
+        admin = f"http://127.0.0.1:{m['port']}"
+        client = await self.start_client(server, [echo.port])
+        for i in range(3):
+            payload = pseudorandom(20_000 + i, seed=i)
+            c = await exchange(self.forward_port(client), payload)
+            self.assert_echoed(c, payload, server, client)
+        await self.closed_tunnels(server, 3)
+        agent = Agent(reactor)
+
+        async def call(method: bytes, path: str) -> tuple[int, bytes]:
+            response = await agent.request(method, f"{admin}{path}".encode())
+            return response.code, await readBody(response)
+
+        self.assertEqual(await call(b"GET", "/ready"), (200, b"LIVE\n"))
+        code, text = await call(b"GET", "/stats/prometheus")
+        self.assertEqual(code, 200)
+        families = {f.name: f for f in text_string_to_metric_families(text.decode())}
+        upgrades = families["envoy_http_downstream_cx_upgrades"]
+        self.assertEqual(sum(s.value for s in upgrades.samples
+                             if s.name.endswith("_total")), 3.0)
+        code, text = await call(b"GET", "/stats?filter=upgrades_total")
+        self.assertRegex(text.decode(), r"http\.\S+\.downstream_cx_upgrades_total: 3\n")
+        self.assertEqual((await call(b"GET", "/quitquitquit"))[0], 405)
+        self.assertEqual((await call(b"POST", "/healthcheck/fail"))[0], 200)
+        self.assertEqual(await call(b"GET", "/ready"), (503, b"UNHEALTHY\n"))
+        self.assertEqual((await call(b"POST", "/healthcheck/ok"))[0], 200)
+        self.assertEqual((await call(b"POST", "/logging?level=debug"))[0], 200)
+        await server.wait_for(r"log level set to debug")
+        self.assertEqual((await call(b"POST", "/drain_listeners?graceful"))[0], 200)
+        self.assertEqual(await call(b"GET", "/ready"), (503, b"DRAINING\n"))

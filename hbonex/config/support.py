@@ -318,7 +318,8 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
 #: Kept or ignored whole: any field inside is fine.
 OPAQUE = {
     "envoy.config.core.v3.Node": "ignored",
-    "envoy.config.bootstrap.v3.Admin": "stored on Bootstrap.admin, not served yet",
+    "envoy.config.bootstrap.v3.Admin": "address serves the admin endpoint (hbonex.admin); "
+                                       "its other fields have no effect",
     "xds.type.v3.TypedStruct": "a plugin's own config",
     "udpa.type.v1.TypedStruct": "a plugin's own config",
 }
