@@ -388,7 +388,10 @@ class H1TunnelServer(Protocol):
 
         self._buffer = b""
         channel = Http1ServerCodec(
-            self.http, self.reactor, Http1Limits(idle_timeout=self.idle_timeout),
+            self.http, self.reactor,
+            Http1Limits(idle_timeout=self.idle_timeout,
+                        max_request_headers=getattr(self.http, "max_request_headers",
+                                                    60 * 1024)),
             scheme=b"https" if self.info.peerIdentity else b"http",
         )
         self._channel = channel

@@ -49,6 +49,7 @@ static_resources:
         typed_config:
           "@type": {hcm_type}
           stat_prefix: ingress
+{hcm_extra}
           route_config:
             virtual_hosts:
             - name: all
@@ -93,6 +94,7 @@ class Echo(resource.Resource):
                           request.getHeader(b"x-forwarded-for") or b"-")
         request.setHeader(b"x-request-id-seen", request.getHeader(b"x-request-id") or b"-")
         request.setHeader(b"x-tag-seen", request.getHeader(b"x-tag") or b"-")
+        request.setHeader(b"x-path-seen", request.uri)
         return body
 
 
@@ -108,7 +110,8 @@ class HcmCase(E2ETestCase):
 
     timeout = 90
 
-    async def setup_hcm(self, http_filters: str = ROUTER_ONLY, pythonpath: str = "") -> Any:
+    async def setup_hcm(self, http_filters: str = ROUTER_ONLY, pythonpath: str = "",
+                        hcm_extra: str = "") -> Any:
         root = resource.Resource()
         api = Echo()
         root.putChild(b"api", api)
@@ -120,8 +123,9 @@ class HcmCase(E2ETestCase):
         workdir.mkdir()
         config = workdir / "hcm.yaml"
         filters = "\n".join(" " * 10 + line for line in http_filters.splitlines())
+        extra = "\n".join(" " * 10 + line for line in hcm_extra.splitlines())
         config.write_text(CONFIG.format(backend=port.getHost().port, hcm_type=HCM_TYPE,
-                                        http_filters=filters))
+                                        http_filters=filters, hcm_extra=extra))
         self.workdir = workdir
         env = {}
         if pythonpath:
@@ -236,6 +240,31 @@ class HcmTests(HcmCase):
         grown = rss_kib(pid) - before
         # The backend (twisted.web) holds the whole body; the proxy streams it.
         self.assertLess(grown, 48 * 1024, f"proxy RSS grew {grown} KiB for {size} bytes")
+
+
+class RequestHandlingTests(HcmCase):
+    @e2e
+    async def test_envoy_request_handling_options(self) -> None:
+        """
+        use_remote_address, normalize_path, merge_slashes, server_name and
+        always_set_request_id_in_response from the YAML, seen by curl and by the backend.
+        """
+        proxy = await self.setup_hcm(hcm_extra=(
+            "use_remote_address: true\nnormalize_path: true\nmerge_slashes: true\n"
+            "server_name: hbonex-e2e\nalways_set_request_id_in_response: true\n"
+        ))
+        headers_file = self.workdir / "h"
+        out = await self.curl("--path-as-is", "-D", str(headers_file), "-o", os.devnull,
+                              "-w", "%{http_code}", "-H", "x-forwarded-for: 192.0.2.7",
+                              "-H", "x-request-id: from-client",
+                              f"http://127.0.0.1:{proxy.port}//api/./x/../n?size=10")
+        self.assertEqual(out, "200")
+        head = headers_file.read_text().lower()
+        self.assertIn("x-path-seen: /api/n?size=10", head)
+        self.assertIn("x-forwarded-for-seen: 192.0.2.7, 127.0.0.1", head)
+        self.assertIn("server: hbonex-e2e", head)
+        self.assertIn("x-request-id: from-client", head)
+        self.assertIn("x-request-id-seen: from-client", head)
 
 
 class HttpFilterPluginTests(HcmCase):

@@ -160,18 +160,14 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
     f"{_HCM}.HttpConnectionManager": _m(
         "stat_prefix codec_type route_config http_filters upgrade_configs "
         "http2_protocol_options common_http_protocol_options stream_idle_timeout access_log "
-        "max_request_headers_kb",
-        warn={"server_name": "no server header on CONNECT responses",
-              "server_header_transformation": "no server header on CONNECT responses",
-              "add_user_agent": "no user agent handling", "tracing": "no tracing",
-              "generate_request_id": "no request ids",
-              "preserve_external_request_id": "no request ids",
-              "always_set_request_id_in_response": "no request ids",
+        "max_request_headers_kb server_name server_header_transformation generate_request_id "
+        "always_set_request_id_in_response use_remote_address skip_xff_append normalize_path "
+        "merge_slashes path_with_escaped_slashes_action",
+        warn={"add_user_agent": "no user agent handling", "tracing": "no tracing",
+              "preserve_external_request_id": "an incoming x-request-id is always kept",
               "drain_timeout": "drain is shutdown's --drain-timeout",
               "delayed_close_timeout": "connections close at once",
-              "use_remote_address": "no x-forwarded-for handling",
-              "xff_num_trusted_hops": "no x-forwarded-for handling",
-              "skip_xff_append": "no x-forwarded-for handling",
+              "xff_num_trusted_hops": "no internal/external origin decisions",
               "via": "no via header", "http_protocol_options": "HTTP/1.1 tuning",
               "stream_error_on_invalid_http_message": "invalid messages reset the stream",
               "access_log_flush_interval": "records are written when a tunnel ends",
@@ -181,10 +177,7 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
         error={"rds": "no RDS: use an inline route_config",
                "scoped_routes": "no scoped routes: use an inline route_config",
                "forward_client_cert_details": "security: no XFCC header handling",
-               "set_current_client_cert_details": "security: no XFCC header handling",
-               "normalize_path": "routing: paths are matched as sent",
-               "merge_slashes": "routing: paths are matched as sent",
-               "path_with_escaped_slashes_action": "routing: paths are matched as sent"},
+               "set_current_client_cert_details": "security: no XFCC header handling"},
     ),
     f"{_HCM}.HttpConnectionManager.UpgradeConfig": _m("upgrade_type enabled"),
     f"{_HCM}.HttpFilter": _m("name typed_config"),
@@ -210,12 +203,11 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
         "interval timeout", warn={"interval_jitter": "PINGs are not jittered",
                                   "connection_idle_interval": "PINGs follow interval"}),
     "envoy.config.core.v3.HttpProtocolOptions": _m(
-        "idle_timeout max_requests_per_connection",
+        "idle_timeout max_requests_per_connection headers_with_underscores_action",
         warn={"max_connection_duration": "connections live until idle or closed",
               "max_headers_count": "header size is limited by max_request_headers_kb",
               "max_response_headers_kb": "header size is limited by max_request_headers_kb"},
-        error={"headers_with_underscores_action": "security: headers pass as they are",
-               "max_stream_duration": "tunnels are limited by idle timeouts only"},
+        error={"max_stream_duration": "tunnels are limited by idle timeouts only"},
     ),
     "envoy.config.core.v3.Http1ProtocolOptions": _m(warn={
         "allow_absolute_url": "HTTP/1.1 tuning", "accept_http_10": "HTTP/1.1 tuning",

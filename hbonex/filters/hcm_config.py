@@ -16,6 +16,8 @@ from hbonex.filters.http_connection_manager import (
     HttpConnectionManagerFilter,
     http_connection_manager_factory,
 )
+from hbonex.http.connection_manager import HttpOptions
+from hbonex.http.path import EscapedSlashes
 from hbonex.interfaces import IHTTPFilterExtension, INetworkFilterExtension
 from hbonex.route_config import parse_route_config
 
@@ -123,6 +125,7 @@ def parse_http_connection_manager(message: Any, path: str, context: Any
     idle = 300.0
     if message.HasField("stream_idle_timeout"):
         idle = message.stream_idle_timeout.seconds + message.stream_idle_timeout.nanos / 1e9
+    extra["http_options"] = _http_options(message)
     return HttpConnectionManagerConfig(
         stat_prefix=message.stat_prefix,
         router=router,
@@ -133,6 +136,37 @@ def parse_http_connection_manager(message: Any, path: str, context: Any
         max_requests_per_connection=max_requests,
         **extra,
     )
+
+
+def _enum_name(message: Any, field: str) -> str:
+    descriptor = message.DESCRIPTOR.fields_by_name[field]
+    return descriptor.enum_type.values_by_number[getattr(message, field)].name  # type: ignore
+
+
+def _http_options(message: Any) -> HttpOptions:
+    """The connection manager's own request handling (Envoy's defaults where unset)."""
+    kwargs: dict[str, Any] = {
+        "server_header_transformation": _enum_name(message, "server_header_transformation"),
+        "always_set_request_id_in_response": message.always_set_request_id_in_response,
+        "skip_xff_append": message.skip_xff_append,
+        "merge_slashes": message.merge_slashes,
+        "escaped_slashes": EscapedSlashes(
+            _enum_name(message, "path_with_escaped_slashes_action").replace(
+                "IMPLEMENTATION_SPECIFIC_DEFAULT", "KEEP_UNCHANGED")
+        ),
+    }
+    if message.server_name:
+        kwargs["server_name"] = message.server_name.encode()
+    if message.HasField("generate_request_id"):
+        kwargs["generate_request_id"] = message.generate_request_id.value
+    if message.HasField("use_remote_address"):
+        kwargs["use_remote_address"] = message.use_remote_address.value
+    if message.HasField("normalize_path"):
+        kwargs["normalize_path"] = message.normalize_path.value
+    if message.HasField("common_http_protocol_options"):
+        kwargs["headers_with_underscores"] = _enum_name(
+            message.common_http_protocol_options, "headers_with_underscores_action")
+    return HttpOptions(**kwargs)
 
 
 @implementer(IPlugin, INetworkFilterExtension)

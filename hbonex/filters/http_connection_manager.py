@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from hbonex.h2settings import H2Settings
-from hbonex.http.connection_manager import HttpStreamFactory
+from hbonex.http.connection_manager import DEFAULT_OPTIONS, HttpOptions, HttpStreamFactory
 from hbonex.interfaces import INetworkFilter, INetworkFilterCallbacks
 from hbonex.routing import ConnectRouter
 from hbonex.stats import STATS
@@ -33,6 +33,8 @@ class HttpConnectionManagerConfig:
     access_log: Sequence[Callable[[dict[str, str]], None]] = ()
     #: The configured HTTP filters before the router, one factory each.
     http_filters: Sequence[Callable[[], Any]] = ()
+    #: The connection manager's own request handling (request ids, x-forwarded-for, paths).
+    http_options: HttpOptions = DEFAULT_OPTIONS
     tunnels: TunnelLog = attrs.field(
         default=attrs.Factory(lambda self: TunnelLog(self.access_log), takes_self=True)
     )
@@ -67,6 +69,8 @@ class HttpConnectionManagerFilter:
             reactor, config.router, config.runtime.http_pool, info,
             filter_factories=config.http_filters,
             access_log=config.tunnels.record if config.access_log else None,
+            options=config.http_options,
+            max_request_headers=config.h2_settings.max_header_list_size,
         )
 
         def h2() -> H2TunnelServer:

@@ -203,6 +203,7 @@ class HttpStreamFactory:
         buffer_limit: int = 1024 * 1024,
         access_log: Callable[..., None] | None = None,
         options: HttpOptions = DEFAULT_OPTIONS,
+        max_request_headers: int = 60 * 1024,
     ) -> None:
         self.reactor = reactor
         self.resolve = route_resolver(router)
@@ -212,6 +213,8 @@ class HttpStreamFactory:
         self.buffer_limit = buffer_limit
         self.access_log = access_log
         self.options = options
+        #: max_request_headers_kb, for the HTTP/1.1 codec (431 past it).
+        self.max_request_headers = max_request_headers
 
     def __call__(self, sink: Any) -> FilterManager:
         filters: list[Any] = [StandardHeaders(self.info, self.options)]
