@@ -7,7 +7,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from hbonex.routing import HeaderMatcher, Route, RouteConfig, VirtualHost
+from hbonex.routing import (
+    HeaderMatcher,
+    HeaderMutation,
+    HeaderMutations,
+    QueryMatcher,
+    Redirect,
+    Route,
+    RouteConfig,
+    VirtualHost,
+)
 from hbonex.transport_sockets import regex_field
 
 __all__ = ["parse_route_config"]
@@ -35,8 +44,54 @@ def parse_route_config(message: Any, path: str, context: Any, *,
                 )
             domains[domain.lower()] = vhost_path
         vhosts.append(vhost)
+    request, response = header_mutations(message, path, context)
     return RouteConfig(message.name, tuple(vhosts), connect_enabled=connect_enabled,
-                       reject_early_data=reject_early_data)
+                       reject_early_data=reject_early_data, request_headers=request,
+                       response_headers=response, clusters=context.runtime.clusters)
+
+
+_APPEND_ACTIONS = ("APPEND_IF_EXISTS_OR_ADD", "ADD_IF_ABSENT", "OVERWRITE_IF_EXISTS_OR_ADD",
+                   "OVERWRITE_IF_EXISTS")
+
+
+def header_mutations(message: Any, path: str, context: Any
+                     ) -> tuple[HeaderMutations, HeaderMutations]:
+    """
+    ``request_headers_to_add/_remove`` and ``response_headers_to_add/_remove`` of a route,
+    virtual host or route configuration.
+    """
+    result = []
+    for side in ("request", "response"):
+        adds = []
+        for index, option in enumerate(getattr(message, f"{side}_headers_to_add")):
+            option_path = f"{path}.{side}_headers_to_add[{index}]"
+            if not option.HasField("header"):
+                raise context.error(option_path, "missing required field 'header'")
+            key = option.header.key
+            if not key:
+                raise context.error(f"{option_path}.header", "missing required field 'key'")
+            if key.startswith(":") or key.lower() == "host":
+                raise context.error(f"{option_path}.header",
+                                    f"header {key!r} cannot be changed here", "key")
+            value = context.template(option.header.value, f"{option_path}.header.value")
+            if option.HasField("append") and context.has(f"{option_path}.append_action"):
+                raise context.error(option_path, "only one of append, append_action may be set",
+                                    "append_action")
+            enum = option.DESCRIPTOR.fields_by_name["append_action"].enum_type
+            action = enum.values_by_number[option.append_action].name
+            if option.HasField("append"):
+                action = ("APPEND_IF_EXISTS_OR_ADD" if option.append.value
+                          else "OVERWRITE_IF_EXISTS_OR_ADD")
+            if action not in _APPEND_ACTIONS:  # pragma: no cover - Envoy's enum is closed
+                raise context.error(option_path, f"unknown append_action {action}")
+            adds.append(HeaderMutation(key.lower(), value, action, option.keep_empty_value))
+        removes = tuple(h.lower() for h in getattr(message, f"{side}_headers_to_remove"))
+        for index, name in enumerate(removes):
+            if name.startswith(":") or name == "host":
+                raise context.error(f"{path}.{side}_headers_to_remove[{index}]",
+                                    f"header {name!r} cannot be removed")
+        result.append(HeaderMutations(tuple(adds), removes))
+    return result[0], result[1]
 
 
 def _virtual_host(message: Any, path: str, context: Any) -> VirtualHost:
@@ -55,7 +110,8 @@ def _virtual_host(message: Any, path: str, context: Any) -> VirtualHost:
             )
     routes = tuple(_route(r, f"{path}.routes[{i}]", context)
                    for i, r in enumerate(message.routes))
-    return VirtualHost(message.name, tuple(message.domains), routes)
+    request, response = header_mutations(message, path, context)
+    return VirtualHost(message.name, tuple(message.domains), routes, request, response)
 
 
 def _route(message: Any, path: str, context: Any) -> Route:
@@ -72,21 +128,37 @@ def _route(message: Any, path: str, context: Any) -> Route:
         fields["connect_matcher"] = True
     elif kind == "safe_regex":
         fields["safe_regex"] = regex_field(match.safe_regex, f"{match_path}.safe_regex", context)
-    elif kind in ("prefix", "path"):
-        fields[kind] = getattr(match, kind)
+    elif kind in ("prefix", "path", "path_separated_prefix"):
+        value = getattr(match, kind)
+        if kind == "path_separated_prefix" and (not value.startswith("/") or value.endswith("/")
+                                                or "?" in value or "#" in value):
+            raise context.error(match_path, "path_separated_prefix must start with '/' and "
+                                "end without '/', '?' or '#'", kind)
+        fields[kind] = value
     else:
         raise context.error(match_path, f"{kind} is not supported; use prefix, path, "
-                            "safe_regex or connect_matcher", kind)
+                            "path_separated_prefix, safe_regex or connect_matcher", kind)
+    if match.HasField("case_sensitive"):
+        fields["case_sensitive"] = match.case_sensitive.value
     fields["headers"] = tuple(_header_matcher(h, f"{match_path}.headers[{i}]", context)
                               for i, h in enumerate(match.headers))
+    fields["query_parameters"] = tuple(
+        _query_matcher(q, f"{match_path}.query_parameters[{i}]", context)
+        for i, q in enumerate(match.query_parameters)
+    )
+    fields["name"] = message.name
+    fields["request_headers"], fields["response_headers"] = header_mutations(message, path,
+                                                                             context)
     action = message.WhichOneof("action")
     if action is None:
         raise context.error(path, "one of route, direct_response, redirect is required")
-    if action not in ("route", "direct_response"):
+    if action not in ("route", "direct_response", "redirect"):
         raise context.error(path, f"{action} routes are not supported", action)
     config = getattr(message, action)
     config_path = f"{path}.{action}"
-    if action == "direct_response":
+    if action == "redirect":
+        fields["redirect"] = _redirect(config, config_path, context)
+    elif action == "direct_response":
         status = config.status
         if not 200 <= status <= 599:
             raise context.error(f"{config_path}.status" if context.has(
@@ -105,9 +177,38 @@ def _route(message: Any, path: str, context: Any) -> Route:
             fields["direct_body"] = data
     else:
         kind = config.WhichOneof("cluster_specifier")
-        if kind not in (None, "cluster"):
-            raise context.error(config_path, f"{kind} is not supported; use cluster", kind)
-        fields["cluster"] = context.cluster(config.cluster, config_path, "cluster")
+        if kind == "weighted_clusters":
+            weighted = []
+            for index, item in enumerate(config.weighted_clusters.clusters):
+                item_path = f"{config_path}.weighted_clusters.clusters[{index}]"
+                weight = item.weight.value if item.HasField("weight") else 0
+                weighted.append((context.cluster(item.name, item_path, "name"), weight))
+            if not weighted or not any(w for _, w in weighted):
+                raise context.error(f"{config_path}.weighted_clusters",
+                                    "needs at least one cluster with a weight above 0")
+            fields["weighted_clusters"] = tuple(weighted)
+        elif kind == "cluster_header":
+            fields["cluster_header"] = config.cluster_header.lower()
+        elif kind in (None, "cluster"):
+            fields["cluster"] = context.cluster(config.cluster, config_path, "cluster")
+        else:
+            raise context.error(config_path, f"{kind} is not supported; use cluster, "
+                                "weighted_clusters or cluster_header", kind)
+        if config.prefix_rewrite:
+            fields["prefix_rewrite"] = config.prefix_rewrite
+        if config.HasField("regex_rewrite"):
+            rewrite_path = f"{config_path}.regex_rewrite"
+            pattern = regex_field(config.regex_rewrite.pattern, f"{rewrite_path}.pattern",
+                                  context)
+            fields["regex_rewrite"] = (pattern, config.regex_rewrite.substitution)
+        host = config.WhichOneof("host_rewrite_specifier")
+        if host == "host_rewrite_literal":
+            fields["host_rewrite_literal"] = config.host_rewrite_literal
+        elif host == "auto_host_rewrite":
+            fields["auto_host_rewrite"] = config.auto_host_rewrite.value
+        elif host is not None:
+            raise context.error(config_path, f"{host} is not supported; use "
+                                "host_rewrite_literal or auto_host_rewrite", host)
         for index, upgrade in enumerate(config.upgrade_configs):
             upgrade_path = f"{config_path}.upgrade_configs[{index}]"
             if not upgrade.upgrade_type:
@@ -122,6 +223,58 @@ def _route(message: Any, path: str, context: Any) -> Route:
         fields["idle_timeout"] = _seconds(config, "idle_timeout", 3600.0)
         fields["timeout"] = _seconds(config, "timeout", None)
     return Route(**fields)
+
+
+_REDIRECT_CODES = {"MOVED_PERMANENTLY": 301, "FOUND": 302, "SEE_OTHER": 303,
+                   "TEMPORARY_REDIRECT": 307, "PERMANENT_REDIRECT": 308}
+
+
+def _redirect(message: Any, path: str, context: Any) -> Redirect:
+    scheme = message.WhichOneof("scheme_rewrite_specifier")
+    fields: dict[str, Any] = {}
+    if scheme == "https_redirect" and message.https_redirect:
+        fields["scheme"] = "https"
+    elif scheme == "scheme_redirect":
+        fields["scheme"] = message.scheme_redirect.lower()
+    if message.host_redirect:
+        fields["host"] = message.host_redirect
+    if message.port_redirect:
+        fields["port"] = message.port_redirect
+    rewrite = message.WhichOneof("path_rewrite_specifier")
+    if rewrite == "path_redirect":
+        fields["path"] = message.path_redirect
+    elif rewrite == "prefix_rewrite":
+        fields["prefix_rewrite"] = message.prefix_rewrite
+    elif rewrite is not None:
+        raise context.error(path, f"{rewrite} is not supported; use path_redirect or "
+                            "prefix_rewrite", rewrite)
+    enum = message.DESCRIPTOR.fields_by_name["response_code"].enum_type
+    fields["response_code"] = _REDIRECT_CODES[enum.values_by_number[message.response_code].name]
+    fields["strip_query"] = message.strip_query
+    return Redirect(**fields)
+
+
+def _query_matcher(message: Any, path: str, context: Any) -> QueryMatcher:
+    if not message.name:
+        raise context.error(path, "missing required field 'name'")
+    kind = message.WhichOneof("query_parameter_match_specifier")
+    if kind is None:
+        raise context.error(path, "one of string_match, present_match is required")
+    if kind == "present_match":
+        return QueryMatcher(message.name, present=message.present_match)
+    matcher = message.string_match
+    where = f"{path}.string_match"
+    which = matcher.WhichOneof("match_pattern")
+    if which == "safe_regex":
+        return QueryMatcher(message.name, regex=regex_field(matcher.safe_regex,
+                                                            f"{where}.safe_regex", context),
+                            ignore_case=matcher.ignore_case)
+    if which in ("exact", "prefix"):
+        return QueryMatcher(message.name, ignore_case=matcher.ignore_case,
+                            **{which: getattr(matcher, which)})
+    raise context.error(where, f"{which} is not supported for query parameters; use exact, "
+                        "prefix or safe_regex" if which else "one of exact, prefix, "
+                        "safe_regex is required", which)
 
 
 def _seconds(message: Any, field: str, default: Any) -> Any:

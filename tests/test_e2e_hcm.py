@@ -344,3 +344,139 @@ class AdminEndpointTests(E2ETestCase):
         await server.wait_for(r"log level set to debug")
         self.assertEqual((await call(b"POST", "/drain_listeners?graceful"))[0], 200)
         self.assertEqual(await call(b"GET", "/ready"), (503, b"DRAINING\n"))
+
+
+ROUTES = """\
+static_resources:
+  listeners:
+  - name: http
+    address:
+      socket_address: {{address: 127.0.0.1, port_value: 0}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": {hcm_type}
+          stat_prefix: routes
+          route_config:
+            response_headers_to_add:
+            - header: {{key: x-level, value: config}}
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              request_headers_to_add:
+              - header: {{key: x-vhost, value: "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"}}
+              response_headers_to_add:
+              - header: {{key: x-level, value: vhost}}
+                append_action: OVERWRITE_IF_EXISTS_OR_ADD
+              routes:
+              - match: {{prefix: /old}}
+                redirect: {{https_redirect: true, prefix_rewrite: /new, response_code: FOUND}}
+              - match:
+                  prefix: /q
+                  query_parameters:
+                  - name: tier
+                    string_match: {{exact: gold}}
+                direct_response: {{status: 200, body: {{inline_string: gold}}}}
+              - match: {{prefix: /q}}
+                direct_response: {{status: 200, body: {{inline_string: plain}}}}
+              - match: {{path_separated_prefix: /svc, case_sensitive: false}}
+                route: {{cluster: backend, prefix_rewrite: /api}}
+                request_headers_to_add:
+                - header: {{key: x-route, value: svc}}
+                request_headers_to_remove: [x-secret]
+                response_headers_to_remove: [x-body-sha256]
+              - match: {{safe_regex: {{regex: "/v[0-9]+/.*"}}}}
+                route:
+                  cluster: backend
+                  regex_rewrite:
+                    pattern: {{regex: "^/v([0-9]+)/(.*)$"}}
+                    substitution: "/api/\\\\2?version=\\\\1"
+              - match: {{prefix: /by-header}}
+                route: {{cluster_header: x-cluster, prefix_rewrite: /api/n}}
+              - match: {{prefix: /weighted}}
+                route:
+                  prefix_rewrite: /api/n
+                  weighted_clusters:
+                    clusters:
+                    - {{name: backend, weight: 1}}
+                    - {{name: backend2, weight: 3}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: backend
+    load_assignment:
+      cluster_name: backend
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {backend}}}}}}}
+  - name: backend2
+    load_assignment:
+      cluster_name: backend2
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {backend2}}}}}}}
+"""
+
+
+class RouteFeatureTests(HcmCase):
+    """Envoy's route matching and actions for ordinary requests, with curl."""
+
+    @e2e
+    async def test_route_features(self) -> None:
+        root = resource.Resource()
+        root.putChild(b"api", Echo())
+        site = server.Site(root)
+        one = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(one.stopListening)
+
+        class Other(resource.Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                return b"backend2"
+
+        two = reactor.listenTCP(0, server.Site(Other()),  # type: ignore[attr-defined]
+                                interface="127.0.0.1")
+        self.addCleanup(two.stopListening)
+        workdir = Path(self.mktemp()).resolve()
+        workdir.mkdir()
+        self.workdir = workdir
+        config = workdir / "routes.yaml"
+        config.write_text(ROUTES.format(hcm_type=HCM_TYPE, backend=one.getHost().port,
+                                        backend2=two.getHost().port))
+        proxy = await start_twistd(self, "hbone-server", ["--config", str(config)],
+                                   name="routes")
+        base = f"http://127.0.0.1:{proxy.port}"
+        h = self.workdir / "h"
+
+        async def get(path: str, *args: str) -> tuple[str, str]:
+            out = await self.curl("-D", str(h), "-w", " %{http_code}", *args, f"{base}{path}")
+            return out, h.read_text().lower()
+
+        out, head = await get("/old/page?x=1", "-o", os.devnull)
+        self.assertEqual(out.strip(), "302")
+        self.assertIn(f"location: https://127.0.0.1:{proxy.port}/new/page?x=1", head)
+        self.assertEqual((await get("/q?tier=gold"))[0], "gold 200")
+        self.assertEqual((await get("/q?tier=silver"))[0], "plain 200")
+        # path_separated_prefix, case-insensitive, prefix rewrite, header changes per level.
+        out, head = await get("/SVC/n?size=5", "-o", os.devnull, "-H", "x-secret: s")
+        self.assertEqual(out.strip(), "200")
+        self.assertIn("x-path-seen: /api/n?size=5", head)
+        self.assertNotIn("x-body-sha256", head)  # removed by the route
+        self.assertIn("x-level: config", head)  # the most general level has the last word
+        self.assertEqual((await get("/svcx", "-o", os.devnull))[0].strip(), "404")
+        out, head = await get("/v2/n", "-o", os.devnull)
+        self.assertIn("x-path-seen: /api/n?version=2", head)
+        out, _ = await get("/by-header?size=4", "-H", "x-cluster: backend2")
+        self.assertEqual(out, "backend2 200")
+        out, _ = await get("/by-header", "-o", os.devnull, "-H", "x-cluster: nope")
+        self.assertEqual(out.strip(), "503")
+        seen = {}
+        for _ in range(40):
+            out, _ = await get("/weighted?size=3")
+            seen[out] = seen.get(out, 0) + 1
+        self.assertGreater(seen.get("backend2 200", 0), 15)  # weight 3 of 4: ~30 of 40
+        self.assertLess(seen.get("backend2 200", 0), 40)

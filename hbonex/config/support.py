@@ -32,6 +32,8 @@ _DNS = "hbonex resolves with the reactor's resolver"
 _STATS = "hbonex keeps no Envoy stats"
 _LOG = "log output only"
 _H2_TUNING = "HTTP/2 tuning hbonex leaves at h2's behaviour"
+_HEADER_MUTATIONS = ("request_headers_to_add request_headers_to_remove "
+                     "response_headers_to_add response_headers_to_remove")
 
 
 def _m(yes: str = "", warn: Optional[dict[str, str]] = None,
@@ -218,13 +220,23 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
         "override_stream_error_on_invalid_http_message": "invalid messages close the stream",
     }),
     # -- routes --
-    f"{_ROUTES}.RouteConfiguration": _m("name virtual_hosts validate_clusters"),
-    f"{_ROUTES}.VirtualHost": _m("name domains routes"),
+    f"{_ROUTES}.RouteConfiguration": _m(
+        "name virtual_hosts validate_clusters " + _HEADER_MUTATIONS),
+    f"{_ROUTES}.VirtualHost": _m("name domains routes " + _HEADER_MUTATIONS),
     f"{_ROUTES}.Route": _m(
-        "name match route direct_response",
-        warn={"metadata": "no consumer of route metadata", "decorator": "no tracing"},
-        error={"redirect": "no redirects"}),
-    f"{_ROUTES}.RouteMatch": _m("prefix path safe_regex connect_matcher headers"),
+        "name match route direct_response redirect " + _HEADER_MUTATIONS,
+        warn={"metadata": "no consumer of route metadata", "decorator": "no tracing"}),
+    f"{_ROUTES}.RouteMatch": _m(
+        "prefix path path_separated_prefix safe_regex connect_matcher headers case_sensitive "
+        "query_parameters"),
+    f"{_ROUTES}.QueryParameterMatcher": _m("name string_match present_match"),
+    f"{_ROUTES}.RedirectAction": _m(
+        "https_redirect scheme_redirect host_redirect port_redirect path_redirect "
+        "prefix_rewrite response_code strip_query"),
+    f"{_ROUTES}.WeightedCluster": _m(
+        "clusters", warn={"total_weight": "weights are relative to their sum"}),
+    f"{_ROUTES}.WeightedCluster.ClusterWeight": _m("name weight"),
+    "envoy.type.matcher.v3.RegexMatchAndSubstitute": _m("pattern substitution"),
     f"{_ROUTES}.RouteMatch.ConnectMatcher": _m(),
     f"{_ROUTES}.HeaderMatcher": _m(
         "name string_match exact_match prefix_match suffix_match contains_match "
@@ -234,7 +246,9 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
     "envoy.type.matcher.v3.RegexMatcher": _m("regex google_re2"),
     "envoy.type.matcher.v3.RegexMatcher.GoogleRE2": _m(
         warn={"max_program_size": "Python's re has no program size"}),
-    f"{_ROUTES}.RouteAction": _m("cluster upgrade_configs idle_timeout timeout"),
+    f"{_ROUTES}.RouteAction": _m(
+        "cluster weighted_clusters cluster_header upgrade_configs idle_timeout timeout "
+        "prefix_rewrite regex_rewrite host_rewrite_literal auto_host_rewrite"),
     f"{_ROUTES}.RouteAction.UpgradeConfig": _m("upgrade_type enabled connect_config"),
     f"{_ROUTES}.RouteAction.UpgradeConfig.ConnectConfig": _m("allow_post"),
     f"{_ROUTES}.DirectResponseAction": _m("status body"),

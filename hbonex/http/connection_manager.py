@@ -10,6 +10,7 @@ The same :class:`HttpStreamFactory` serves both downstream codecs: HTTP/1.1
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, Callable, Sequence
@@ -47,23 +48,116 @@ def request_of(headers: Headers) -> ConnectRequest:
     )
 
 
+def _mutations(levels: list[Any], info: Any, request: bool) -> tuple[Any, ...]:
+    """
+    Header changes of the route, its virtual host and the route configuration, applied in
+    that order (Envoy's default: the most general level has the last word).
+    """
+    result = []
+    for level in levels:
+        if level is None:
+            continue
+        mutations = level.request_headers if request else level.response_headers
+        if mutations.add or mutations.remove:
+            result.append(_mutator(mutations, info))
+    return tuple(result)
+
+
+def _mutator(mutations: Any, info: Any) -> Callable[[Headers], None]:
+    def mutate(headers: Headers) -> None:
+        subs = info.substitutions() if info is not None else {}
+        for name in mutations.remove:
+            headers.remove(name.encode("latin-1"))
+        for m in mutations.add:
+            name = m.name.encode("latin-1")
+            value = m.value.render(subs).encode("latin-1")
+            if not value and not m.keep_empty_value:
+                continue
+            present = name in headers
+            if m.action == "APPEND_IF_EXISTS_OR_ADD":
+                headers.add(name, value)
+            elif m.action == "ADD_IF_ABSENT":
+                if not present:
+                    headers.add(name, value)
+            elif m.action == "OVERWRITE_IF_EXISTS_OR_ADD":
+                headers.set(name, value)
+            elif present:  # OVERWRITE_IF_EXISTS
+                headers.set(name, value)
+
+    return mutate
+
+
+def _location(redirect: Any, headers: Headers, prefix: str | None) -> bytes:
+    """A redirect's Location, from the request and Envoy's RedirectAction."""
+    old_scheme = (headers.get(b":scheme") or b"http").decode("latin-1")
+    scheme = redirect.scheme or old_scheme
+    authority = (headers.get(b":authority") or b"").decode("latin-1")
+    host, port = authority, ""
+    if not authority.endswith("]") and authority.count(":") == 1:
+        host, port = authority.split(":")
+    if redirect.host:
+        host = redirect.host
+    defaults = {"http": "80", "https": "443"}
+    if redirect.port:
+        port = str(redirect.port)
+    elif scheme != old_scheme and port == defaults.get(old_scheme):
+        port = ""  # http://a:80 -> https://a, not https://a:80
+    full = (headers.get(b":path") or b"/").decode("latin-1")
+    path, sep, query = full.partition("?")
+    if redirect.path is not None:
+        path = redirect.path
+    elif redirect.prefix_rewrite is not None and prefix is not None and path.startswith(prefix):
+        path = redirect.prefix_rewrite + path[len(prefix):]
+    if redirect.strip_query:
+        sep = query = ""
+    hostport = f"{host}:{port}" if port and port != defaults.get(scheme) else host
+    return f"{scheme}://{hostport}{path}{sep}{query}".encode("latin-1")
+
+
 def route_resolver(router: Any) -> Callable[[Headers, Any], HttpRoute | None]:
     """
     Envoy's route table as the filter chain asks it: None for "no route" (404 NR), a direct
-    response, or a cluster with the route's timeout.
+    response or redirect, or a cluster with the route's timeout, rewrites and header changes.
     """
 
     def resolve(headers: Headers, info: Any) -> HttpRoute | None:
         decision = router.route(request_of(headers), info)
+        route = getattr(decision, "route", None)
+        levels = [route, getattr(decision, "virtual_host", None),
+                  getattr(decision, "route_config", None)]
+        responses = _mutations(levels, info, request=False)
+        if decision.kind == "redirect" and route is not None:
+            return HttpRoute(direct_status=decision.status,
+                             location=_location(route.redirect, headers, route.matched_prefix),
+                             response_mutations=responses)
         if decision.cluster is None:
             if decision.status == 404:
                 return None
             return HttpRoute(direct_status=decision.status,
-                             direct_body=decision.body or f"{decision.reason}\n".encode())
+                             direct_body=decision.body or f"{decision.reason}\n".encode(),
+                             response_mutations=responses)
         timeout = getattr(decision, "timeout", None)
+        fields: dict[str, Any] = {}
+        if route is not None:
+            if route.prefix_rewrite is not None and route.matched_prefix is not None:
+                fields["prefix_rewrite"] = (route.matched_prefix.encode("latin-1"),
+                                            route.prefix_rewrite.encode("latin-1"))
+            if route.regex_rewrite is not None:
+                pattern, substitution = route.regex_rewrite
+                fields["regex_rewrite"] = (
+                    re.compile(pattern.encode("latin-1")),
+                    re.sub(r"\\(\d)", r"\\g<\1>", substitution).encode("latin-1"),
+                )
+            if route.host_rewrite_literal is not None:
+                fields["host_rewrite"] = route.host_rewrite_literal.encode("latin-1")
+            fields["auto_host_rewrite"] = route.auto_host_rewrite
+            fields["name"] = route.name
         return HttpRoute(
             cluster=decision.cluster,
             timeout=DEFAULT_ROUTE_TIMEOUT if timeout is None else timeout,
+            request_mutations=_mutations(levels, info, request=True),
+            response_mutations=responses,
+            **fields,
         )
 
     return resolve

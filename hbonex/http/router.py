@@ -38,8 +38,16 @@ class HttpRoute:
     timeout: float = 15.0
     direct_status: int | None = None
     direct_body: bytes = b""
+    #: A redirect's Location (with direct_status its code).
+    location: bytes | None = None
     prefix_rewrite: tuple[bytes, bytes] | None = None  # (matched prefix, replacement)
+    regex_rewrite: tuple[Any, bytes] | None = None  # (compiled bytes pattern, substitution)
     host_rewrite: bytes | None = None
+    auto_host_rewrite: bool = False
+    #: Applied to the request before it goes upstream / to the response before the
+    #: encoder filters: callables taking (headers, substitutions).
+    request_mutations: tuple[Any, ...] = ()
+    response_mutations: tuple[Any, ...] = ()
     name: str = ""
 
 
@@ -63,6 +71,7 @@ class RouterFilter:
         self._acquiring: Any = None
         self._started = 0.0
         self._upstream_transport: Any = None
+        self._route: HttpRoute | None = None
         self._request_source: Any = None
         self._response_source: Any = None
 
@@ -78,8 +87,16 @@ class RouterFilter:
             cb.sendLocalReply(404, b"", None, "route_not_found", "NR")
             return FilterHeadersStatus.StopIteration
         if route.direct_status is not None:
-            cb.sendLocalReply(route.direct_status, route.direct_body, None, "direct_response",
-                              "")
+            location = route.location
+
+            def add_location(h: Headers) -> None:
+                if location is not None:
+                    h.set(b"location", location)
+                for mutate in route.response_mutations:
+                    mutate(h)
+
+            cb.sendLocalReply(route.direct_status, route.direct_body, add_location,
+                              "direct_response" if location is None else "redirect", "")
             return FilterHeadersStatus.StopIteration
         if route.cluster is None:
             cb.sendLocalReply(503, b"", None, "cluster_not_found", "NC")
@@ -100,10 +117,19 @@ class RouterFilter:
         if route.prefix_rewrite is not None:
             prefix, replacement = route.prefix_rewrite
             path = headers.get(b":path") or b"/"
-            if path.startswith(prefix):
+            # The route matched this prefix (case-insensitively, if it said so).
+            if path[:len(prefix)].lower() == prefix.lower():
                 headers.set(b":path", replacement + path[len(prefix):])
+        elif route.regex_rewrite is not None:
+            pattern, substitution = route.regex_rewrite
+            full = headers.get(b":path") or b"/"
+            path, sep, query = full.partition(b"?")
+            headers.set(b":path", pattern.sub(substitution, path) + sep + query)
         if route.host_rewrite is not None:
             headers.set(b":authority", route.host_rewrite)
+        for mutate in route.request_mutations:
+            mutate(headers)
+        self._route = route
         return headers
 
     def decodeData(self, data: bytes, endStream: bool) -> Any:
@@ -132,7 +158,10 @@ class RouterFilter:
             self._release(codec)
             return
         self._codec = codec
-        self.callbacks.streamInfo().upstream_host = _peer_of(codec)
+        upstream_host = _peer_of(codec)
+        self.callbacks.streamInfo().upstream_host = upstream_host
+        if self._route is not None and self._route.auto_host_rewrite:
+            headers.set(b":authority", upstream_host.encode())
         codec.start_request(headers, end_stream, _UpstreamResponse(self))
         self._wire_backpressure(codec, end_stream)
         pending, self._pending = self._pending, []
@@ -205,6 +234,9 @@ class RouterFilter:
 
     def _response_headers(self, headers: Headers, end_stream: bool) -> None:
         self._response_started = True
+        if self._route is not None:
+            for mutate in self._route.response_mutations:
+                mutate(headers)
         elapsed = int((time.monotonic() - self._started) * 1000)
         headers.set(b"x-envoy-upstream-service-time", str(elapsed).encode())
         if end_stream:
