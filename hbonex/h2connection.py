@@ -196,9 +196,8 @@ class QuietH2Connection(h2.connection.H2Connection):
         except h2.exceptions.TooManyStreamsError:
             return self._refuse_stream(frame)
         except h2.exceptions.ProtocolError as e:
-            if type(e) is h2.exceptions.ProtocolError and isinstance(
-                e.__cause__, hpack.HPACKError
-            ):
+            cause = e.__cause__ or e.__context__  # h2 4.1 raises without "from"
+            if type(e) is h2.exceptions.ProtocolError and isinstance(cause, hpack.HPACKError):
                 # RFC 9113 §4.3: a field block that does not decode is COMPRESSION_ERROR.
                 raise CompressionError(str(e)) from e
             raise
