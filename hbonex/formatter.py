@@ -6,11 +6,12 @@ headers and access logs.
 from __future__ import annotations
 
 import re
+import time
 from typing import Callable, Mapping
 
 from hbonex.errors import ConfigError
 
-_OPERATOR = re.compile(r"%([A-Z_0-9]+)(\([^)]*\))?%")
+_OPERATOR = re.compile(r"%([A-Z_0-9]+)(\([^)]*\))?(:\d+)?%")
 
 
 def _without_port(address: str) -> str:
@@ -43,7 +44,59 @@ OPERATORS: Mapping[str, Callable[[Mapping[str, str]], str]] = {
     "START_TIME": lambda c: c.get("start_time", ""),
     "CONNECTION_TERMINATION_DETAILS": lambda c: c.get("termination", ""),
     "RESPONSE_FLAGS": lambda c: c.get("response_flags", ""),
+    "RESPONSE_CODE_DETAILS": lambda c: c.get("response_code_details", ""),
+    "PROTOCOL": lambda c: c.get("protocol", ""),
+    "ROUTE_NAME": lambda c: c.get("route_name", ""),
+    "CONNECTION_ID": lambda c: c.get("connection_id", ""),
+    "UPSTREAM_TRANSPORT_FAILURE_REASON": lambda c: c.get("upstream_failure", ""),
+    "DOWNSTREAM_LOCAL_URI_SAN": lambda c: c.get("local_uri_san", ""),
 }
+
+
+def _headers_operator(kind: str, arg: str, path: str) -> Callable[[Mapping[str, str]], str]:
+    """
+    ``%REQ(X?Y):Z%`` / ``%RESP(X?Y):Z%``: header X (else Y) of the request or response,
+    truncated to Z characters.
+    """
+    text = arg.strip("()")
+    names, _, limit = text.partition("):") if "):" in arg else (text, "", "")
+    first, _, fallback = names.partition("?")
+    if not first:
+        raise ConfigError(path, f"%{kind}()% needs a header name")
+    prefix = "req:" if kind == "REQ" else "resp:"
+    keys = [prefix + first.lower()] + ([prefix + fallback.lower()] if fallback else [])
+    length = int(limit) if limit.isdigit() else None
+
+    def render(c: Mapping[str, str]) -> str:
+        for key in keys:
+            value = c.get(key)
+            if value is not None:
+                return value[:length] if length is not None else value
+        return ""
+
+    return render
+
+
+def _start_time(arg: str) -> Callable[[Mapping[str, str]], str]:
+    fmt = arg[1:-1]
+
+    def render(c: Mapping[str, str]) -> str:
+        epoch = c.get("start_epoch")
+        if not fmt or not epoch:
+            return c.get("start_time", "")
+        return time.strftime(fmt.replace("%f", "000").replace("%3f", "000"),
+                             time.gmtime(float(epoch)))
+
+    return render
+
+
+def _filter_state(arg: str) -> Callable[[Mapping[str, str]], str]:
+    key = arg[1:-1].split(":", 1)[0]
+
+    def render(c: Mapping[str, str]) -> str:
+        return c.get("fs:" + key, "")
+
+    return render
 
 
 class Template:
@@ -56,13 +109,24 @@ class Template:
         self._parts: list[str | Callable[[Mapping[str, str]], str]] = []
         pos = 0
         for m in _OPERATOR.finditer(text):
-            name = m.group(1)
-            if name not in OPERATORS:
+            name, arg = m.group(1), m.group(2) or ""
+            operator: Callable[[Mapping[str, str]], str]
+            if name in ("REQ", "RESP") and arg:
+                operator = _headers_operator(name, arg + (m.group(3) or ""), path)
+            elif name == "START_TIME" and arg:
+                operator = _start_time(arg)
+            elif name == "FILTER_STATE" and arg:
+                operator = _filter_state(arg)
+            elif name in OPERATORS and not arg:
+                operator = OPERATORS[name]
+            else:
                 known = ", ".join(f"%{k}%" for k in sorted(OPERATORS))
-                raise ConfigError(path, f"unknown substitution operator %{name}%; known: {known}")
+                raise ConfigError(path, f"unknown substitution operator %{name}{arg}%; known: "
+                                  f"{known}, %REQ(X)%, %RESP(X)%, %START_TIME(FORMAT)%, "
+                                  "%FILTER_STATE(KEY)%")
             if m.start() > pos:
                 self._parts.append(text[pos : m.start()])
-            self._parts.append(OPERATORS[name])
+            self._parts.append(operator)
             pos = m.end()
         if pos < len(text):
             self._parts.append(text[pos:])

@@ -90,11 +90,13 @@ class TunnelLog:
 
     def record(
         self, info: Any, authority: str, status: int, reason: str, up: int, down: int,
-        duration: float, upstream_host: str,
+        duration: float, upstream_host: str, extra: dict[str, str] | None = None,
     ) -> None:
         if not self.access_log:
             return
         record = info.substitutions()
+        if extra:
+            record.update(extra)
         record.update(
             authority=authority,
             response_code=str(status),
@@ -103,6 +105,7 @@ class TunnelLog:
             bytes_sent=str(down),
             duration_ms=str(int(duration * 1000)),
             upstream_host=upstream_host,
+            start_epoch=str(time.time() - duration),
             start_time=time.strftime(
                 "%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - duration)
             ) + "Z",
@@ -192,6 +195,7 @@ class H2TunnelServer(H2TunnelConnection):
         if self.http is not None and not _is_tunnel(event.headers, self.router, self.info):
             from hbonex.http.codec2 import serve_request
 
+            self.http.protocol = "HTTP/2"
             serve_request(self, sid, event.headers, event.stream_ended is not None, self.http)
             return
         try:

@@ -21,6 +21,7 @@ from tests.support import (
     rss_kib,
     sha256,
     start_twistd,
+    wait_until,
 )
 from tests.test_e2e_configs import run_command
 from tests.test_e2e_tunnel import E2ETestCase
@@ -123,7 +124,8 @@ class HcmCase(E2ETestCase):
         workdir.mkdir()
         config = workdir / "hcm.yaml"
         filters = "\n".join(" " * 10 + line for line in http_filters.splitlines())
-        extra = "\n".join(" " * 10 + line for line in hcm_extra.splitlines())
+        extra = "\n".join(" " * 10 + line.replace("WORKDIR", str(workdir))
+                          for line in hcm_extra.splitlines())
         config.write_text(CONFIG.format(backend=port.getHost().port, hcm_type=HCM_TYPE,
                                         http_filters=filters, hcm_extra=extra))
         self.workdir = workdir
@@ -265,6 +267,52 @@ class RequestHandlingTests(HcmCase):
         self.assertIn("server: hbonex-e2e", head)
         self.assertIn("x-request-id: from-client", head)
         self.assertIn("x-request-id-seen: from-client", head)
+
+
+class AccessLogTests(HcmCase):
+    @e2e
+    async def test_json_access_log_per_request(self) -> None:
+        """
+        json_format with omit_empty_values: one JSON line per request, typed numbers, request
+        and response headers, and no key for what is absent.
+        """
+        import json
+
+        proxy = await self.setup_hcm(hcm_extra="""\
+access_log:
+- name: envoy.access_loggers.file
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+    path: WORKDIR/access.json
+    log_format:
+      omit_empty_values: true
+      json_format:
+        method: "%REQ(:METHOD)%"
+        path: "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%"
+        code: "%RESPONSE_CODE%"
+        flags: "%RESPONSE_FLAGS%"
+        sent: "%BYTES_SENT%"
+        agent: "%REQ(USER-AGENT):4%"
+        server: "%RESP(SERVER)%"
+        protocol: "%PROTOCOL%"
+        missing: "%REQ(X-NOPE)%"
+        fixed: {kind: hcm, version: 1}
+""")
+        base = f"http://127.0.0.1:{proxy.port}"
+        await self.curl("-o", os.devnull, "-A", "curl-test", f"{base}/api/n?size=123")
+        await self.curl("--http2-prior-knowledge", "-o", os.devnull, f"{base}/none")
+        log_file = self.workdir / "access.json"
+        await wait_until(lambda: log_file.exists() and len(log_file.read_text().splitlines())
+                         >= 2, "two access log lines")
+        first, second = (json.loads(line) for line in log_file.read_text().splitlines())
+        self.assertEqual(first, {  # no flags: "-" is empty, and empty values are left out
+            "method": "GET", "path": "/api/n?size=123", "code": 200, "sent": 123,
+            "agent": "curl", "server": "envoy", "protocol": "HTTP/1.1",
+            "fixed": {"kind": "hcm", "version": 1},
+        })
+        self.assertEqual((second["code"], second["flags"], second["protocol"]),
+                         (404, "NR", "HTTP/2"))
+        self.assertNotIn("missing", second)
 
 
 class HttpFilterPluginTests(HcmCase):

@@ -154,7 +154,8 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
     "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog": _m("log_format"),
     "envoy.extensions.access_loggers.stream.v3.StderrAccessLog": _m("log_format"),
     "envoy.config.core.v3.SubstitutionFormatString": _m(
-        "text_format text_format_source", warn={"content_type": "for local replies only"}),
+        "text_format text_format_source json_format omit_empty_values",
+        warn={"content_type": "for local replies only"}),
     "envoy.config.core.v3.DataSource": _m(
         "filename inline_string inline_bytes environment_variable",
         warn={"watched_directory": "files are read once, at load"}),

@@ -309,6 +309,8 @@ class HttpStreamFactory:
         self.options = options
         #: max_request_headers_kb, for the HTTP/1.1 codec (431 past it).
         self.max_request_headers = max_request_headers
+        #: %PROTOCOL% for the access log (set by the codec that uses this factory).
+        self.protocol = "HTTP/1.1"
 
     def __call__(self, sink: Any) -> FilterManager:
         filters: list[Any] = [StandardHeaders(self.info, self.options)]
@@ -327,10 +329,24 @@ class HttpStreamFactory:
         info = manager.stream_info
         method = (headers.get(b":method") or b"").decode("latin-1")
         path = (headers.get(b":path") or b"").decode("latin-1")
+        extra = {f"req:{n.decode('latin-1')}": v.decode("latin-1") for n, v in headers}
+        response = manager.encoding.headers
+        if response is not None:
+            extra.update((f"resp:{n.decode('latin-1')}", v.decode("latin-1"))
+                         for n, v in response)
+        extra.update(
+            response_flags=info.flags_text(),
+            response_code_details=info.response_code_details,
+            upstream_cluster=info.upstream_cluster,
+            route_name=info.route_name,
+            protocol=self.protocol,
+        )
+        for key in info.filter_state.keys():
+            extra[f"fs:{key}"] = str(info.filter_state.get_data(key))
         self.access_log(
             self.info, (headers.get(b":authority") or b"").decode("latin-1"),
             info.response_code or 0, f"{method} {path}", info.bytes_received, info.bytes_sent,
-            time.monotonic() - started, info.upstream_host,
+            time.monotonic() - started, info.upstream_host, extra,
         )
 
 
