@@ -6,6 +6,7 @@ Twisted service that starts and stops them.  The CLI flags and the YAML loader b
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 from twisted.application import service
@@ -169,12 +170,22 @@ class ProxyService(service.MultiService):
         for cluster in self.bootstrap.clusters.values():
             cluster.close()
         drained = self._drain()
+        drained.addCallback(self._drained)
         if self.admin_port is not None:
             # The admin answers /ready (503 DRAINING) until the drain is over.
             admin, self.admin_port = self.admin_port, None
             drained.addBoth(lambda _: admin.stopListening())
         waits.append(drained)
         return defer.DeferredList(waits)
+
+    def _drained(self, _: Any) -> None:
+        """
+        A SIGTERM that drained is a normal end: exit 0, as Envoy does (twistd would re-raise
+        the signal to exit with it).
+        """
+        reactor = self.bootstrap.reactor
+        if getattr(reactor, "_exitSignal", None) == signal.SIGTERM:
+            reactor._exitSignal = None
 
     def _drain(self) -> defer.Deferred[None]:
         """

@@ -76,18 +76,6 @@ def write_now(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
-def pending_write_bytes(transport: Any) -> int | None:
-    """
-    Bytes the TCP transport under ``transport`` (TLS or not) still has to send, or None when
-    there is no such transport to ask.
-    """
-    while transport is not None and not isinstance(transport, tcp.Connection):
-        transport = getattr(transport, "transport", None)
-    if transport is None:
-        return None
-    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen  # type: ignore
-
-
 def writer_for(transport: Any) -> Any:
     """
     The fastest correct write function for ``transport``.

@@ -44,7 +44,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from hbonex.fasttls import pending_write_bytes
 from hbonex.h2flood import Flood, FloodGuard, LimitedFrameBuffer
 from hbonex.h2settings import H2Settings
 from hbonex.interfaces import IHalfCloseableTransport
@@ -57,10 +56,20 @@ STREAM_HIGH_WATER = 256 * 1024
 STREAM_LOW_WATER = 64 * 1024
 
 
-#: After we close a connection, how long the peer gets to answer (TLS close_notify, FIN)
-#: before the socket is aborted; the clock restarts while our own last bytes are still
-#: draining into the socket (Envoy's delayed_close_timeout, 1 s by default).
+#: After we close a connection, how long the peer gets to answer (TLS close_notify) before we
+#: close the socket ourselves (Envoy's delayed_close_timeout, 1 s by default) ...
 CLOSE_GRACE = 1.0
+#: ... and how long the socket then gets to deliver what is still queued before it is cut.
+CLOSE_LINGER = 30.0
+
+
+def _tcp_under(transport: Any) -> Any:
+    """The TCP transport under ``transport`` (TLS or not), or None."""
+    from twisted.internet import tcp
+
+    while transport is not None and not isinstance(transport, tcp.Connection):
+        transport = getattr(transport, "transport", None)
+    return transport
 
 
 def error_code_name(code: int) -> str:
@@ -635,6 +644,12 @@ class H2TunnelConnection(Protocol):
         self._cancel_ping()
         failure = Failure(ConnectionClosed(why))
         for stream in list(self.streams.values()):
+            if stream._ended_remote and stream._ended_local and stream._reset is None:
+                # Both directions ended at the HTTP/2 level: every byte is here, only the
+                # delivery to a paused protocol is pending.  It goes on without the connection
+                # and the stream ends cleanly (a drained server closes right after its last
+                # END_STREAM; that is no truncation).
+                continue
             stream._connection_closed(failure)
         self.streams.clear()
         self.state_changed()
@@ -659,20 +674,26 @@ class H2TunnelConnection(Protocol):
         transport.loseConnection()
         self._close_call = self.reactor.callLater(CLOSE_GRACE, self._close_timed_out, None)
 
-    def _close_timed_out(self, pending_before: int | None) -> None:
+    def _close_timed_out(self, stage: int | None) -> None:
+        """
+        The peer has not answered our close within CLOSE_GRACE (a TLS close_notify goes
+        unanswered while it still reads the data before it): close the socket ourselves, the
+        ordinary way, so the kernel still delivers what it holds, then a FIN.  A peer that
+        does not read at all is cut after CLOSE_LINGER.
+        """
         self._close_call = None
         if self._lost or self.transport is None:
             return
-        pending = pending_write_bytes(self.transport)
-        if pending and (pending_before is None or pending < pending_before):
-            # Our last bytes are still leaving (a slow reader): wait while they move.
-            self._close_call = self.reactor.callLater(
-                CLOSE_GRACE, self._close_timed_out, pending
-            )
-            return
+        if stage is None:
+            tcp = _tcp_under(self.transport)
+            if tcp is not None and not tcp.disconnected:
+                tcp.loseConnection()
+                self._close_call = self.reactor.callLater(CLOSE_LINGER,
+                                                          self._close_timed_out, 1)
+                return
         self.log.info(
-            "{conn}: peer did not close within {grace}s of our close; aborting",
-            conn=self.describe(), grace=CLOSE_GRACE,
+            "{conn}: peer did not close within {linger}s of our close; aborting",
+            conn=self.describe(), linger=CLOSE_GRACE + CLOSE_LINGER,
         )
         self.transport.abortConnection()  # type: ignore[attr-defined]
 

@@ -334,9 +334,11 @@ class H1TunnelServer(Protocol):
 
     def __init__(
         self, reactor: Any, router: Any, info: Any, tunnels: TunnelLog, http: Any = None,
-        idle_timeout: float = 300.0,
+        idle_timeout: float = 300.0, connections: Any = None,
     ) -> None:
         self.reactor = reactor
+        #: The runtime's live server connections: a shutdown drains these too.
+        self.connections = connections
         self.router = router
         self.info = info
         self.tunnels = tunnels
@@ -517,7 +519,31 @@ class H1TunnelServer(Protocol):
         if close:
             self.transport.loseConnection()  # type: ignore[union-attr]
 
+    def connectionMade(self) -> None:
+        if self.connections is not None:
+            self.connections.add(self)
+
+    def send_goaway(self) -> None:
+        """
+        Drain (the HTTP/2 GOAWAY's counterpart): an open tunnel runs on; an HTTP connection
+        closes after the response in progress ("connection: close"); an idle one now.
+        """
+        channel = self._channel
+        if channel is not None:
+            channel.drain()  # type: ignore[attr-defined]
+        elif self._relay is None and self._pending is None and not self._buffer:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def abort(self, why: str) -> None:
+        """The drain deadline passed."""
+        self.log.info("{peer}: {why}", peer=self.info.remoteAddress, why=why)
+        if self._relay is not None:
+            self._relay.close_reason = why
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.connections is not None:
+            self.connections.discard(self)
         if self._channel is not None:
             self._channel.connectionLost(reason)
         if self._pending is not None:

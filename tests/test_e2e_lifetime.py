@@ -458,3 +458,35 @@ class ConnectErrorTests(RawClientMixin):
         self.assertTrue(is_reset(c), c.reason)
         m = await server.wait_for(TUNNEL_CLOSED_RE)
         self.assertRegex(m["reason"], re.compile("upstream: .*", re.I))
+
+
+class DrainTests(RawClientMixin):
+    """SIGTERM drains every kind of tunnel: open ones finish, then the server exits 0."""
+
+    timeout = 60
+
+    async def tunnel_through_sigterm(self, *client_args: str) -> None:
+        echo, server = await gather([
+            start_echo(self), self.start_server("--drain-timeout", "30"),
+        ])
+        client = await self.start_client(server, [echo.port], *client_args)
+        payload = pseudorandom(64 * 1024 * 1024, seed=64)
+        c = StreamClient(keep=False)
+        await connect_tcp(self.forward_port(client), c)
+        c.send(payload).addCallback(lambda ok: c.close_write() if ok else None)
+        await c.wait_received(1024 * 1024)  # the tunnel is up and carrying bytes
+        server.signal("TERM")
+        await server.wait_for(r"Received SIGTERM")
+        await c.done
+        self.assert_echoed(c, payload, server, client)
+        reason = await server.wait_exit()
+        self.assertIsInstance(reason, ierror.ProcessDone, server.output(last=20))
+        self.assertFalse(server.killed)
+
+    @e2e
+    async def test_http2_tunnel_finishes_through_sigterm(self) -> None:
+        await self.tunnel_through_sigterm()
+
+    @e2e
+    async def test_http11_tunnel_finishes_through_sigterm(self) -> None:
+        await self.tunnel_through_sigterm("--http1")

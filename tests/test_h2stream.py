@@ -1240,3 +1240,36 @@ class StatsTests(unittest.TestCase):
         self.assertEqual(grown("http2.inbound_empty_frames_flood"), 1)
         self.assertGreaterEqual(grown("http2.tx_reset"), 1)
         self.assertGreaterEqual(grown("http2.rx_reset"), 1)
+
+
+class CompleteStreamTests(unittest.TestCase):
+    def test_connection_closing_after_both_ends_does_not_lose_buffered_data(self) -> None:
+        """
+        The peer sent everything and END_STREAM, we ended too, our protocol is paused with
+        data still buffered, and then the connection closes (a drained server): the stream
+        still delivers every byte and ends cleanly.
+        """
+        pair = H2Pair()
+        tunnel = pair.open_tunnel()
+        tunnel.stream.loseWriteConnection()
+        tunnel.stream.pauseProducing()
+        tunnel.upstream_protocol.dataReceived(b"tail of the download")
+        tunnel.upstream_protocol.readConnectionLost()
+        pair.pump()
+        self.assertEqual(tunnel.protocol.received, [])
+        pair.client.connectionLost(Failure(ierror.ConnectionDone("close_notify")))
+        self.assertIsNone(tunnel.protocol.lost_reason)
+        tunnel.stream.resumeProducing()
+        self.assertEqual(tunnel.protocol.data, b"tail of the download")
+        self.assertTrue(tunnel.protocol.read_lost)
+        self.assertTrue(reason_of(tunnel.protocol).check(ierror.ConnectionDone))
+
+    def test_a_stream_still_sending_is_failed(self) -> None:
+        pair = H2Pair()
+        tunnel = pair.open_tunnel()
+        tunnel.stream.pauseProducing()
+        tunnel.upstream_protocol.dataReceived(b"x")
+        tunnel.upstream_protocol.readConnectionLost()
+        pair.pump()
+        pair.client.connectionLost(Failure(ierror.ConnectionDone("close_notify")))
+        self.assertTrue(reason_of(tunnel.protocol).check(ConnectionClosed))

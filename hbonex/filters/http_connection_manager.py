@@ -84,6 +84,7 @@ class HttpConnectionManagerFilter:
             return H1TunnelServer(
                 reactor, config.router, info, config.tunnels,
                 http=http, idle_timeout=config.stream_idle_timeout,
+                connections=config.runtime.server_connections,
             )
 
         alpn = info.negotiatedProtocol

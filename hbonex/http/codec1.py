@@ -486,6 +486,19 @@ class Http1ServerCodec(Protocol):
         except BadRequest as e:
             self._error(e.status, e.reason)
 
+    def drain(self) -> None:
+        """
+        The server is shutting down: close after the response in progress (it says
+        ``connection: close``), or now if no request is under way.
+        """
+        self._close_after_response = True
+        stream = self._stream
+        if stream is None and not self._buffer:
+            self._closing = True
+            self.transport.loseConnection()  # type: ignore[union-attr]
+        elif stream is not None and not stream.response_started:
+            stream.keep_alive = False
+
     def pause_reading(self, reason: str) -> None:
         if not self._pause_reasons and self.transport is not None:
             self.transport.pauseProducing()  # type: ignore[attr-defined]
