@@ -80,6 +80,23 @@ def prometheus_text(values: dict[str, int]) -> bytes:
         def collect(self) -> Iterable[Any]:
             return families.values()
 
+    from prometheus_client.core import HistogramMetricFamily
+
+    for family in STATS.families.values():
+        if family.kind == "histogram":
+            histogram = HistogramMetricFamily(family.name, family.doc,
+                                              labels=list(family.labels))
+            for key, cells in family.values.items():
+                buckets = [(str(bound), cells[i]) for i, bound in enumerate(family.buckets)]
+                buckets.append(("+Inf", cells[-2]))
+                histogram.add_metric(list(key), buckets, cells[-1])
+            families[family.name] = histogram
+        else:
+            counter = CounterMetricFamily(family.name, family.doc, labels=list(family.labels))
+            for key, value in family.values.items():
+                counter.add_metric(list(key), value)
+            families[family.name] = counter
+
     registry = CollectorRegistry()
     registry.register(Snapshot())
     return generate_latest(registry)  # type: ignore[no-any-return]

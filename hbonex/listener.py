@@ -60,6 +60,8 @@ class ConnectionInfo:
     localAddress: str
     requestedServerName: str = ""
     peerIdentity: str = ""
+    #: Our own SPIFFE identity on this connection (the chain's certificate).
+    localIdentity: str = ""
     negotiatedProtocol: bytes | None = None
     started: float = attrs.Factory(time.time)
     upstream_request: Any = None
@@ -70,6 +72,7 @@ class ConnectionInfo:
             "local": self.localAddress,
             "sni": self.requestedServerName,
             "peer_uri_san": self.peerIdentity,
+            "local_uri_san": self.localIdentity,
         }
 
 
@@ -146,6 +149,7 @@ class ListenerConnection(Protocol):
         transport: Any = self.transport
         tls_conn = transport._tlsConnection
         self.info.peerIdentity = peer_identity(tls_conn)
+        self.info.localIdentity = self.listener.local_identity(self.chain)
         sni = tls_conn.get_servername()
         self.info.requestedServerName = sni.decode("idna") if sni else ""
         self.info.negotiatedProtocol = transport.negotiatedProtocol
@@ -422,6 +426,7 @@ class Listener:
         self.per_connection_buffer_limit_bytes = per_connection_buffer_limit_bytes
         self.connections_total = 0
         self.connections_refused = 0
+        self._local_identities: dict[int, str] = {}
         #: The process-wide downstream connection limit (set by the service), if any.
         self.downstream_limit: DownstreamLimit | None = None
         #: Envoy's ignore_global_conn_limit: the service sets no downstream_limit.
@@ -445,6 +450,21 @@ class Listener:
 
         assert chain.tls is not None
         return FastTLSFactory(chain.tls, False, Inner())
+
+    def local_identity(self, chain: FilterChain) -> str:
+        """The SPIFFE ID of the chain's certificate (computed once per chain)."""
+        cached = self._local_identities.get(id(chain))
+        if cached is None:
+            cached = ""
+            if chain.tls is not None:
+                from hbonex.spiffe import uri_sans
+
+                certificate = getattr(getattr(chain.tls, "settings", None), "certificate", None)
+                if certificate is not None:
+                    uris = uri_sans(certificate)
+                    cached = uris[0] if uris else ""
+            self._local_identities[id(chain)] = cached
+        return cached
 
     def connection_closed(self) -> None:
         """

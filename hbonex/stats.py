@@ -42,6 +42,36 @@ class Gauge:
         self.value -= amount
 
 
+class Family:
+    """
+    A labelled metric (Istio's ``istio_requests_total{...}`` and the like): a counter, or a
+    histogram with fixed bucket bounds.
+    """
+
+    def __init__(self, name: str, kind: str, labels: tuple[str, ...],
+                 buckets: tuple[float, ...] = (), doc: str = "") -> None:
+        self.name = name
+        self.kind = kind
+        self.labels = labels
+        self.buckets = buckets
+        self.doc = doc or name
+        #: label values -> count (counter) or [per-bucket counts..., +Inf count, sum]
+        self.values: dict[tuple[str, ...], Any] = {}
+
+    def inc(self, labels: tuple[str, ...], amount: float = 1) -> None:
+        self.values[labels] = self.values.get(labels, 0) + amount
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        cells = self.values.get(labels)
+        if cells is None:
+            cells = self.values[labels] = [0] * (len(self.buckets) + 1) + [0.0]
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                cells[i] += 1
+        cells[-2] += 1
+        cells[-1] += value
+
+
 class StatsSource(Protocol):
     def stats_values(self) -> dict[str, int]:
         """Current values by full stat name."""
@@ -51,6 +81,7 @@ class StatsStore:
     def __init__(self) -> None:
         self.counters: dict[str, Counter] = {}
         self.gauges: dict[str, Gauge] = {}
+        self.families: dict[str, Family] = {}
         #: Objects that keep their own counts (listeners, clusters, filters), held weakly.
         self._sources: list[weakref.ref[Any]] = []
 
@@ -62,6 +93,13 @@ class StatsStore:
         if counter is None:
             counter = self.counters[name] = Counter(name)
         return counter
+
+    def family(self, name: str, kind: str, labels: tuple[str, ...],
+               buckets: tuple[float, ...] = (), doc: str = "") -> Family:
+        family = self.families.get(name)
+        if family is None:
+            family = self.families[name] = Family(name, kind, labels, buckets, doc)
+        return family
 
     def gauge(self, name: str) -> Gauge:
         gauge = self.gauges.get(name)
@@ -90,4 +128,4 @@ class StatsStore:
 #: The process's store.
 STATS = StatsStore()
 
-__all__ = ["STATS", "Counter", "Gauge", "StatsStore"]
+__all__ = ["STATS", "Counter", "Family", "Gauge", "StatsStore"]

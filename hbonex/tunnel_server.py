@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from hbonex import istio_metrics
 from hbonex.cluster import UpstreamRequest
 from hbonex.connect import ConnectRequest, MalformedRequest, parse_h2_request
 from hbonex.errors import status_and_reason
@@ -86,6 +87,8 @@ class TunnelLog:
             peer=info.remoteAddress, identity=identity, target=authority,
             duration=duration, up=up, down=down, reason=reason,
         )
+        istio_metrics.tcp_closed(info, sent=down, received=up,
+                                 flags="-" if reason == "closed cleanly" else "UC")
         self.record(info, authority, 200, reason, up, down, duration, upstream_host)
 
     def record(
@@ -248,6 +251,7 @@ class H2TunnelServer(H2TunnelConnection):
                 return
             self._flush()
             self.tunnels.opened += 1
+            istio_metrics.tcp_opened(self.info)
             self.tunnels.active += 1
             relay.on_done = lambda r: self.tunnels.finished(
                 self.info, authority, r, started, str(address)
@@ -444,6 +448,7 @@ class H1TunnelServer(Protocol):
             self._pending = None
             self.transport.write(b"HTTP/1.1 200 OK\r\n\r\n")  # type: ignore[union-attr]
             self.tunnels.opened += 1
+            istio_metrics.tcp_opened(self.info)
             self.tunnels.active += 1
             relay.on_done = lambda r: self.tunnels.finished(
                 self.info, target, r, started, str(address)

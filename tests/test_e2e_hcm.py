@@ -112,7 +112,7 @@ class HcmCase(E2ETestCase):
     timeout = 90
 
     async def setup_hcm(self, http_filters: str = ROUTER_ONLY, pythonpath: str = "",
-                        hcm_extra: str = "") -> Any:
+                        hcm_extra: str = "", extra_args: list[str] | None = None) -> Any:
         root = resource.Resource()
         api = Echo()
         root.putChild(b"api", api)
@@ -134,7 +134,8 @@ class HcmCase(E2ETestCase):
             from tests.support import REPO_ROOT
 
             env["PYTHONPATH"] = os.pathsep.join([pythonpath, str(REPO_ROOT)])
-        return await start_twistd(self, "hbone-server", ["--config", str(config)],
+        return await start_twistd(self, "hbone-server",
+                                  ["--config", str(config), *(extra_args or [])],
                                   name="hcm", env=env)
 
     async def curl(self, *args: str) -> str:
@@ -315,6 +316,30 @@ access_log:
         self.assertNotIn("missing", second)
 
 
+class IstioRequestMetricsTests(HcmCase):
+    @e2e
+    async def test_istio_requests_total_and_histograms(self) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        proxy = await self.setup_hcm(extra_args=["--admin", "127.0.0.1:0"])
+        [m] = await proxy.wait_for_count(r"admin listening on 127\.0\.0\.1:(?P<port>\d+)", 1)
+        base = f"http://127.0.0.1:{proxy.port}"
+        for _ in range(3):
+            await self.curl("-o", os.devnull, f"{base}/api/n?size=1000")
+        await self.curl("-o", os.devnull, f"{base}/none")
+        text = await self.curl(f"http://127.0.0.1:{m['port']}/stats/prometheus")
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        requests = {(s.labels["response_code"], s.labels["response_flags"]): s.value
+                    for s in families["istio_requests"].samples}
+        self.assertEqual(requests, {("200", "-"): 3.0, ("404", "NR"): 1.0})
+        sizes = [s for s in families["istio_response_bytes"].samples
+                 if s.name == "istio_response_bytes_sum" and s.labels["response_code"] == "200"]
+        self.assertEqual(sizes[0].value, 3000.0)
+        counts = [s for s in families["istio_request_duration_milliseconds"].samples
+                  if s.name.endswith("_count")]
+        self.assertEqual(sum(s.value for s in counts), 4.0)
+
+
 class HttpFilterPluginTests(HcmCase):
     """
     docs/extensions.md's HTTP filter, written out as the page shows it (a third-party package
@@ -382,6 +407,23 @@ class AdminEndpointTests(E2ETestCase):
         upgrades = families["envoy_http_downstream_cx_upgrades"]
         self.assertEqual(sum(s.value for s in upgrades.samples
                              if s.name.endswith("_total")), 3.0)
+        # Istio's metrics, with the tunnel's identities both ways.
+        identities = {"source_principal": "spiffe://cluster.local/ns/default/sa/client",
+                      "destination_principal": "spiffe://cluster.local/ns/default/sa/server",
+                      "connection_security_policy": "mutual_tls", "reporter": "destination",
+                      "request_protocol": "tcp"}
+
+        def istio(name: str) -> float:
+            samples = [s for s in families[name].samples if s.name == name + "_total"]
+            for sample in samples:
+                for key, value in identities.items():
+                    self.assertEqual(sample.labels[key], value, (name, sample.labels))
+            return sum(s.value for s in samples)
+
+        self.assertEqual(istio("istio_tcp_connections_opened"), 3)
+        self.assertEqual(istio("istio_tcp_connections_closed"), 3)
+        self.assertEqual(istio("istio_tcp_sent_bytes"), 3 * 20_000 + 3)
+        self.assertEqual(istio("istio_tcp_received_bytes"), 3 * 20_000 + 3)
         code, text = await call(b"GET", "/stats?filter=upgrades_total")
         self.assertRegex(text.decode(), r"http\.\S+\.downstream_cx_upgrades_total: 3\n")
         self.assertEqual((await call(b"GET", "/quitquitquit"))[0], 405)

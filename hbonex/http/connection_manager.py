@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import attrs
 from zope.interface import implementer
 
+from hbonex import istio_metrics
 from hbonex.connect import ConnectRequest
 from hbonex.http.filter_manager import FilterHeadersStatus, FilterManager
 from hbonex.http.headers import Headers
@@ -318,10 +319,22 @@ class HttpStreamFactory:
         filters.append(RouterFilter(self.reactor, self.pool_for))
         manager = FilterManager(filters, sink, connection_info=self.info,
                                 route_resolver=self.resolve, buffer_limit=self.buffer_limit)
-        if self.access_log is not None:
-            started = time.monotonic()
-            manager.on_destroy = lambda m: self._log(m, started)
+        started = time.monotonic()
+        manager.on_destroy = lambda m: self._done(m, started)
         return manager
+
+    def _done(self, manager: FilterManager, started: float) -> None:
+        """The request is over: Istio's request metrics, and the access log."""
+        info = manager.stream_info
+        headers = manager.decoding.headers or Headers()
+        content_type = headers.get(b"content-type") or b""
+        istio_metrics.request_done(
+            self.info, info.response_code or 0, info.flags_text(),
+            "grpc" if content_type.startswith(b"application/grpc") else "http",
+            (time.monotonic() - started) * 1000, info.bytes_received, info.bytes_sent,
+        )
+        if self.access_log is not None:
+            self._log(manager, started)
 
     def _log(self, manager: FilterManager, started: float) -> None:
         assert self.access_log is not None
