@@ -61,14 +61,7 @@ def prometheus_text(values: dict[str, int]) -> bytes:
 
     families: dict[str, Any] = {}
     for name, value in values.items():
-        labels: dict[str, str] = {}
-        rest = name
-        for pattern, tag in _TAGS:
-            match = pattern.match(rest)
-            if match:
-                labels[tag] = match.group(2)
-                rest = rest[: match.start(1)] + rest[match.end(1):]
-        metric = "envoy_" + re.sub(r"[^a-zA-Z0-9_]", "_", rest)
+        metric, labels = _envoy_name(name)
         gauge = STATS.is_gauge(name)
         family = families.get(metric)
         if family is None:
@@ -83,23 +76,41 @@ def prometheus_text(values: dict[str, int]) -> bytes:
     from prometheus_client.core import HistogramMetricFamily
 
     for family in STATS.families.values():
+        # Istio's metrics keep their names; Envoy-named ones get envoy_ and their tags.
+        fixed: dict[str, str] = {}
+        if family.name.startswith("istio_"):
+            metric = family.name
+        else:
+            metric, fixed = _envoy_name(family.name)
+        label_names = list(fixed) + list(family.labels)
         if family.kind == "histogram":
-            histogram = HistogramMetricFamily(family.name, family.doc,
-                                              labels=list(family.labels))
+            histogram = HistogramMetricFamily(metric, family.doc, labels=label_names)
             for key, cells in family.values.items():
                 buckets = [(str(bound), cells[i]) for i, bound in enumerate(family.buckets)]
                 buckets.append(("+Inf", cells[-2]))
-                histogram.add_metric(list(key), buckets, cells[-1])
-            families[family.name] = histogram
+                histogram.add_metric(list(fixed.values()) + list(key), buckets, cells[-1])
+            families[metric] = histogram
         else:
-            counter = CounterMetricFamily(family.name, family.doc, labels=list(family.labels))
+            counter = CounterMetricFamily(metric, family.doc, labels=label_names)
             for key, value in family.values.items():
-                counter.add_metric(list(key), value)
-            families[family.name] = counter
+                counter.add_metric(list(fixed.values()) + list(key), value)
+            families[metric] = counter
 
     registry = CollectorRegistry()
     registry.register(Snapshot())
     return generate_latest(registry)  # type: ignore[no-any-return]
+
+
+def _envoy_name(name: str) -> tuple[str, dict[str, str]]:
+    """``cluster.backend.upstream_cx_total`` -> (envoy_cluster_upstream_cx_total, tags)."""
+    labels: dict[str, str] = {}
+    rest = name
+    for pattern, tag in _TAGS:
+        match = pattern.match(rest)
+        if match:
+            labels[tag] = match.group(2)
+            rest = rest[: match.start(1)] + rest[match.end(1):]
+    return "envoy_" + re.sub(r"[^a-zA-Z0-9_]", "_", rest), dict(sorted(labels.items()))
 
 
 class _Leaf(resource.Resource):
@@ -141,6 +152,8 @@ class Admin:
             b"server_info": _Leaf(get=self.server_info),
             b"listeners": _Leaf(get=self.listeners),
             b"clusters": _Leaf(get=self.clusters),
+            b"config_dump": _Leaf(get=self.config_dump),
+            b"certs": _Leaf(get=self.certs),
             b"drain_listeners": _Leaf(post=self.drain_listeners),
             b"logging": _Leaf(post=self.logging),
             b"quitquitquit": _Leaf(post=self.quit),
@@ -235,6 +248,48 @@ class Admin:
             })
         return json.dumps({"cluster_statuses": out}, indent=2).encode()
 
+    def config_dump(self, request: Any) -> bytes:
+        """The effective configuration, private keys and inline secrets redacted."""
+        request.setHeader(b"content-type", b"application/json")
+        message = self.bootstrap.message
+        if message is None:
+            dump: Any = {"note": "configured by command-line flags; "
+                                 "`hbonex config render` prints the equivalent YAML",
+                         "listeners": [x.name for x in self.bootstrap.listeners],
+                         "clusters": sorted(self.bootstrap.clusters)}
+        else:
+            from google.protobuf import json_format
+
+            dump = redact(json_format.MessageToDict(message, preserving_proto_field_name=True))
+        return json.dumps({"configs": [dump]}, indent=2).encode()
+
+    def certs(self, request: Any) -> bytes:
+        """Every certificate in use: SANs, serial, expiry, where it is used."""
+        request.setHeader(b"content-type", b"application/json")
+        seen: dict[tuple[int, str], dict[str, Any]] = {}
+
+        def add(cert: Any, where: str, kind: str) -> None:
+            key = (cert.serial_number, kind)
+            entry = seen.get(key)
+            if entry is None:
+                entry = seen[key] = _cert_info(cert, kind)
+            entry["used_by"].append(where)
+
+        for listener in self.bootstrap.listeners:
+            for chain in listener.filter_chains:
+                settings = getattr(chain.tls, "settings", None)
+                if settings is not None:
+                    add(settings.certificate, f"listener {listener.name}", "certificate")
+                    for ca in settings.ca_certificates:
+                        add(ca, f"listener {listener.name}", "ca")
+        for name, cluster in self.bootstrap.clusters.items():
+            settings = cluster.tls
+            if settings is not None:
+                add(settings.certificate, f"cluster {name}", "certificate")
+                for ca in settings.ca_certificates:
+                    add(ca, f"cluster {name}", "ca")
+        return json.dumps({"certificates": list(seen.values())}, indent=2).encode()
+
     def drain_listeners(self, request: Any) -> bytes:
         graceful = _arg(request, b"graceful") is not None
         self.service.drain(graceful=graceful)
@@ -264,6 +319,48 @@ class Admin:
         log.info("quitquitquit through the admin endpoint")
         reactor.callLater(0, reactor.stop)  # type: ignore[attr-defined]
         return b"OK\n"
+
+
+_SECRET_KEYS = ("private_key", "password", "secret", "session_ticket_keys")
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """Inline private keys and secrets replaced by "[redacted]" (file names stay)."""
+    if isinstance(value, dict):
+        secret = any(word in key for word in _SECRET_KEYS)
+        out = {}
+        for k, v in value.items():
+            if secret and k in ("inline_string", "inline_bytes", "environment_variable"):
+                out[k] = "[redacted]"
+            else:
+                out[k] = redact(v, k if not secret else key)
+        return out
+    if isinstance(value, list):
+        return [redact(v, key) for v in value]
+    return value
+
+
+def _cert_info(cert: Any, kind: str) -> dict[str, Any]:
+    from cryptography import x509
+
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+        ips = [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
+        dns = sans.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        uris, ips, dns = [], [], []
+    expires = getattr(cert, "not_valid_after_utc", None) or cert.not_valid_after
+    days = (expires.timestamp() - time.time()) / 86400
+    return {
+        "kind": kind,
+        "subject": cert.subject.rfc4514_string(),
+        "serial_number": format(cert.serial_number, "x"),
+        "subject_alt_names": {"uri": uris, "ip": ips, "dns": dns},
+        "expiration_time": expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "days_until_expiration": int(days),
+        "used_by": [],
+    }
 
 
 def _arg(request: Any, name: bytes) -> str | None:

@@ -26,6 +26,8 @@ class Bootstrap:
         #: YAML path (or CLI option) each listener came from, for error messages.
         self.listener_paths: dict[str, str] = {}
         self.admin: dict[str, Any] | None = None
+        #: The Envoy Bootstrap message this was built from (None when built from flags).
+        self.message: Any = None
 
     @property
     def reactor(self) -> Any:

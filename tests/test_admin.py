@@ -127,3 +127,39 @@ class AdminTests(unittest.TestCase):
         self.assertEqual((cluster["name"], cluster["hosts"]), ("backend", ["127.0.0.1:1"]))
         _, body = request(self.admin, b"GET", "/server_info")
         self.assertEqual(json.loads(body)["state"], "LIVE")
+
+
+class DumpAndCertsTests(unittest.TestCase):
+    def test_config_dump_redacts_inline_keys(self) -> None:
+        from hbonex.admin import redact
+
+        dump = redact({"tls_certificates": [{
+            "certificate_chain": {"filename": "/etc/cert.pem"},
+            "private_key": {"inline_string": "-----BEGIN PRIVATE KEY-----..."},
+        }], "other": {"inline_string": "kept"}})
+        cert = dump["tls_certificates"][0]
+        self.assertEqual(cert["private_key"], {"inline_string": "[redacted]"})
+        self.assertEqual(cert["certificate_chain"], {"filename": "/etc/cert.pem"})
+        self.assertEqual(dump["other"], {"inline_string": "kept"})
+
+    def test_flags_config_dump_and_certs(self) -> None:
+        from hbonex import pki
+        from hbonex.tls import PeerPolicy, ServerTLS, tls_settings_from_material
+        from tests.support import make_pki
+
+        service = FakeService(bootstrap())
+        test_pki = make_pki(self)
+        material = pki.load_pki_dir(test_pki.root / "server", str(test_pki.ca))
+        settings = tls_settings_from_material(material, peer_policy=PeerPolicy())
+        service.bootstrap.listeners[0].filter_chains[0].tls = ServerTLS(settings)
+        admin = Admin(service)
+        _, body = request(admin, b"GET", "/config_dump")
+        self.assertIn("configured by command-line flags", json.loads(body)["configs"][0]["note"])
+        _, body = request(admin, b"GET", "/certs")
+        certs = json.loads(body)["certificates"]
+        leaf = [c for c in certs if c["kind"] == "certificate"][0]
+        self.assertEqual(leaf["subject_alt_names"]["uri"],
+                         ["spiffe://cluster.local/ns/default/sa/server"])
+        self.assertGreater(leaf["days_until_expiration"], 0)
+        self.assertEqual(leaf["used_by"], ["listener ingress"])
+        self.assertIn("ca", {c["kind"] for c in certs})

@@ -338,6 +338,23 @@ class IstioRequestMetricsTests(HcmCase):
         counts = [s for s in families["istio_request_duration_milliseconds"].samples
                   if s.name.endswith("_count")]
         self.assertEqual(sum(s.value for s in counts), 4.0)
+        # Envoy's per-HCM request stats, tagged with the stat_prefix.
+
+        def envoy(name: str, suffix: str = "_total") -> float:
+            [sample] = [s for s in families[name].samples if s.name == name + suffix]
+            self.assertEqual(sample.labels, {"envoy_http_conn_manager_prefix": "ingress"})
+            return sample.value
+
+        self.assertEqual(envoy("envoy_http_downstream_rq"), 4)
+        self.assertEqual(envoy("envoy_http_downstream_rq_2xx"), 3)
+        self.assertEqual(envoy("envoy_http_downstream_rq_4xx"), 1)
+        self.assertEqual(envoy("envoy_http_downstream_rq_time", "_count"), 4)
+        # The effective config, as loaded.
+        import json
+
+        dump = json.loads(await self.curl(f"http://127.0.0.1:{m['port']}/config_dump"))
+        listener = dump["configs"][0]["static_resources"]["listeners"][0]
+        self.assertEqual(listener["name"], "http")
 
 
 class HttpFilterPluginTests(HcmCase):

@@ -631,6 +631,7 @@ def build_bootstrap(message: BootstrapMessage, reactor: Any, *, base_dir: Any = 
     """
     context = ConfigContext(reactor, base_dir=base_dir, source=source, positions=positions)
     context.loaded.message = message
+    context.bootstrap.message = message  # for the admin's /config_dump
     support.check(message, "", context)
     _build(message, context)
     for path, text in context.loaded.warnings:

@@ -71,6 +71,7 @@ class HttpConnectionManagerFilter:
             access_log=config.tunnels.record if config.access_log else None,
             options=config.http_options,
             max_request_headers=config.h2_settings.max_header_list_size,
+            stat_prefix=config.stat_prefix,
         )
 
         def h2() -> H2TunnelServer:

@@ -25,6 +25,7 @@ from hbonex.http.headers import Headers
 from hbonex.http.path import EscapedSlashes, PathRedirect, PathRejected, normalize
 from hbonex.http.router import HttpRoute, RouterFilter
 from hbonex.interfaces import IStreamFilter
+from hbonex.stats import STATS
 
 DEFAULT_ROUTE_TIMEOUT = 15.0
 
@@ -299,6 +300,7 @@ class HttpStreamFactory:
         access_log: Callable[..., None] | None = None,
         options: HttpOptions = DEFAULT_OPTIONS,
         max_request_headers: int = 60 * 1024,
+        stat_prefix: str = "",
     ) -> None:
         self.reactor = reactor
         self.resolve = route_resolver(router)
@@ -312,6 +314,12 @@ class HttpStreamFactory:
         self.max_request_headers = max_request_headers
         #: %PROTOCOL% for the access log (set by the codec that uses this factory).
         self.protocol = "HTTP/1.1"
+        prefix = f"http.{stat_prefix or 'hcm'}"
+        self._rq_total = STATS.counter(f"{prefix}.downstream_rq_total")
+        self._rq_active = STATS.gauge(f"{prefix}.downstream_rq_active")
+        self._rq_class = {c: STATS.counter(f"{prefix}.downstream_rq_{c}xx") for c in "12345"}
+        self._rq_time = STATS.family(f"{prefix}.downstream_rq_time", "histogram", (),
+                                     istio_metrics.DURATION_BUCKETS)
 
     def __call__(self, sink: Any) -> FilterManager:
         filters: list[Any] = [StandardHeaders(self.info, self.options)]
@@ -321,6 +329,8 @@ class HttpStreamFactory:
                                 route_resolver=self.resolve, buffer_limit=self.buffer_limit)
         started = time.monotonic()
         manager.on_destroy = lambda m: self._done(m, started)
+        self._rq_total.inc()
+        self._rq_active.inc()
         return manager
 
     def _done(self, manager: FilterManager, started: float) -> None:
@@ -328,10 +338,17 @@ class HttpStreamFactory:
         info = manager.stream_info
         headers = manager.decoding.headers or Headers()
         content_type = headers.get(b"content-type") or b""
+        elapsed_ms = (time.monotonic() - started) * 1000
+        self._rq_active.dec()
+        code = info.response_code or 0
+        counter = self._rq_class.get(str(code)[:1])
+        if counter is not None:
+            counter.inc()
+        self._rq_time.observe((), elapsed_ms)
         istio_metrics.request_done(
-            self.info, info.response_code or 0, info.flags_text(),
+            self.info, code, info.flags_text(),
             "grpc" if content_type.startswith(b"application/grpc") else "http",
-            (time.monotonic() - started) * 1000, info.bytes_received, info.bytes_sent,
+            elapsed_ms, info.bytes_received, info.bytes_sent,
         )
         if self.access_log is not None:
             self._log(manager, started)
