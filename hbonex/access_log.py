@@ -6,11 +6,46 @@ taking the record dict a filter fills in (see hbonex.formatter.OPERATORS for the
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
+import weakref
 from typing import Any, Callable, TextIO
 
+from twisted.logger import Logger
+
 from hbonex.formatter import Template
+from hbonex.stats import STATS
+
+log = Logger()
+_WRITE_ERRORS = STATS.counter("access_log.write_errors")
+#: File sinks, reopened on SIGUSR1 (logrotate moves the file, then signals).
+_FILE_SINKS: weakref.WeakSet[TemplateSink] = weakref.WeakSet()
+_reopen_installed = False
+
+
+def _install_reopen() -> None:
+    global _reopen_installed
+    if _reopen_installed:
+        return
+    _reopen_installed = True
+    previous = signal.getsignal(signal.SIGUSR1)
+
+    def on_usr1(signum: int, frame: Any) -> None:
+        from twisted.internet import reactor
+
+        reactor.callFromThread(reopen_files)  # type: ignore[attr-defined]
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGUSR1, on_usr1)
+
+
+def reopen_files() -> None:
+    """Close every access log file; the next record opens it again (at its path)."""
+    for sink in list(_FILE_SINKS):
+        sink.reopen()
+    log.info("access log files reopened")
 
 Sink = Callable[[dict[str, str]], None]
 
@@ -40,6 +75,30 @@ class TemplateSink:
         self.template = template
         self.target = target  # a file path, "stdout" or "stderr"
         self._stream: TextIO | None = None
+        if target not in ("stdout", "stderr"):
+            _FILE_SINKS.add(self)
+            _install_reopen()
+
+    def reopen(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None and stream not in (sys.stdout, sys.stderr):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+    def write(self, line: str) -> None:
+        """One line; a failing disk (full, gone) drops it and counts it, never stalls."""
+        try:
+            stream = self._open()
+            stream.write(line)
+            stream.flush()
+        except OSError as e:
+            _WRITE_ERRORS.inc()
+            if _WRITE_ERRORS.value & (_WRITE_ERRORS.value - 1) == 0:
+                log.warn("access log {target}: {error} (record dropped)",
+                         target=self.target, error=e)
+            self.reopen()
 
     def _open(self) -> TextIO:
         if self._stream is None:
@@ -58,9 +117,7 @@ class TemplateSink:
         line = self.template.render(record)
         if not line.endswith("\n"):
             line += "\n"
-        stream = self._open()
-        stream.write(line)
-        stream.flush()
+        self.write(line)
 
     def __repr__(self) -> str:
         return f"TemplateSink({self.target!r}, {self.template.text!r})"
@@ -112,9 +169,7 @@ class JsonSink(TemplateSink):
             started = time.time() - int(record.get("duration_ms", "0") or 0) / 1000
             record = dict(record, start_time=_iso(started))
         line = json.dumps(self._render(self.fields, record), separators=(",", ":"))
-        stream = self._open()
-        stream.write(line + "\n")
-        stream.flush()
+        self.write(line + "\n")
 
     def __repr__(self) -> str:
         return f"JsonSink({self.target!r}, {sorted(self.fields)})"
@@ -150,7 +205,66 @@ def parse_access_logs(messages: Any, path: str, context: Any) -> list[Sink]:
     return [parse_access_log(m, f"{path}[{i}]", context) for i, m in enumerate(messages)]
 
 
+class FilteredSink:
+    """A sink behind Envoy's access log filter: only records the filter accepts."""
+
+    def __init__(self, sink: Sink, accept: Callable[[dict[str, str]], bool]) -> None:
+        self.sink = sink
+        self.accept = accept
+
+    def __call__(self, record: dict[str, str]) -> None:
+        if self.accept(record):
+            self.sink(record)
+
+
+_OPS = {"EQ": lambda a, b: a == b, "GE": lambda a, b: a >= b, "LE": lambda a, b: a <= b,
+        "NE": lambda a, b: a != b}
+
+
+def parse_filter(message: Any, path: str, context: Any) -> Callable[[dict[str, str]], bool]:
+    """Envoy's AccessLogFilter on a record (status, duration, response flags, and/or)."""
+    kind = message.WhichOneof("filter_specifier")
+    where = f"{path}.{kind}"
+    if kind in ("status_code_filter", "duration_filter"):
+        comparison = getattr(message, kind).comparison
+        op = comparison.DESCRIPTOR.fields_by_name["op"].enum_type.values_by_number[
+            comparison.op].name
+        if comparison.value.runtime_key:
+            raise context.error(f"{where}.comparison.value", "runtime_key is not supported; "
+                                "use default_value", "runtime_key")
+        threshold = comparison.value.default_value
+        compare = _OPS[op]
+        field = "response_code" if kind == "status_code_filter" else "duration_ms"
+        return lambda r: compare(int(r.get(field, "0") or 0), threshold)
+    if kind == "response_flag_filter":
+        wanted = set(message.response_flag_filter.flags)
+
+        def flagged(r: dict[str, str]) -> bool:
+            flags = {f for f in r.get("response_flags", "-").split(",") if f and f != "-"}
+            return bool(flags & wanted) if wanted else bool(flags)
+
+        return flagged
+    if kind in ("and_filter", "or_filter"):
+        parts = [parse_filter(f, f"{where}.filters[{i}]", context)
+                 for i, f in enumerate(getattr(message, kind).filters)]
+        if kind == "and_filter":
+            return lambda r: all(p(r) for p in parts)
+        return lambda r: any(p(r) for p in parts)
+    if kind == "not_health_check_filter":
+        return lambda r: True  # hbonex has no health-check traffic to leave out
+    raise context.error(path, f"{kind} is not supported; use status_code_filter, "
+                        "duration_filter, response_flag_filter, and_filter or or_filter"
+                        if kind else "one filter is required", kind)
+
+
 def parse_access_log(message: Any, path: str, context: Any) -> Sink:
+    sink = _parse_access_log(message, path, context)
+    if message.HasField("filter"):
+        return FilteredSink(sink, parse_filter(message.filter, f"{path}.filter", context))
+    return sink
+
+
+def _parse_access_log(message: Any, path: str, context: Any) -> Sink:
     from hbonex.config.schema import message_class, type_name
 
     name = message.name or None

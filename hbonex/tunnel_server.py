@@ -87,9 +87,10 @@ class TunnelLog:
             peer=info.remoteAddress, identity=identity, target=authority,
             duration=duration, up=up, down=down, reason=reason,
         )
-        istio_metrics.tcp_closed(info, sent=down, received=up,
-                                 flags="-" if reason == "closed cleanly" else "UC")
-        self.record(info, authority, 200, reason, up, down, duration, upstream_host)
+        flags = "-" if reason == "closed cleanly" else "UC"
+        istio_metrics.tcp_closed(info, sent=down, received=up, flags=flags)
+        self.record(info, authority, 200, reason, up, down, duration, upstream_host,
+                    {"response_flags": flags})
 
     def record(
         self, info: Any, authority: str, status: int, reason: str, up: int, down: int,

@@ -357,6 +357,45 @@ class IstioRequestMetricsTests(HcmCase):
         self.assertEqual(listener["name"], "http")
 
 
+class AccessLogFilterTests(HcmCase):
+    @e2e
+    async def test_filtered_log_and_reopen_on_sigusr1(self) -> None:
+        """
+        A status_code_filter (>= 400) keeps only errors; after logrotate moves the file, a
+        SIGUSR1 makes the next record open a new file at the configured path.
+        """
+        proxy = await self.setup_hcm(hcm_extra="""\
+access_log:
+- name: envoy.access_loggers.file
+  filter:
+    or_filter:
+      filters:
+      - status_code_filter:
+          comparison: {op: GE, value: {default_value: 400, runtime_key: ""}}
+      - response_flag_filter: {flags: [UT]}
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+    path: WORKDIR/errors.log
+    log_format: {text_format: "%RESPONSE_CODE% %REQ(:PATH)% %RESPONSE_FLAGS%\\n"}
+""")
+        base = f"http://127.0.0.1:{proxy.port}"
+        log_file = self.workdir / "errors.log"
+        await self.curl("-o", os.devnull, f"{base}/api/n?size=1")
+        await self.curl("-o", os.devnull, f"{base}/missing")
+        await wait_until(log_file.exists, "the error log")
+        self.assertEqual(log_file.read_text(), "404 /missing NR\n")
+        rotated = self.workdir / "errors.log.1"
+        log_file.rename(rotated)
+        import signal
+
+        proxy.transport.signalProcess(signal.SIGUSR1)
+        await proxy.wait_for(r"access log files reopened")
+        await self.curl("-o", os.devnull, f"{base}/gone")
+        await wait_until(log_file.exists, "a new error log")
+        self.assertEqual(log_file.read_text(), "404 /gone NR\n")
+        self.assertEqual(rotated.read_text(), "404 /missing NR\n")
+
+
 class HttpFilterPluginTests(HcmCase):
     """
     docs/extensions.md's HTTP filter, written out as the page shows it (a third-party package

@@ -149,7 +149,18 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
     "envoy.config.core.v3.HeaderValueOption": _m("header append append_action keep_empty_value"),
     "envoy.config.core.v3.HeaderValue": _m("key value"),
     # -- access logs --
-    "envoy.config.accesslog.v3.AccessLog": _m("name typed_config"),
+    "envoy.config.accesslog.v3.AccessLog": _m("name typed_config filter"),
+    "envoy.config.accesslog.v3.AccessLogFilter": _m(
+        "status_code_filter duration_filter response_flag_filter and_filter or_filter "
+        "not_health_check_filter"),
+    "envoy.config.accesslog.v3.StatusCodeFilter": _m("comparison"),
+    "envoy.config.accesslog.v3.DurationFilter": _m("comparison"),
+    "envoy.config.accesslog.v3.ComparisonFilter": _m("op value"),
+    "envoy.config.core.v3.RuntimeUInt32": _m("default_value runtime_key"),
+    "envoy.config.accesslog.v3.ResponseFlagFilter": _m("flags"),
+    "envoy.config.accesslog.v3.AndFilter": _m("filters"),
+    "envoy.config.accesslog.v3.OrFilter": _m("filters"),
+    "envoy.config.accesslog.v3.NotHealthCheckFilter": _m(),
     "envoy.extensions.access_loggers.file.v3.FileAccessLog": _m("path log_format"),
     "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog": _m("log_format"),
     "envoy.extensions.access_loggers.stream.v3.StderrAccessLog": _m("log_format"),
