@@ -25,7 +25,7 @@ _STARTED = time.time()
 #: Envoy's default tag extraction, for Prometheus names: (stat name pattern, tag).
 _TAGS = [
     (re.compile(r"^cluster\.((.+?)\.)"), "envoy_cluster_name"),
-    (re.compile(r"^listener\.((.+?)\.)(?=[a-z_]+$)"), "envoy_listener_address"),
+    (re.compile(r"^listener\.((.+?)\.)(?=(ssl\.)?[a-z_]+$)"), "envoy_listener_address"),
     (re.compile(r"^http\.((.*?)\.)"), "envoy_http_conn_manager_prefix"),
     (re.compile(r"^tcp\.((.*?)\.)"), "envoy_tcp_prefix"),
     (re.compile(r"^connection_limit\.((.*?)\.)"), "envoy_connection_limit_prefix"),
@@ -42,12 +42,18 @@ def collect(bootstrap: Any) -> dict[str, int]:
         prefix = f"listener.{listener.name}"
         values[f"{prefix}.downstream_cx_total"] = listener.connections_total
         values[f"{prefix}.downstream_cx_overflow"] = listener.connections_refused
+        if any(chain.tls is not None for chain in listener.filter_chains):
+            values[f"{prefix}.ssl.handshake"] = listener.ssl_handshake
+            values[f"{prefix}.ssl.connection_error"] = listener.ssl_connection_error
     for name, cluster in bootstrap.clusters.items():
         s, prefix = cluster.stats, f"cluster.{name}"
         values[f"{prefix}.upstream_cx_total"] = s.upstream_cx_total
         values[f"{prefix}.upstream_cx_active"] = s.upstream_cx_active
         values[f"{prefix}.upstream_cx_connect_fail"] = s.upstream_cx_connect_fail
         values[f"{prefix}.upstream_rq_total"] = s.upstream_rq_total
+        if cluster.client_tls is not None:
+            values[f"{prefix}.ssl.handshake"] = s.ssl_handshake
+            values[f"{prefix}.ssl.connection_error"] = s.ssl_connection_error
         connections = sum(len(p.connections) for p in cluster.pools.values())
         values[f"{prefix}.upstream_cx_http2_active"] = connections
     return dict(sorted(values.items()))

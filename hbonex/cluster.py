@@ -67,6 +67,9 @@ class ClusterStats:
     upstream_cx_connect_fail: int = 0
     upstream_cx_active: int = 0
     upstream_rq_total: int = 0
+    #: Envoy's ``cluster.<name>.ssl.handshake`` and ``ssl.connection_error``.
+    ssl_handshake: int = 0
+    ssl_connection_error: int = 0
 
 
 class Runtime:
@@ -294,6 +297,26 @@ class Cluster:
 
         protocol.connectionLost = connection_lost  # type: ignore[method-assign]
 
+    def _count_handshake(self, protocol: IProtocol) -> None:
+        # Wrapped on the instance: TLSMemoryBIOProtocol looks handshakeCompleted up there.
+        stats, done = self.stats, [False]
+        completed = getattr(protocol, "handshakeCompleted", None)
+        lost = protocol.connectionLost
+
+        def handshake_completed() -> None:
+            done[0] = True
+            stats.ssl_handshake += 1
+            if completed is not None:
+                completed()
+
+        def connection_lost(reason: Any) -> None:
+            if not done[0]:
+                stats.ssl_connection_error += 1
+            lost(reason)
+
+        protocol.handshakeCompleted = handshake_completed  # type: ignore[attr-defined]
+        protocol.connectionLost = connection_lost  # type: ignore[method-assign]
+
     def _count_failure(self, f: Any) -> Any:
         # A connect the downstream gave up on did not fail.
         if not f.check(defer.CancelledError):
@@ -308,6 +331,7 @@ class Cluster:
         factory: Any = _OneShotFactory(protocol)
         if self.client_tls is not None:
             factory = FastTLSFactory(self.client_tls, True, factory)
+            self._count_handshake(protocol)
         endpoint = _tcp_endpoint(self.reactor, address, self.connect_timeout)
         d = endpoint.connect(factory)
 

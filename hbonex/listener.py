@@ -146,6 +146,7 @@ class ListenerConnection(Protocol):
         if self._handshake_call is not None and self._handshake_call.active():
             self._handshake_call.cancel()
         self._handshake_call = None
+        self.listener.ssl_handshake += 1
         transport: Any = self.transport
         tls_conn = transport._tlsConnection
         self.info.peerIdentity = peer_identity(tls_conn)
@@ -238,6 +239,7 @@ class ListenerConnection(Protocol):
         if self._handshake_call is not None and self._handshake_call.active():
             self._handshake_call.cancel()
         if self.tls and not self._started:
+            self.listener.ssl_connection_error += 1
             tls_conn = getattr(self.transport, "_tlsConnection", None)
             self.log.warn(
                 "{listener}: TLS handshake from {peer} failed: {reason}",
@@ -426,6 +428,9 @@ class Listener:
         self.per_connection_buffer_limit_bytes = per_connection_buffer_limit_bytes
         self.connections_total = 0
         self.connections_refused = 0
+        #: Envoy's ``listener.<addr>.ssl.handshake`` and ``ssl.connection_error``.
+        self.ssl_handshake = 0
+        self.ssl_connection_error = 0
         self._local_identities: dict[int, str] = {}
         #: The process-wide downstream connection limit (set by the service), if any.
         self.downstream_limit: DownstreamLimit | None = None

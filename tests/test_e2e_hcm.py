@@ -430,6 +430,9 @@ class HttpFilterPluginTests(HcmCase):
         self.assertIn("x-tag-seen: blue", head)  # the upstream got the request header
 
 
+ADMIN_LINE = r"admin listening on 127\.0\.0\.1:(?P<port>\d+)"
+
+
 class AdminEndpointTests(E2ETestCase):
     """The admin endpoint of a real hbone-server (--admin), after real tunnels."""
 
@@ -438,28 +441,46 @@ class AdminEndpointTests(E2ETestCase):
         from prometheus_client.parser import text_string_to_metric_families
         from twisted.web.client import Agent, readBody
 
-        from tests.support import exchange, gather, start_echo
+        from tests.support import connect_tcp, exchange, gather, start_echo
 
         echo, server = await gather([start_echo(self),
                                      self.start_server("--admin", "127.0.0.1:0")])
-        [m] = await server.wait_for_count(r"admin listening on 127\.0\.0\.1:(?P<port>\d+)", 1)
+        [m] = await server.wait_for_count(ADMIN_LINE, 1)
         admin = f"http://127.0.0.1:{m['port']}"
-        client = await self.start_client(server, [echo.port])
+        client = await self.start_client(server, [echo.port], "--admin", "127.0.0.1:0")
+        [client_admin] = await client.wait_for_count(ADMIN_LINE, 1)
         for i in range(3):
             payload = pseudorandom(20_000 + i, seed=i)
             c = await exchange(self.forward_port(client), payload)
             self.assert_echoed(c, payload, server, client)
         await self.closed_tunnels(server, 3)
+        # One connection that is not TLS at all: a handshake error on the server's listener.
+        plain = await connect_tcp(server.port)
+        plain.transport.write(b"GET / HTTP/1.1\r\n\r\n")
+        await server.wait_for(r"TLS handshake from 127\.0\.0\.1:\d+ failed")
         agent = Agent(reactor)
 
         async def call(method: bytes, path: str) -> tuple[int, bytes]:
-            response = await agent.request(method, f"{admin}{path}".encode())
+            url = path if path.startswith("http:") else f"{admin}{path}"
+            response = await agent.request(method, url.encode())
             return response.code, await readBody(response)
 
         self.assertEqual(await call(b"GET", "/ready"), (200, b"LIVE\n"))
         code, text = await call(b"GET", "/stats/prometheus")
         self.assertEqual(code, 200)
         families = {f.name: f for f in text_string_to_metric_families(text.decode())}
+        # TLS: the client's one pooled connection shook hands; the plain one did not.
+        def total(name: str) -> float:
+            return sum(s.value for s in families[name].samples if s.name.endswith("_total"))
+
+        self.assertEqual(total("envoy_listener_ssl_handshake"), 1)
+        self.assertEqual(total("envoy_listener_ssl_connection_error"), 1)
+        client_url = f"http://127.0.0.1:{client_admin['port']}/stats/prometheus"
+        code, text = await call(b"GET", client_url)
+        client_families = {f.name: f for f in text_string_to_metric_families(text.decode())}
+        [handshakes] = [s for s in client_families["envoy_cluster_ssl_handshake"].samples
+                        if s.name.endswith("_total")]
+        self.assertEqual(handshakes.value, 1)
         upgrades = families["envoy_http_downstream_cx_upgrades"]
         self.assertEqual(sum(s.value for s in upgrades.samples
                              if s.name.endswith("_total")), 3.0)
