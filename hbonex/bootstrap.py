@@ -28,6 +28,10 @@ class Bootstrap:
         self.admin: dict[str, Any] | None = None
         #: The Envoy Bootstrap message this was built from (None when built from flags).
         self.message: Any = None
+        #: How often certificate files are polled (seconds), and how many days before its
+        #: expiry a certificate is warned about (hbonex.certwatch).
+        self.certificate_poll_interval = 1.0
+        self.certificate_warning_days = 7.0
 
     @property
     def reactor(self) -> Any:
@@ -70,6 +74,12 @@ class ProxyService(service.MultiService):
         self.admin_endpoint = admin_endpoint(bootstrap.admin)
         self.admin_port: Any = None
         self._log_filter: Any = None
+        from hbonex.certwatch import CertificateWatcher
+
+        #: Reloads changed certificate files (and on SIGHUP); expiry gauges.
+        self.certificates = CertificateWatcher(
+            bootstrap, bootstrap.certificate_poll_interval, bootstrap.certificate_warning_days)
+        self.certificates.setServiceParent(self)
 
     def startService(self) -> None:
         super().startService()

@@ -28,6 +28,7 @@ from hbonex.pki import (
     issue,
     load_material,
     not_after,
+    renew,
 )
 from hbonex.spiffe import SpiffeIdError
 
@@ -118,8 +119,19 @@ def _cmd_pki_issue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pki_renew(args: argparse.Namespace) -> int:
+    cert_path, key_path = renew(args.dir, args.name, days=args.days)
+    material = load_material(cert_path, key_path, Path(args.dir) / CA_CERT)
+    expires = format_time(not_after(material.certificate))
+    serial = format(material.certificate.serial_number, "x")
+    print(f"wrote {cert_path} ({_san_summary(material.certificate)}; serial {serial}; "
+          f"expires {expires})")
+    print(f"wrote {key_path} (private key, mode 0600)")
+    return 0
+
+
 def add_subcommand(subparsers: Any) -> None:
-    """Register ``hbonex pki init|issue``."""
+    """Register ``hbonex pki init|issue|renew``."""
     pki = subparsers.add_parser(
         "pki",
         help="manage a small EC P-256 CA and issue SPIFFE certificates",
@@ -172,6 +184,19 @@ def add_subcommand(subparsers: Any) -> None:
     )
     iss.add_argument("--force", action="store_true", help="replace an existing NAME")
     iss.set_defaults(func=_cmd_pki_issue)
+
+    ren = pki_sub.add_parser(
+        "renew",
+        help="re-issue DIR/NAME in place (new key and serial, same SPIFFE ID, DNS names, IPs)",
+        description="Re-issue the leaf certificate of NAME in place, signed by the CA in DIR, "
+        "keeping its SANs: a running hbone-server or hbone-client picks it up for new "
+        "handshakes.",
+    )
+    ren.add_argument("dir", metavar="DIR", help="PKI directory holding ca.pem and ca-key.pem")
+    ren.add_argument("name", metavar="NAME", help="identity name (DIR/NAME/cert.pem)")
+    ren.add_argument("--days", type=int, default=None, metavar="N",
+                     help="validity (default: the old certificate's)")
+    ren.set_defaults(func=_cmd_pki_renew)
 
 
 # --- registry -----------------------------------------------------------------------------

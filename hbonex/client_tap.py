@@ -31,7 +31,8 @@ from hbonex.tls import PeerPolicy, tls_settings_from_material
 
 class Options(TLSOptions):
     tapname = "hbone-client"
-    with_config = ("max-connections", "admin")
+    with_config = ("max-connections", "admin", "cert-poll",
+                   "cert-warn-days")
     synopsis = "[options] --forward 127.0.0.1:9000=127.0.0.1:8080"
     longdesc = (
         "Forward local TCP connections through HBONE tunnels (HTTP CONNECT over mutual TLS) "

@@ -624,6 +624,37 @@ def issue(
     return cert_p, key_p
 
 
+def renew(
+    directory: StrPath, name: str, days: int | None = None, *,
+    now: datetime.datetime | None = None,
+) -> tuple[Path, Path]:
+    """Re-issue DIR/NAME in place with a new key and serial, keeping its SPIFFE ID, DNS names
+    and IP addresses; ``days`` defaults to the old certificate's validity period."""
+    d = Path(directory)
+    _check_name(d, name)
+    cert_p = d / name / LEAF_CERT
+    old = _parse_certs(cert_p, _read(cert_p))[0]
+    sans = certificate_san_values(old)
+    if days is None:
+        days = max(1, (not_after(old) - not_before(old) - _CLOCK_SKEW).days)
+    spiffe = next((u for u in sans["URI"] if u.startswith("spiffe://")), None)
+    return issue(d, name, spiffe=spiffe, dns=sans["DNS"], ip=sans["IP_ADDRESS"], days=days,
+                 force=True, now=now)
+
+
+def certificate_san_values(cert: x509.Certificate) -> dict[str, list[str]]:
+    """URI, DNS and IP SANs of ``cert``."""
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return {"URI": [], "DNS": [], "IP_ADDRESS": []}
+    return {
+        "URI": list(ext.get_values_for_type(x509.UniformResourceIdentifier)),
+        "DNS": list(ext.get_values_for_type(x509.DNSName)),
+        "IP_ADDRESS": [str(ip) for ip in ext.get_values_for_type(x509.IPAddress)],
+    }
+
+
 # --- development PKI ----------------------------------------------------------------------
 
 

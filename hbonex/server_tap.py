@@ -30,7 +30,8 @@ from hbonex.tls import PeerPolicy, ServerTLS, tls_settings_from_material
 class Options(TLSOptions):
     tapname = "hbone-server"
     # Not part of the YAML: how long shutdown waits for open tunnels.
-    with_config = ("drain-timeout", "max-connections", "admin")
+    with_config = ("drain-timeout", "max-connections", "admin", "cert-poll",
+                   "cert-warn-days")
     synopsis = "[options]"
     longdesc = "Terminate HBONE tunnels (HTTP CONNECT over mutual TLS) and relay them."
     optFlags = [

@@ -65,6 +65,11 @@ class TLSOptions(usage.Options):
         ["max-connections", None, 0, "Refuse new downstream connections while this many are "
          "active, across all listeners (Envoy's overload manager downstream_connections; "
          "0: no limit).", int],
+        ["cert-poll", None, 1.0, "How often the certificate, key and CA files (and "
+         "SDS files) are checked for changes, in seconds; changed files are used for new "
+         "handshakes (also on SIGHUP). 0: only on SIGHUP.", float],
+        ["cert-warn-days", None, 7.0, "Log a warning when a certificate in use "
+         "expires within this many days.", float],
         ["config", "c", None, "Envoy v3 bootstrap YAML file, instead of the other options."],
     ]
 
@@ -128,6 +133,10 @@ class TLSOptions(usage.Options):
             bootstrap.runtime.downstream_limit.max_active = self["max-connections"]
         if self["admin"]:
             bootstrap.admin = {"endpoint": endpoint_string(self["admin"], "--admin")}
+        if self["cert-poll"] < 0:
+            raise SystemExit("twistd: error: --cert-poll must be at least 0")
+        bootstrap.certificate_poll_interval = self["cert-poll"]
+        bootstrap.certificate_warning_days = self["cert-warn-days"]
 
     def refuse_flags_with_config(self) -> None:
         """

@@ -142,6 +142,8 @@ class TLSSettings:
     require_peer_certificate: bool = True
     sni: str = ""
     handshake_timeout: float = 10.0
+    #: Where the material is reloaded from (hbonex.certwatch.CertificateSources), or None.
+    sources: Any = attrs.field(default=None, eq=False)
 
 
 def peer_identity(connection: Any) -> str:
@@ -264,6 +266,13 @@ class ServerTLS:
         self.settings = settings
         self.context = _build_context(settings, server=True)
 
+    def reload(self, settings: TLSSettings) -> None:
+        """
+        New handshakes use ``settings``; established connections keep their context.
+        """
+        context = _build_context(settings, server=True)
+        self.settings, self.context = settings, context
+
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         conn = SSL.Connection(self.context, None)
         conn.set_app_data(tlsProtocol)
@@ -279,6 +288,13 @@ class ClientTLS:
     def __init__(self, settings: TLSSettings) -> None:
         self.settings = settings
         self.context = _build_context(settings, server=False)
+
+    def reload(self, settings: TLSSettings) -> None:
+        """
+        New handshakes use ``settings``; established connections keep their context.
+        """
+        context = _build_context(settings, server=False)
+        self.settings, self.context = settings, context
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         conn = SSL.Connection(self.context, None)
@@ -299,8 +315,10 @@ def tls_settings_from_material(
     require_peer_certificate: bool = True,
 ) -> TLSSettings:
     """
-    TLSSettings from an ``hbonex.pki.TLSMaterial``.
+    TLSSettings from an ``hbonex.pki.TLSMaterial`` (its files reloaded when they change).
     """
+    from hbonex.certwatch import CertificateSources
+
     return TLSSettings(
         certificate=material.certificate,
         private_key=material.key,
@@ -311,6 +329,9 @@ def tls_settings_from_material(
         peer_policy=peer_policy,
         sni=sni,
         require_peer_certificate=require_peer_certificate,
+        sources=CertificateSources(cert_file=material.cert_path, key_file=material.key_path,
+                                   ca_file=material.ca_path, chain_check=True)
+        if getattr(material, "cert_path", None) is not None else None,
     )
 
 

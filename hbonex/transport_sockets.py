@@ -19,6 +19,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from hbonex import pki
+from hbonex.certwatch import CertificateSources, SdsRef
 from hbonex.errors import ConfigError
 from hbonex.interfaces import ITransportSocketExtension
 from hbonex.tls import PeerPolicy, SanMatcher, TLSSettings
@@ -122,7 +123,12 @@ def _common_tls_context(
             )
     alpn = tuple(p.encode() for p in message.alpn_protocols)
     certificates = message.tls_certificates
-    if not certificates:
+    sds_certificates = message.tls_certificate_sds_secret_configs
+    if certificates and sds_certificates:
+        raise context.error(f"{path}.tls_certificate_sds_secret_configs",
+                            "give tls_certificates or tls_certificate_sds_secret_configs, "
+                            "not both")
+    if not certificates and not sds_certificates:
         raise context.error(
             path, "tls_certificates needs one certificate (hbonex always uses mutual TLS)"
             if upstream else "missing required field 'tls_certificates'",
@@ -130,14 +136,25 @@ def _common_tls_context(
     if len(certificates) > 1:
         raise context.error(f"{path}.tls_certificates[1]",
                             "only one entry in tls_certificates is supported")
-    cert = certificates[0]
-    cert_path = f"{path}.tls_certificates[0]"
-    for key in ("certificate_chain", "private_key"):
-        if not cert.HasField(key):
-            raise context.error(cert_path, f"missing required field '{key}'")
+    if len(sds_certificates) > 1:
+        raise context.error(f"{path}.tls_certificate_sds_secret_configs[1]",
+                            "only one entry in tls_certificate_sds_secret_configs is supported")
+    certificate_sds = validation_sds = None
+    if sds_certificates:
+        certificate_sds = _sds_ref(sds_certificates[0],
+                                   f"{path}.tls_certificate_sds_secret_configs[0]", context)
+    else:
+        cert = certificates[0]
+        cert_path = f"{path}.tls_certificates[0]"
+        for key in ("certificate_chain", "private_key"):
+            if not cert.HasField(key):
+                raise context.error(cert_path, f"missing required field '{key}'")
     ca = None
     matchers: tuple[SanMatcher, ...] = ()
-    if message.HasField("validation_context"):
+    if message.HasField("validation_context_sds_secret_config"):
+        validation_sds = _sds_ref(message.validation_context_sds_secret_config,
+                                  f"{path}.validation_context_sds_secret_config", context)
+    elif message.HasField("validation_context"):
         validation = message.validation_context
         validation_path = f"{path}.validation_context"
         if not validation.HasField("trusted_ca"):
@@ -157,11 +174,50 @@ def _common_tls_context(
             path, "require_client_certificate needs validation_context.trusted_ca to verify "
             "client certificates with"
         )
-    sources = [(cert.certificate_chain, f"{cert_path}.certificate_chain"),
-               (cert.private_key, f"{cert_path}.private_key")]
-    if ca is not None:
-        sources.append(ca)
-    certificate, chain, key, cas, files = _load(context, sources)
+    if certificate_sds is None:
+        sources = [(cert.certificate_chain, f"{cert_path}.certificate_chain"),
+                   (cert.private_key, f"{cert_path}.private_key")]
+        if ca is not None:
+            sources.append(ca)
+        certificate, chain, key, cas, files = _load(context, sources)
+        file_of = [context.data_source(source, where)[0] for source, where in sources]
+        if validation_sds is not None:
+            cas = ()
+    else:
+        certificate, chain, key, cas, files = None, (), None, (), ()  # type: ignore[assignment]
+        file_of = [None, None]
+        if ca is not None:
+            _, cas_, _ = _sds_ca_only(context, ca)
+            cas, file_of = cas_, [None, None, context.data_source(*ca)[0]]
+    watched = CertificateSources(
+        cert_file=file_of[0], key_file=file_of[1],
+        ca_file=file_of[2] if len(file_of) > 2 else None,
+        certificate_sds=certificate_sds, validation_sds=validation_sds,
+        base_dir=context.base_dir,
+        chain_check=len(file_of) > 2 and all(f is not None for f in file_of),
+    )
+    if certificate_sds is not None or validation_sds is not None:
+        try:
+            material = watched.load()
+        except pki.PKIError as e:
+            where = (f"{path}.tls_certificate_sds_secret_configs[0]" if certificate_sds
+                     and str(e).startswith(f"{certificate_sds.path}:") else
+                     f"{path}.validation_context_sds_secret_config" if validation_sds
+                     else path)
+            raise context.error(where, str(e))
+        if material.certificate is not None:
+            certificate, chain, key = material.certificate, material.chain, material.key
+            try:
+                pki._check_key_matches(key, certificate_sds.path,  # type: ignore[union-attr]
+                                       certificate, certificate_sds.path)  # type: ignore
+            except pki.PKIError as e:
+                raise context.error(f"{path}.tls_certificate_sds_secret_configs[0]", str(e))
+        if material.ca_certificates is not None:
+            cas = material.ca_certificates
+        if material.san_matchers is not None:
+            matchers = material.san_matchers
+        files = tuple(str(f) for f in material.files)
+    assert certificate is not None
     settings = TLSSettings(
         certificate=certificate,
         private_key=key,
@@ -172,8 +228,44 @@ def _common_tls_context(
         alpn=alpn,
         peer_policy=PeerPolicy(san_matchers=matchers),
         require_peer_certificate=require_peer,
+        sources=watched,
     )
     return settings, len(alpn) > 0 or context.has(f"{path}.alpn_protocols"), files
+
+
+def _sds_ref(message: Any, path: str, context: Any) -> SdsRef:
+    """
+    An SdsSecretConfig: hbonex reads secrets from files (``sds_config.path_config_source``).
+    """
+    if not message.name:
+        raise context.error(path, "missing required field 'name'")
+    if not message.HasField("sds_config"):
+        raise context.error(path, "missing required field 'sds_config' (hbonex reads secrets "
+                            "from files: sds_config.path_config_source.path)")
+    source = message.sds_config
+    where = f"{path}.sds_config"
+    if source.HasField("path_config_source"):
+        name = source.path_config_source.path
+        if not name:
+            raise context.error(f"{where}.path_config_source", "missing required field 'path'")
+    elif source.path:
+        name = source.path
+    else:
+        raise context.error(where, "hbonex reads secrets from files only: give "
+                            "path_config_source.path (no xDS server)")
+    return SdsRef(context.file_path(name), message.name)
+
+
+def _sds_ca_only(context: Any, ca: tuple[Any, str]) -> tuple[Any, tuple[x509.Certificate, ...],
+                                                              Any]:
+    """A trusted_ca next to an SDS certificate: parsed alone."""
+    source, where = ca
+    file, data = context.data_source(source, where)
+    try:
+        label = Path(file) if file is not None else Path(_label(where))
+        return None, tuple(pki._parse_certs(label, pki._read(label) if file else data)), None
+    except pki.PKIError as e:
+        raise context.error(where, str(e), "filename" if file else None)
 
 
 def _san_matcher(message: Any, path: str, context: Any) -> SanMatcher:

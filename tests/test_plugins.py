@@ -266,9 +266,11 @@ class HelpTests(unittest.TestCase):
 
     def test_config_says_what_applies_next_to_it(self) -> None:
         self.assertIn("Envoy v3 bootstrap YAML file, instead of the other options (only "
-                      "--max-connections --admin applies next to it).", self.usage(client_tap))
+                      "--max-connections --admin --cert-poll --cert-warn-days applies "
+                      "next to it).", self.usage(client_tap))
         self.assertIn("Envoy v3 bootstrap YAML file, instead of the other options (only "
-                      "--drain-timeout --max-connections --admin applies next to it).",
+                      "--drain-timeout --max-connections --admin --cert-poll "
+                      "--cert-warn-days applies next to it).",
                       self.usage(server_tap))
 
     def test_state_dir(self) -> None:
@@ -376,7 +378,8 @@ class TwistdCommandLineTests(unittest.TestCase):
             self.error_line("-n", "hbone-client", "--config", str(CONFIG),
                             "--forward", "127.0.0.1:9005=127.0.0.1:1"),
             "twistd: error: hbone-client: --forward: cannot be given with --config (the YAML "
-            "describes everything; only --max-connections --admin may be given next to it) (see "
+            "describes everything; only --max-connections --admin --cert-poll "
+            "--cert-warn-days may be given next to it) (see "
             "twistd hbone-client --help)",
         )
         self.assertEqual(
@@ -384,7 +387,7 @@ class TwistdCommandLineTests(unittest.TestCase):
                             "--state-dir", self.state_dir),
             "twistd: error: hbone-server: --listen, --state-dir: cannot be given with --config "
             "(the YAML describes everything; only --drain-timeout --max-connections --admin "
-            "may be given next to it) "
+            "--cert-poll --cert-warn-days may be given next to it) "
             "(see twistd hbone-server --help)",
         )
         config = self.twistd("-n", "hbone-server", "--config", str(CONFIG),
@@ -399,6 +402,7 @@ class TwistdCommandLineTests(unittest.TestCase):
                                   ["--header", "a=b", "--config", str(CONFIG)])
         self.assertEqual(str(error), "--header: cannot be given with --config (the YAML "
                                      "describes everything; only --max-connections --admin "
+                                     "--cert-poll --cert-warn-days "
                                      "may be given next to it)")
 
 

@@ -68,7 +68,8 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
                "hds_config": "no health discovery", "cluster_manager": "static clusters only"},
     ),
     "envoy.config.bootstrap.v3.Bootstrap.StaticResources": _m(
-        "listeners clusters", error={"secrets": "no SDS: put certificates in data sources"}),
+        "listeners clusters", error={"secrets": "no static secrets: use "
+                                     "sds_config.path_config_source or data sources"}),
     "envoy.config.core.v3.TypedExtensionConfig": _m("name typed_config"),
     # -- overload manager: the global downstream connection limit only --
     "envoy.config.overload.v3.OverloadManager": _m(
@@ -169,7 +170,8 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
         warn={"content_type": "for local replies only"}),
     "envoy.config.core.v3.DataSource": _m(
         "filename inline_string inline_bytes environment_variable",
-        warn={"watched_directory": "files are read once, at load"}),
+        warn={"watched_directory": "certificate files are polled (rename and symlink swaps "
+                                   "included); other files are read at load"}),
     # -- HTTP connection manager --
     f"{_HCM}.HttpConnectionManager": _m(
         "stat_prefix codec_type route_config http_filters upgrade_configs "
@@ -324,7 +326,25 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
               "session_timeout": "no session resumption",
               "full_scan_certs_on_sni_mismatch": "one certificate per chain"}),
     f"{_TLS}.CommonTlsContext": _m(
-        "tls_params alpn_protocols tls_certificates validation_context"),
+        "tls_params alpn_protocols tls_certificates validation_context "
+        "tls_certificate_sds_secret_configs validation_context_sds_secret_config"),
+    # -- file-based SDS: a watched file holding Secret resources (hbonex.certwatch) --
+    f"{_TLS}.SdsSecretConfig": _m("name sds_config"),
+    "envoy.config.core.v3.ConfigSource": _m(
+        "path_config_source path",
+        warn={"resource_api_version": "the file holds v3 resources",
+              "initial_fetch_timeout": "the file is read when the configuration loads"},
+        error={"api_config_source": "no xDS server: use path_config_source",
+               "ads": "no xDS server: use path_config_source",
+               "self": "no xDS server: use path_config_source",
+               "authorities": "no xDS server: use path_config_source"}),
+    "envoy.config.core.v3.PathConfigSource": _m(
+        "path", warn={"watched_directory": "the file is polled (rename and symlink swaps "
+                                           "included)"}),
+    f"{_TLS}.Secret": _m(
+        "name tls_certificate validation_context",
+        error={"session_ticket_keys": "no session resumption",
+               "generic_secret": "no consumer of generic secrets"}),
     f"{_TLS}.TlsParameters": _m("tls_minimum_protocol_version tls_maximum_protocol_version"),
     f"{_TLS}.TlsCertificate": _m("certificate_chain private_key"),
     f"{_TLS}.CertificateValidationContext": _m("trusted_ca match_typed_subject_alt_names"),
