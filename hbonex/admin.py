@@ -173,7 +173,7 @@ class Admin:
         health.putChild(b"fail", _Leaf(post=self.health(False)))
         health.putChild(b"ok", _Leaf(post=self.health(True)))
         root.putChild(b"healthcheck", health)
-        self.site = server.Site(root)
+        self.site = _QuietSite(root)
         self.site.noisy = False
         self.site.displayTracebacks = False
 
@@ -311,13 +311,33 @@ class Admin:
         return set_health
 
     def logging(self, request: Any) -> bytes:
-        level = _arg(request, b"level")
+        """
+        Envoy's forms: ``?level=L`` (every namespace), ``?paths=NS:L,NS:L`` and ``?NS=L``,
+        where NS is a twisted.logger namespace (``hbonex.listener``) covering its children.
+        """
         names = {lvl.name: lvl for lvl in LogLevel.iterconstants()}
-        if level not in names:
+        settings: list[tuple[str, str]] = []
+        for key, values in sorted(request.args.items()):
+            key = key.decode("utf-8", "replace")
+            for value in values:
+                value = value.decode("utf-8", "replace")
+                if key == "level":
+                    settings.append(("", value))
+                elif key == "paths":
+                    for item in filter(None, value.split(",")):
+                        namespace, _, level = item.rpartition(":")
+                        settings.append((namespace, level))
+                else:
+                    settings.append((key, value))
+        bad = [level for _, level in settings if level not in names]
+        if not settings or bad:
             request.setResponseCode(400)
-            return f"level must be one of {', '.join(sorted(names))}\n".encode()
-        self.service.set_log_level(names[level])
-        return f"log level {level}\n".encode()
+            return (f"usage: POST /logging?level=L, ?paths=NAMESPACE:L,... or ?NAMESPACE=L; "
+                    f"L is one of {', '.join(sorted(names))}\n").encode()
+        for namespace, level in settings:
+            self.service.set_log_level(names[level], namespace)
+        return "".join(f"{namespace or '*'}: {level}\n"
+                       for namespace, level in settings).encode()
 
     def quit(self, request: Any) -> bytes:
         from twisted.internet import reactor
@@ -367,6 +387,13 @@ def _cert_info(cert: Any, kind: str) -> dict[str, Any]:
         "days_until_expiration": int(days),
         "used_by": [],
     }
+
+
+class _QuietSite(server.Site):
+    """No line per admin request: probes every few seconds would bury the process log."""
+
+    def log(self, request: Any) -> None:
+        pass
 
 
 def _arg(request: Any, name: bytes) -> str | None:

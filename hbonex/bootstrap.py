@@ -73,7 +73,11 @@ class ProxyService(service.MultiService):
         #: The admin endpoint (an endpoint string), from YAML ``admin.address`` or --admin.
         self.admin_endpoint = admin_endpoint(bootstrap.admin)
         self.admin_port: Any = None
-        self._log_filter: Any = None
+        #: --log-format (text or json) and twistd's own options (where its log goes); set by
+        #: the taps.  ``log_control`` holds the per-namespace levels once there are any.
+        self.log_format = "text"
+        self.twistd_options: Any = None
+        self.log_control: Any = None
         from hbonex.certwatch import CertificateWatcher
 
         #: Reloads changed certificate files (and on SIGHUP); expiry gauges.
@@ -147,26 +151,41 @@ class ProxyService(service.MultiService):
             for conn in list(self.bootstrap.runtime.server_connections):
                 conn.send_goaway()
 
-    def set_log_level(self, level: Any) -> None:
-        """The admin's /logging: events below ``level`` are dropped from then on."""
-        from twisted.logger import (
-            FilteringLogObserver,
-            LogLevelFilterPredicate,
-            LogPublisher,
-            globalLogPublisher,
-        )
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd asks the application for its ILogObserver after makeService: with
+        # --log-format json, offer ours (JSON lines, filtered by the run-time levels).
+        from twisted.logger import ILogObserver
 
-        if self._log_filter is None:
-            # Put a filter in front of the observers twistd installed.
+        from hbonex import process_log
+
+        if self.log_format == "json" and hasattr(parent, "setComponent"):
+            self.log_control = process_log.LogControl()
+            out = process_log.output_for(self.twistd_options)
+            parent.setComponent(ILogObserver, process_log.make_observer(
+                self.log_format, out, self.log_control))
+        super().setServiceParent(parent)
+
+    def set_log_level(self, level: Any, namespace: str = "") -> None:
+        """
+        The admin's /logging: events below ``level`` in ``namespace`` (and its children; ""
+        is every namespace) are dropped from then on.
+        """
+        from twisted.logger import FilteringLogObserver, LogPublisher, globalLogPublisher
+
+        from hbonex import process_log
+
+        if self.log_control is None:
+            # Text logs: put a filter in front of the observers twistd installed.
+            self.log_control = process_log.LogControl()
             observers = list(getattr(globalLogPublisher, "_observers", []))
             for observer in observers:
                 globalLogPublisher.removeObserver(observer)
-            self._log_filter = LogLevelFilterPredicate()
             globalLogPublisher.addObserver(
-                FilteringLogObserver(LogPublisher(*observers), [self._log_filter])
+                FilteringLogObserver(LogPublisher(*observers), [self.log_control.predicate])
             )
-        self._log_filter.setLogLevelForNamespace("", level)
-        self.log.info("log level set to {name}", name=level.name)
+        self.log_control.set_level(level, namespace)
+        self.log.info("log level set to {name} for {namespace}", name=level.name,
+                      namespace=namespace or "every namespace")
 
     def _stop_ports(self) -> list[defer.Deferred[Any]]:
         ports, self.ports = self.ports, {}

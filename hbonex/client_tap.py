@@ -32,7 +32,7 @@ from hbonex.tls import PeerPolicy, tls_settings_from_material
 class Options(TLSOptions):
     tapname = "hbone-client"
     with_config = ("max-connections", "admin", "cert-poll",
-                   "cert-warn-days")
+                   "cert-warn-days", "log-format")
     synopsis = "[options] --forward 127.0.0.1:9000=127.0.0.1:8080"
     longdesc = (
         "Forward local TCP connections through HBONE tunnels (HTTP CONNECT over mutual TLS) "
@@ -152,7 +152,8 @@ def makeService(options: Options) -> service.MultiService:
     if options["config"]:
         bootstrap = options.config_bootstrap(reactor)
         options.apply_limits(bootstrap)
-        return ProxyService(bootstrap, source=f"--config {options['config']}")
+        proxy = ProxyService(bootstrap, source=f"--config {options['config']}")
+        return options.logging(proxy)
     bootstrap = build(options, reactor)
     options.apply_limits(bootstrap)
-    return ProxyService(bootstrap)
+    return options.logging(ProxyService(bootstrap))

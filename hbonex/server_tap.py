@@ -31,7 +31,7 @@ class Options(TLSOptions):
     tapname = "hbone-server"
     # Not part of the YAML: how long shutdown waits for open tunnels.
     with_config = ("drain-timeout", "max-connections", "admin", "cert-poll",
-                   "cert-warn-days")
+                   "cert-warn-days", "log-format")
     synopsis = "[options]"
     longdesc = "Terminate HBONE tunnels (HTTP CONNECT over mutual TLS) and relay them."
     optFlags = [
@@ -133,10 +133,10 @@ def makeService(options: Options) -> service.MultiService:
     if options["config"]:
         bootstrap = options.config_bootstrap(reactor)
         options.apply_limits(bootstrap)
-        return ProxyService(
+        return options.logging(ProxyService(
             bootstrap, drain_timeout=options["drain-timeout"],
             source=f"--config {options['config']}",
-        )
+        ))
     bootstrap = build(options, reactor)
     options.apply_limits(bootstrap)
-    return ProxyService(bootstrap, drain_timeout=options["drain-timeout"])
+    return options.logging(ProxyService(bootstrap, drain_timeout=options["drain-timeout"]))

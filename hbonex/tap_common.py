@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 from twisted.python import usage
 
-from hbonex import pki
+from hbonex import pki, process_log
 from hbonex.errors import ConfigError
 from hbonex.h2settings import H2Settings
 
@@ -70,6 +70,8 @@ class TLSOptions(usage.Options):
          "handshakes (also on SIGHUP). 0: only on SIGHUP.", float],
         ["cert-warn-days", None, 7.0, "Log a warning when a certificate in use "
          "expires within this many days.", float],
+        ["log-format", None, "text", "The process log's format: text (twistd's) or json "
+         "(one JSON object per line: time, level, namespace, message, the event's fields)."],
         ["config", "c", None, "Envoy v3 bootstrap YAML file, instead of the other options."],
     ]
 
@@ -124,6 +126,18 @@ class TLSOptions(usage.Options):
         defaults = getattr(parent, "defaults", {})
         if "pidfile" in defaults and parent.get("pidfile") == defaults["pidfile"]:
             parent["pidfile"] = ""
+
+    def opt_log_format(self, value: str) -> None:
+        if value not in process_log.FORMATS:
+            raise usage.UsageError(
+                f"--log-format must be one of {', '.join(process_log.FORMATS)}, not {value!r}")
+        self["log-format"] = value
+
+    def logging(self, proxy: Any) -> Any:
+        """The process log: --log-format, written where twistd would write its own."""
+        proxy.log_format = self["log-format"]
+        proxy.twistd_options = self.parent
+        return proxy
 
     def apply_limits(self, bootstrap: Any) -> None:
         """

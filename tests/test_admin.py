@@ -32,8 +32,8 @@ class FakeService:
         self.drained.append(graceful)
         self.state = "DRAINING"
 
-    def set_log_level(self, level: Any) -> None:
-        self.levels.append(level)
+    def set_log_level(self, level: Any, namespace: str = "") -> None:
+        self.levels.append((namespace, level))
 
 
 def bootstrap() -> Bootstrap:
@@ -114,10 +114,25 @@ class AdminTests(unittest.TestCase):
     def test_logging_level(self) -> None:
         code, _ = request(self.admin, b"POST", "/logging", level="debug")
         self.assertEqual(code, 200)
-        self.assertEqual([lvl.name for lvl in self.service.levels], ["debug"])
+        self.assertEqual([(ns, lvl.name) for ns, lvl in self.service.levels], [("", "debug")])
         code, body = request(self.admin, b"POST", "/logging", level="loud")
         self.assertEqual(code, 400)
         self.assertIn(b"debug", body)
+        # Per namespace: Envoy's ?paths= list, and ?NAMESPACE=LEVEL.
+        del self.service.levels[:]
+        code, body = request(self.admin, b"POST", "/logging",
+                             paths="hbonex.listener:warn,hbonex.pool:error")
+        self.assertEqual((code, body), (200, b"hbonex.listener: warn\nhbonex.pool: error\n"))
+        code, _ = request(self.admin, b"POST", "/logging", **{"hbonex.h2connection": "debug"})
+        self.assertEqual(code, 200)
+        self.assertEqual([(ns, lvl.name) for ns, lvl in self.service.levels],
+                         [("hbonex.listener", "warn"), ("hbonex.pool", "error"),
+                          ("hbonex.h2connection", "debug")])
+        # Nothing given, or one bad level among good ones: 400 and nothing changes.
+        del self.service.levels[:]
+        self.assertEqual(request(self.admin, b"POST", "/logging")[0], 400)
+        code, _ = request(self.admin, b"POST", "/logging", paths="a:info,b:loud")
+        self.assertEqual((code, self.service.levels), (400, []))
 
     def test_listeners_clusters_server_info(self) -> None:
         _, body = request(self.admin, b"GET", "/listeners")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import io
 import os
 import pkgutil
 import subprocess
@@ -18,6 +19,7 @@ from twisted.application.service import IService, IServiceMaker
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import ILogObserver
 from twisted.plugin import IPlugin, getPlugins
 from twisted.python import usage
 from twisted.scripts.twistd import ServerOptions
@@ -266,11 +268,11 @@ class HelpTests(unittest.TestCase):
 
     def test_config_says_what_applies_next_to_it(self) -> None:
         self.assertIn("Envoy v3 bootstrap YAML file, instead of the other options (only "
-                      "--max-connections --admin --cert-poll --cert-warn-days applies "
-                      "next to it).", self.usage(client_tap))
+                      "--max-connections --admin --cert-poll --cert-warn-days --log-format "
+                      "applies next to it).", self.usage(client_tap))
         self.assertIn("Envoy v3 bootstrap YAML file, instead of the other options (only "
                       "--drain-timeout --max-connections --admin --cert-poll "
-                      "--cert-warn-days applies next to it).",
+                      "--cert-warn-days --log-format applies next to it).",
                       self.usage(server_tap))
 
     def test_state_dir(self) -> None:
@@ -379,7 +381,7 @@ class TwistdCommandLineTests(unittest.TestCase):
                             "--forward", "127.0.0.1:9005=127.0.0.1:1"),
             "twistd: error: hbone-client: --forward: cannot be given with --config (the YAML "
             "describes everything; only --max-connections --admin --cert-poll "
-            "--cert-warn-days may be given next to it) (see "
+            "--cert-warn-days --log-format may be given next to it) (see "
             "twistd hbone-client --help)",
         )
         self.assertEqual(
@@ -387,7 +389,7 @@ class TwistdCommandLineTests(unittest.TestCase):
                             "--state-dir", self.state_dir),
             "twistd: error: hbone-server: --listen, --state-dir: cannot be given with --config "
             "(the YAML describes everything; only --drain-timeout --max-connections --admin "
-            "--cert-poll --cert-warn-days may be given next to it) "
+            "--cert-poll --cert-warn-days --log-format may be given next to it) "
             "(see twistd hbone-server --help)",
         )
         config = self.twistd("-n", "hbone-server", "--config", str(CONFIG),
@@ -402,7 +404,7 @@ class TwistdCommandLineTests(unittest.TestCase):
                                   ["--header", "a=b", "--config", str(CONFIG)])
         self.assertEqual(str(error), "--header: cannot be given with --config (the YAML "
                                      "describes everything; only --max-connections --admin "
-                                     "--cert-poll --cert-warn-days "
+                                     "--cert-poll --cert-warn-days --log-format "
                                      "may be given next to it)")
 
 
@@ -448,6 +450,7 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
     from hbonex.h2connection import H2Stream
     from hbonex.internal import InternalEndpointAddress, internal_pair
     from hbonex.listener import ConnectionInfo
+    from hbonex.process_log import JSONLineObserver
     from hbonex.relay import RelayEnd
     from hbonex.tls import ClientTLS, ServerTLS
     from hbonex.tunnel_client import H1TunnelClient, H1TunnelTransport, H2TunnelClient
@@ -493,6 +496,7 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
             Clock(), None, None, TunnelLog()
         ),
         "hbonex.tunnel_server.SniffingCodec": lambda: SniffingCodec(Protocol, Protocol),
+        "hbonex.process_log.JSONLineObserver": lambda: JSONLineObserver(io.StringIO()),
     }
 
 
@@ -631,6 +635,7 @@ class ImplementerTests(unittest.TestCase):
             "hbonex.tunnel_client.H1TunnelTransport": IHalfCloseableTransport,
             "hbonex.h2connection.H2Stream": IHalfCloseableTransport,
             "hbonex.listener.ConnectionInfo": IConnectionInfo,
+            "hbonex.process_log.JSONLineObserver": ILogObserver,
         }
         providers = _providers(self)
         for name, interface in expected.items():
