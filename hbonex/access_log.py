@@ -81,7 +81,8 @@ class TemplateSink:
 
     def reopen(self) -> None:
         stream, self._stream = self._stream, None
-        if stream is not None and stream not in (sys.stdout, sys.stderr):
+        if stream is not None and stream not in (sys.stdout, sys.stderr, sys.__stdout__,
+                                                 sys.__stderr__):
             try:
                 stream.close()
             except OSError:
@@ -102,10 +103,12 @@ class TemplateSink:
 
     def _open(self) -> TextIO:
         if self._stream is None:
+            # The process's own streams, as Envoy writes them: twistd replaces sys.stdout
+            # with a logger that would prefix every record with a timestamp and [stdout#info].
             if self.target == "stdout":
-                self._stream = sys.stdout
+                self._stream = sys.__stdout__ or sys.stdout
             elif self.target == "stderr":
-                self._stream = sys.stderr
+                self._stream = sys.__stderr__ or sys.stderr
             else:
                 self._stream = open(self.target, "a", buffering=1, encoding="utf-8")
         return self._stream

@@ -25,10 +25,13 @@ _STARTED = time.time()
 #: Envoy's default tag extraction, for Prometheus names: (stat name pattern, tag).
 _TAGS = [
     (re.compile(r"^cluster\.((.+?)\.)"), "envoy_cluster_name"),
-    (re.compile(r"^listener\.((.+?)\.)(?=(ssl\.)?[a-z_]+$)"), "envoy_listener_address"),
+    (re.compile(r"^listener\.((.+?)\.)(?=ssl\.|[a-z_]+$)"), "envoy_listener_address"),
     (re.compile(r"^http\.((.*?)\.)"), "envoy_http_conn_manager_prefix"),
     (re.compile(r"^tcp\.((.*?)\.)"), "envoy_tcp_prefix"),
     (re.compile(r"^connection_limit\.((.*?)\.)"), "envoy_connection_limit_prefix"),
+    # What is left of listener.<addr>.ssl.certificate.<name>.expiration_unix_time_seconds.
+    (re.compile(r"^\w+\.ssl\.certificate\.((.+)\.)(?=expiration_unix_time_seconds$)"),
+     "envoy_ssl_certificate_name"),
 ]
 
 

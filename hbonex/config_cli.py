@@ -360,8 +360,14 @@ def render_server(options: Any) -> tuple[dict[str, Any], list[str]]:
 
 def _global_limit(options: Any, data: dict[str, Any]) -> None:
     """
-    --max-connections as the overload manager's downstream connections resource monitor.
+    --max-connections as the overload manager's downstream connections resource monitor;
+    --admin as the bootstrap's ``admin.address``.
     """
+    if options["admin"]:
+        from hbonex.tap_common import endpoint_string
+
+        endpoint = endpoint_string(options["admin"], "--admin")
+        data["admin"] = {"address": _listen_address(endpoint, "--admin")}
     if options["max-connections"]:
         data["overload_manager"] = {"resource_monitors": [{
             "name": "envoy.resource_monitors.global_downstream_max_connections",

@@ -9,6 +9,7 @@ takes the connection over; from then on the transport talks to it directly.
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any, Callable, Sequence
 
@@ -52,6 +53,9 @@ def address_text(address: Any) -> str:
     return f"{host}:{port}"
 
 
+_CONNECTION_IDS = itertools.count(1)
+
+
 @implementer(IConnectionInfo)
 @attrs.define
 class ConnectionInfo:
@@ -65,9 +69,12 @@ class ConnectionInfo:
     negotiatedProtocol: bytes | None = None
     started: float = attrs.Factory(time.time)
     upstream_request: Any = None
+    #: Envoy's %CONNECTION_ID%: unique among this process's downstream connections.
+    connectionId: int = attrs.Factory(lambda: next(_CONNECTION_IDS))
 
     def substitutions(self) -> dict[str, str]:
         return {
+            "connection_id": str(self.connectionId),
             "remote": self.remoteAddress,
             "local": self.localAddress,
             "sni": self.requestedServerName,

@@ -22,7 +22,7 @@ from zope.interface import implementer
 from hbonex import istio_metrics
 from hbonex.cluster import UpstreamRequest
 from hbonex.connect import ConnectRequest, MalformedRequest, parse_h2_request
-from hbonex.errors import status_and_reason
+from hbonex.errors import UpstreamError, status_and_reason
 from hbonex.h2connection import ErrorCodes, H2Stream, H2TunnelConnection
 from hbonex.h2settings import H2Settings
 from hbonex.relay import Relay
@@ -55,7 +55,10 @@ class TunnelLog:
         self.bytes_out = 0
         self.access_log = tuple(access_log)
 
-    def refused_tunnel(self, info: Any, authority: str, status: int, reason: str) -> None:
+    def refused_tunnel(
+        self, info: Any, authority: str, status: int, reason: str, flags: str = "-",
+        cluster: str = "", failure: str = "",
+    ) -> None:
         self.refused += 1
         # The line is formatted here, once: Twisted's formatter re-parses a format string
         # per event, which for one line per tunnel was a fifth of the server's CPU per tunnel.
@@ -68,10 +71,12 @@ class TunnelLog:
             peer=info.remoteAddress, identity=identity, target=authority,
             status=status, reason=reason,
         )
-        self.record(info, authority, status, reason, 0, 0, 0.0, "")
+        self.record(info, authority, status, reason, 0, 0, 0.0, "", {
+            "response_flags": flags, "upstream_cluster": cluster, "upstream_failure": failure})
 
     def finished(
-        self, info: Any, authority: str, relay: Relay, started: float, upstream_host: str = ""
+        self, info: Any, authority: str, relay: Relay, started: float, upstream_host: str = "",
+        cluster: str = "",
     ) -> None:
         self.active -= 1
         self.bytes_in += relay.a.bytes_in
@@ -90,7 +95,7 @@ class TunnelLog:
         flags = "-" if reason == "closed cleanly" else "UC"
         istio_metrics.tcp_closed(info, sent=down, received=up, flags=flags)
         self.record(info, authority, 200, reason, up, down, duration, upstream_host,
-                    {"response_flags": flags})
+                    {"response_flags": flags, "upstream_cluster": cluster})
 
     def record(
         self, info: Any, authority: str, status: int, reason: str, up: int, down: int,
@@ -101,6 +106,7 @@ class TunnelLog:
         record = info.substitutions()
         if extra:
             record.update(extra)
+        record["req::authority"] = authority  # %REQ(:AUTHORITY)%: the CONNECT's target
         record.update(
             authority=authority,
             response_code=str(status),
@@ -116,6 +122,27 @@ class TunnelLog:
         )
         for sink in self.access_log:
             sink(record)
+
+
+def route_flags(decision: RouteDecision) -> str:
+    """Envoy's response flag for a CONNECT the routes refused: NR (no route), NC (no cluster)."""
+    if decision.status == 404:
+        return "NR"
+    if decision.status == 503 and decision.cluster is None:
+        return "NC"
+    return "-"
+
+
+def upstream_flags(error: BaseException | None) -> str:
+    """Envoy's response flag for a target that could not be reached."""
+    if isinstance(error, UpstreamError):
+        if error.status == 403:
+            return "DENY"  # outside the allowed targets
+        if "no endpoints" in error.reason:
+            return "UH"
+        if "waiting for a connection" in error.reason or "limit reached" in error.reason:
+            return "UO"
+    return "UF"
 
 
 def _reason(relay: Relay) -> str:
@@ -218,9 +245,10 @@ class H2TunnelServer(H2TunnelConnection):
         # No cluster: a direct_response (which may well be a 200), not a tunnel.
         if decision.status != 200 or decision.cluster is None:
             self.tunnels.refused_tunnel(self.info, request.authority, decision.status,
-                                        decision.reason)
+                                        decision.reason, route_flags(decision))
             self._respond(sid, decision.status, decision.body)
             return
+        cluster_name = decision.cluster.name
         stream = H2Stream(self, sid)
         self.add_stream(stream)
         authority = request.authority  # keep only this for the tunnel's lifetime
@@ -255,13 +283,14 @@ class H2TunnelServer(H2TunnelConnection):
             istio_metrics.tcp_opened(self.info)
             self.tunnels.active += 1
             relay.on_done = lambda r: self.tunnels.finished(
-                self.info, authority, r, started, str(address)
+                self.info, authority, r, started, str(address), cluster_name
             )
             stream.attach(relay.a)
             relay.start()
 
-        def refuse_early(status: int, reason: str) -> None:
-            self.tunnels.refused_tunnel(self.info, request.authority, status, reason)
+        def refuse_early(status: int, reason: str, flags: str = "-", failure: str = "") -> None:
+            self.tunnels.refused_tunnel(self.info, request.authority, status, reason, flags,
+                                        cluster_name, failure)
             stream.on_closed = None
             if not stream._closed:
                 self._respond(sid, status)
@@ -270,7 +299,8 @@ class H2TunnelServer(H2TunnelConnection):
         def failed(f: Failure) -> None:
             if f.check(defer.CancelledError):
                 return
-            refuse_early(*status_and_reason(f.value))
+            status, reason = status_and_reason(f.value)
+            refuse_early(status, reason, upstream_flags(f.value), reason)
 
         d.addCallbacks(connected, failed)
 
@@ -432,7 +462,8 @@ class H1TunnelServer(Protocol):
             return
         decision = self.router.route(request, self.info)
         if decision.status != 200 or decision.cluster is None:  # None: a direct_response
-            self.tunnels.refused_tunnel(self.info, target, decision.status, decision.reason)
+            self.tunnels.refused_tunnel(self.info, target, decision.status, decision.reason,
+                                        route_flags(decision))
             self._reply(decision.status, close=True)
             return
         self.transport.pauseProducing()  # type: ignore[union-attr]
@@ -441,6 +472,7 @@ class H1TunnelServer(Protocol):
         if self._reject_early_data and self._buffer:
             self._refuse_early_data()
             return
+        cluster_name = decision.cluster.name
         relay = Relay(self.reactor, decision.idle_timeout)
         started = time.monotonic()
         d = self._pending = connect_upstream(decision, relay, request, self.info)
@@ -452,7 +484,7 @@ class H1TunnelServer(Protocol):
             istio_metrics.tcp_opened(self.info)
             self.tunnels.active += 1
             relay.on_done = lambda r: self.tunnels.finished(
-                self.info, target, r, started, str(address)
+                self.info, target, r, started, str(address), cluster_name
             )
             self._relay = relay
             relay.a.makeConnection(H1TunnelTransport(self.transport))
@@ -471,7 +503,8 @@ class H1TunnelServer(Protocol):
                 return
             error = f.value
             status, reason = status_and_reason(error)
-            self.tunnels.refused_tunnel(self.info, target, status, reason)
+            self.tunnels.refused_tunnel(self.info, target, status, reason,
+                                        upstream_flags(error), cluster_name, reason)
             self._reply(status, close=True)
 
         d.addCallbacks(connected, failed)

@@ -178,3 +178,26 @@ class DumpAndCertsTests(unittest.TestCase):
         self.assertGreater(leaf["days_until_expiration"], 0)
         self.assertEqual(leaf["used_by"], ["listener ingress"])
         self.assertIn("ca", {c["kind"] for c in certs})
+
+
+class TagExtractionTests(unittest.TestCase):
+    def test_envoy_names_and_tags(self) -> None:
+        from hbonex.admin import _envoy_name
+
+        cases = {
+            "listener.0.0.0.0_15008.downstream_cx_total": (
+                "envoy_listener_downstream_cx_total",
+                {"envoy_listener_address": "0.0.0.0_15008"}),
+            "listener.0.0.0.0_15008.ssl.handshake": (
+                "envoy_listener_ssl_handshake", {"envoy_listener_address": "0.0.0.0_15008"}),
+            "listener.hbone.ssl.certificate.default.expiration_unix_time_seconds": (
+                "envoy_listener_ssl_certificate_expiration_unix_time_seconds",
+                {"envoy_listener_address": "hbone", "envoy_ssl_certificate_name": "default"}),
+            "cluster.hbone.ssl.certificate.spire.leaf.expiration_unix_time_seconds": (
+                "envoy_cluster_ssl_certificate_expiration_unix_time_seconds",
+                {"envoy_cluster_name": "hbone", "envoy_ssl_certificate_name": "spire.leaf"}),
+            "server.days_until_first_cert_expiring": (
+                "envoy_server_days_until_first_cert_expiring", {}),
+        }
+        for name, expected in cases.items():
+            self.assertEqual(_envoy_name(name), expected, name)

@@ -703,7 +703,8 @@ class FeatureTests(Base):
                    "response_code": "200"})
         self.assertEqual(log.read_text(), "10.1.2.3 127.0.0.1:8080 200\n")
         out = io.StringIO()
-        self.patch(sys, "stdout", out)
+        # The process's own stdout: under twistd, sys.stdout is its log (with prefixes).
+        self.patch(sys, "__stdout__", out)
         stdout_sink({"remote": "1.1.1.1:1", "response_code": "503", "duration_ms": "5"})
         self.assertIn('"- - -" 503', out.getvalue())
 
@@ -974,6 +975,16 @@ class RenderTests(Base):
         self.assertEqual(default["static_resources"]["clusters"][0]["metadata"]
                          ["filter_metadata"]["hbonex"]["allowed_targets"],
                          ["127.0.0.0/8", "::1/128"])
+
+    def test_render_keeps_the_admin_endpoint(self) -> None:
+        from hbonex.bootstrap import admin_endpoint
+
+        self.in_pki_dir()
+        for flag, endpoint in (("127.0.0.1:15000", "tcp:15000:interface=127.0.0.1"),
+                               ("tcp6:15001:interface=\\:\\:1", "tcp6:15001:interface=\\:\\:1")):
+            data = yaml.safe_load(self.render("server", "--pki", "pki/server", "--admin", flag))
+            self.assertEqual(admin_endpoint(data["admin"]), endpoint, flag)
+        self.assertNotIn("admin", yaml.safe_load(self.render("server", "--pki", "pki/server")))
 
     def assert_clusters_equivalent(self, a: Any, b: Any) -> None:
         if a.type != "ORIGINAL_DST":  # which picks no host: CLUSTER_PROVIDED in the YAML

@@ -1061,6 +1061,9 @@ class ChainedInternalListenerTests(E2EConfigTestCase):
 
         await self.echo_8mib(port, 51, proc)
         hops = await proc.wait_for_count(HOP_LOG, 3)
+        # The stdout logger writes the record itself, as Envoy does (no log prefix).
+        for m in hops:
+            self.assertEqual(m.start(), 0, m.string)
         self.assertEqual(
             {m["prefix"]: (m["cluster"], m["local"], int(m["up"]), int(m["down"]))
              for m in hops},

@@ -647,3 +647,104 @@ class RouteFeatureTests(HcmCase):
             seen[out] = seen.get(out, 0) + 1
         self.assertGreater(seen.get("backend2 200", 0), 15)  # weight 3 of 4: ~30 of 40
         self.assertLess(seen.get("backend2 200", 0), 40)
+
+
+TUNNEL_LOG_CONFIG = """\
+static_resources:
+  listeners:
+  - name: tunnels
+    address:
+      socket_address: {{address: 127.0.0.1, port_value: 0}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": {hcm_type}
+          stat_prefix: tunnels
+          upgrade_configs:
+          - upgrade_type: CONNECT
+          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: {log}
+              log_format:
+                json_format:
+                  authority: "%REQ(:AUTHORITY)%"
+                  cluster: "%UPSTREAM_CLUSTER%"
+                  connection: "%CONNECTION_ID%"
+                  code: "%RESPONSE_CODE%"
+                  flags: "%RESPONSE_FLAGS%"
+                  failure: "%UPSTREAM_TRANSPORT_FAILURE_REASON%"
+                  up: "%BYTES_RECEIVED%"
+                  down: "%BYTES_SENT%"
+          route_config:
+            virtual_hosts:
+            - name: targets
+              domains: ["127.0.0.1:{echo}", "127.0.0.1:{closed}"]
+              routes:
+              - match: {{connect_matcher: {{}}}}
+                route:
+                  cluster: original_dst
+                  upgrade_configs: [{{upgrade_type: CONNECT, connect_config: {{}}}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: original_dst
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 2s
+    original_dst_lb_config:
+      use_http_header: true
+      http_header_name: ":authority"
+"""
+
+
+class TunnelAccessLogTests(E2ETestCase):
+    async def test_tunnel_records_carry_envoys_fields(self) -> None:
+        """
+        Tunnels through a CONNECT-terminating HCM: one JSON record each with the CONNECT's
+        authority, the cluster, a connection id per downstream connection and the response
+        flags (UF and the failure reason for a target that refuses, NR for no route).
+        """
+        import json
+
+        from tests.support import exchange, start_echo, unused_port
+
+        echo = await start_echo(self)
+        closed = await unused_port(self)
+        workdir = Path(self.mktemp()).resolve()
+        workdir.mkdir()
+        log_file = workdir / "tunnels.json"
+        (workdir / "tunnels.yaml").write_text(TUNNEL_LOG_CONFIG.format(
+            hcm_type=HCM_TYPE, log=log_file, echo=echo.port, closed=closed))
+        proxy = await start_twistd(self, "hbone-server",
+                                   ["--config", str(workdir / "tunnels.yaml")], name="tunnels")
+        payload = pseudorandom(50_000, seed=3)
+        answers = []
+        for target in (f"127.0.0.1:{echo.port}", f"127.0.0.1:{closed}", "127.0.0.1:1"):
+            head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode()
+            c = await exchange(proxy.port, head + payload)
+            answers.append(c.data)
+        ok = b"HTTP/1.1 200 OK\r\n\r\n"
+        self.assertEqual(hashlib.sha256(answers[0]).hexdigest(),
+                         hashlib.sha256(ok + payload).hexdigest())
+        self.assertTrue(answers[1].startswith(b"HTTP/1.1 503 "), answers[1][:80])
+        self.assertTrue(answers[2].startswith(b"HTTP/1.1 404 "), answers[2][:80])
+        await wait_until(lambda: log_file.exists() and len(log_file.read_text().splitlines())
+                         >= 3, "three access log lines")
+        tunnel, refused, no_route = (json.loads(line)
+                                     for line in log_file.read_text().splitlines())
+        self.assertEqual(
+            {k: tunnel[k] for k in ("authority", "cluster", "code", "flags", "up", "down")},
+            {"authority": f"127.0.0.1:{echo.port}", "cluster": "original_dst", "code": 200,
+             "flags": None, "up": 50_000, "down": 50_000})  # no flags: null in JSON
+        self.assertEqual((refused["code"], refused["flags"], refused["cluster"]),
+                         (503, "UF", "original_dst"))
+        self.assertIn(f"connect to 127.0.0.1:{closed} failed", refused["failure"])
+        self.assertEqual((no_route["code"], no_route["flags"]), (404, "NR"))
+        ids = [r["connection"] for r in (tunnel, refused, no_route)]
+        self.assertEqual(len(set(ids)), 3, ids)
+        self.assertTrue(all(isinstance(i, int) and i > 0 for i in ids), ids)

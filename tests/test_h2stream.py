@@ -83,6 +83,8 @@ class PendingUpstream:
 class FakeCluster:
     """``connect_stream`` hands out Deferreds the test fires (PendingUpstream.connect)."""
 
+    name = "fake"
+
     def __init__(self) -> None:
         self.pending: list[PendingUpstream] = []
 
