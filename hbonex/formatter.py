@@ -50,6 +50,9 @@ OPERATORS: Mapping[str, Callable[[Mapping[str, str]], str]] = {
     "CONNECTION_ID": lambda c: c.get("connection_id", ""),
     "UPSTREAM_TRANSPORT_FAILURE_REASON": lambda c: c.get("upstream_failure", ""),
     "DOWNSTREAM_LOCAL_URI_SAN": lambda c: c.get("local_uri_san", ""),
+    # Envoy's AccessLogType: TcpConnectionEnd, TcpPeriodic, TcpUpstreamConnected,
+    # DownstreamEnd, DownstreamPeriodic, DownstreamTunnelSuccessfullyEstablished.
+    "ACCESS_LOG_TYPE": lambda c: c.get("access_log_type", ""),
 }
 
 

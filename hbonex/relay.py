@@ -6,7 +6,7 @@ slow reader on one side pauses the socket (or HTTP/2 stream) on the other.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from twisted.internet import error as ierror
 from twisted.internet.interfaces import (
@@ -136,6 +136,8 @@ class Relay:
         self.started = reactor.seconds()
         self._idle_call: IDelayedCall | None = None
         self.done = False
+        #: A tunnel's next periodic access record (TunnelLog), cancelled when it ends.
+        self.flush_call: Any = None
         self.close_reason = ""
         #: The end that was lost first: its reason is the tunnel's.
         self.first_lost: RelayEnd | None = None

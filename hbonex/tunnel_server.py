@@ -47,7 +47,10 @@ class TunnelLog:
 
     log = Logger(namespace="hbonex.tunnel")
 
-    def __init__(self, access_log: Sequence[Callable[[dict[str, str]], None]] = ()) -> None:
+    def __init__(self, access_log: Sequence[Callable[[dict[str, str]], None]] = (),
+                 flush_interval: float = 0.0, flush_on_established: bool = False) -> None:
+        self.flush_interval = flush_interval
+        self.flush_on_established = flush_on_established
         self.opened = 0
         self.refused = 0
         self.active = 0
@@ -74,10 +77,40 @@ class TunnelLog:
         self.record(info, authority, status, reason, 0, 0, 0.0, "", {
             "response_flags": flags, "upstream_cluster": cluster, "upstream_failure": failure})
 
+    def established(
+        self, reactor: Any, info: Any, authority: str, relay: Relay, started: float,
+        upstream_host: str, cluster: str,
+    ) -> None:
+        """
+        The tunnel is up: its access records while it lasts (Envoy's
+        DownstreamTunnelSuccessfullyEstablished, then DownstreamPeriodic every interval).
+        """
+        if not self.access_log:
+            return
+
+        def record(kind: str) -> None:
+            self.record(info, authority, 200, relay.close_reason or "", relay.a.bytes_in,
+                        relay.b.bytes_in, time.monotonic() - started, upstream_host,
+                        {"response_flags": "-", "upstream_cluster": cluster,
+                         "access_log_type": kind})
+
+        if self.flush_on_established:
+            record("DownstreamTunnelSuccessfullyEstablished")
+        if self.flush_interval > 0:
+            def tick() -> None:
+                if not relay.done:
+                    record("DownstreamPeriodic")
+                    relay.flush_call = reactor.callLater(self.flush_interval, tick)
+
+            relay.flush_call = reactor.callLater(self.flush_interval, tick)
+
     def finished(
         self, info: Any, authority: str, relay: Relay, started: float, upstream_host: str = "",
         cluster: str = "",
     ) -> None:
+        call = relay.flush_call
+        if call is not None and call.active():
+            call.cancel()
         self.active -= 1
         self.bytes_in += relay.a.bytes_in
         self.bytes_out += relay.b.bytes_in
@@ -95,7 +128,8 @@ class TunnelLog:
         flags = "-" if reason == "closed cleanly" else "UC"
         istio_metrics.tcp_closed(info, sent=down, received=up, flags=flags)
         self.record(info, authority, 200, reason, up, down, duration, upstream_host,
-                    {"response_flags": flags, "upstream_cluster": cluster})
+                    {"response_flags": flags, "upstream_cluster": cluster,
+                     "access_log_type": "DownstreamEnd"})
 
     def record(
         self, info: Any, authority: str, status: int, reason: str, up: int, down: int,
@@ -104,6 +138,7 @@ class TunnelLog:
         if not self.access_log:
             return
         record = info.substitutions()
+        record["access_log_type"] = "DownstreamEnd"
         if extra:
             record.update(extra)
         record["req::authority"] = authority  # %REQ(:AUTHORITY)%: the CONNECT's target
@@ -287,6 +322,8 @@ class H2TunnelServer(H2TunnelConnection):
             )
             stream.attach(relay.a)
             relay.start()
+            self.tunnels.established(self.reactor, self.info, authority, relay, started,
+                                     str(address), cluster_name)
 
         def refuse_early(status: int, reason: str, flags: str = "-", failure: str = "") -> None:
             self.tunnels.refused_tunnel(self.info, request.authority, status, reason, flags,
@@ -494,6 +531,8 @@ class H1TunnelServer(Protocol):
             if self._eof and not relay.a.lost:
                 relay.a.readConnectionLost()
             relay.start()
+            self.tunnels.established(self.reactor, self.info, target, relay, started,
+                                     str(address), cluster_name)
             if not relay.a.lost:
                 self.transport.resumeProducing()  # type: ignore[union-attr]
 

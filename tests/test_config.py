@@ -515,6 +515,21 @@ static_resources:
         self.assertIn("unknown field 'idleTimeout'", self.error(text))
         self.assertIn("(did you mean 'idle_timeout'?)", self.error(text))
 
+    def test_access_log_flush_interval(self) -> None:
+        text = SIMPLE.replace("stat_prefix: a", "stat_prefix: a\n          access_log_options: "
+                              "{access_log_flush_interval: 2.5s, "
+                              "flush_access_log_on_connected: true}")
+        proxy = self.load(text).listeners[0].chains[0].filters[0].parsed
+        self.assertEqual((proxy.access_log_flush_interval, proxy.flush_access_log_on_connected),
+                         (2.5, True))
+        deprecated = SIMPLE.replace("stat_prefix: a", "stat_prefix: a\n          "
+                                    "access_log_flush_interval: 3s")
+        proxy = self.load(deprecated).listeners[0].chains[0].filters[0].parsed
+        self.assertEqual(proxy.access_log_flush_interval, 3.0)
+        too_often = text.replace("2.5s", "0.0005s")
+        self.assertIn("typed_config.access_log_options.access_log_flush_interval: must be at "
+                      "least 1ms", self.error(too_often))
+
     def test_missing_config_file(self) -> None:
         self.assertEqual(str(self.assertRaises(ConfigError, load_config, "/nonexistent.yaml",
                                                self.reactor)),
@@ -1037,7 +1052,8 @@ class TwistdOptionsTests(Base):
         self.assertTrue(str(error.code).startswith(
             f"twistd: error: --config {path}: static_resources.listeners[0].filter_chains[0]."
             "filters[0].typed_config.stat_prefx: unknown field 'stat_prefx'; accepted here: "
-            "access_log, cluster, idle_timeout, max_connect_attempts, "))
+            "access_log, access_log_flush_interval, access_log_options, cluster, "
+            "flush_access_log_on_connected, idle_timeout, max_connect_attempts, "))
         self.assertTrue(str(error.code).endswith(
             "(did you mean 'stat_prefix'?) (line 11)"), error.code)
 

@@ -662,7 +662,7 @@ static_resources:
           "@type": {hcm_type}
           stat_prefix: tunnels
           upgrade_configs:
-          - upgrade_type: CONNECT
+          - upgrade_type: CONNECT{options}
           access_log:
           - name: envoy.access_loggers.file
             typed_config:
@@ -678,6 +678,7 @@ static_resources:
                   failure: "%UPSTREAM_TRANSPORT_FAILURE_REASON%"
                   up: "%BYTES_RECEIVED%"
                   down: "%BYTES_SENT%"
+                  type: "%ACCESS_LOG_TYPE%"
           route_config:
             virtual_hosts:
             - name: targets
@@ -719,7 +720,7 @@ class TunnelAccessLogTests(E2ETestCase):
         workdir.mkdir()
         log_file = workdir / "tunnels.json"
         (workdir / "tunnels.yaml").write_text(TUNNEL_LOG_CONFIG.format(
-            hcm_type=HCM_TYPE, log=log_file, echo=echo.port, closed=closed))
+            hcm_type=HCM_TYPE, log=log_file, echo=echo.port, closed=closed, options=""))
         proxy = await start_twistd(self, "hbone-server",
                                    ["--config", str(workdir / "tunnels.yaml")], name="tunnels")
         payload = pseudorandom(50_000, seed=3)
@@ -741,6 +742,7 @@ class TunnelAccessLogTests(E2ETestCase):
             {k: tunnel[k] for k in ("authority", "cluster", "code", "flags", "up", "down")},
             {"authority": f"127.0.0.1:{echo.port}", "cluster": "original_dst", "code": 200,
              "flags": None, "up": 50_000, "down": 50_000})  # no flags: null in JSON
+        self.assertEqual({r["type"] for r in (tunnel, refused, no_route)}, {"DownstreamEnd"})
         self.assertEqual((refused["code"], refused["flags"], refused["cluster"]),
                          (503, "UF", "original_dst"))
         self.assertIn(f"connect to 127.0.0.1:{closed} failed", refused["failure"])
@@ -748,3 +750,130 @@ class TunnelAccessLogTests(E2ETestCase):
         ids = [r["connection"] for r in (tunnel, refused, no_route)]
         self.assertEqual(len(set(ids)), 3, ids)
         self.assertTrue(all(isinstance(i, int) and i > 0 for i in ids), ids)
+
+    async def test_periodic_records_while_a_tunnel_lasts(self) -> None:
+        """
+        access_log_options: a record when the tunnel is established, periodic records with
+        the bytes so far while it lasts, the end record with every byte.
+        """
+        import json
+
+        from tests.support import StreamClient, connect_tcp, start_echo
+
+        echo = await start_echo(self)
+        workdir = Path(self.mktemp()).resolve()
+        workdir.mkdir()
+        log_file = workdir / "tunnels.json"
+        options = ("\n          access_log_options: {access_log_flush_interval: 0.1s, "
+                   "flush_log_on_tunnel_successfully_established: true}")
+        (workdir / "tunnels.yaml").write_text(TUNNEL_LOG_CONFIG.format(
+            hcm_type=HCM_TYPE, log=log_file, echo=echo.port, closed=1, options=options))
+        proxy = await start_twistd(self, "hbone-server",
+                                   ["--config", str(workdir / "tunnels.yaml")], name="tunnels")
+
+        def records() -> list[dict[str, Any]]:
+            if not log_file.exists():
+                return []
+            return [json.loads(line) for line in log_file.read_text().splitlines()]
+
+        first, second = pseudorandom(30_000, seed=1), pseudorandom(20_000, seed=2)
+        target = f"127.0.0.1:{echo.port}"
+        c = StreamClient()
+        await connect_tcp(proxy.port, c)
+        await c.send(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode() + first)
+        await wait_until(lambda: any(r["type"] == "DownstreamPeriodic" and r["up"] == 30_000
+                                     for r in records()), "a periodic record of 30000 bytes")
+        await c.send(second)
+        c.close_write()
+        await c.done
+        self.assertEqual(sha256(c.data), sha256(b"HTTP/1.1 200 OK\r\n\r\n" + first + second))
+        await wait_until(lambda: any(r["type"] == "DownstreamEnd" for r in records()),
+                         "the end record")
+        log = records()
+        self.assertEqual(log[0]["type"], "DownstreamTunnelSuccessfullyEstablished")
+        self.assertEqual((log[-1]["type"], log[-1]["up"], log[-1]["down"]),
+                         ("DownstreamEnd", 50_000, 50_000))
+        periodic = log[1:-1]
+        self.assertTrue(periodic and all(r["type"] == "DownstreamPeriodic" for r in periodic),
+                        log)
+        ups = [r["up"] for r in log]
+        self.assertEqual(ups, sorted(ups))  # bytes so far: never going back
+        self.assertEqual({r["connection"] for r in log}, {log[0]["connection"]})
+
+    async def test_tcp_proxy_periodic_records(self) -> None:
+        """tcp_proxy's access_log_options: TcpUpstreamConnected, TcpPeriodic, TcpConnectionEnd."""
+        import json
+
+        from tests.support import StreamClient, connect_tcp, start_echo
+
+        echo = await start_echo(self)
+        workdir = Path(self.mktemp()).resolve()
+        workdir.mkdir()
+        log_file = workdir / "tcp.json"
+        (workdir / "tcp.yaml").write_text(TCP_PROXY_LOG_CONFIG.format(log=log_file,
+                                                                      echo=echo.port))
+        proxy = await start_twistd(self, "hbone-client",
+                                   ["--config", str(workdir / "tcp.yaml")], name="tcp")
+
+        def records() -> list[dict[str, Any]]:
+            if not log_file.exists():
+                return []
+            return [json.loads(line) for line in log_file.read_text().splitlines()]
+
+        first, second = pseudorandom(40_000, seed=4), pseudorandom(10_000, seed=5)
+        c = StreamClient()
+        await connect_tcp(proxy.port, c)
+        await c.send(first)
+        await wait_until(lambda: any(r["type"] == "TcpPeriodic" and r["up"] == 40_000
+                                     for r in records()), "a periodic record of 40000 bytes")
+        await c.send(second)
+        c.close_write()
+        await c.done
+        self.assertEqual(sha256(c.data), sha256(first + second))
+        await wait_until(lambda: any(r["type"] == "TcpConnectionEnd" for r in records()),
+                         "the end record")
+        log = records()
+        self.assertEqual((log[0]["type"], log[0]["cluster"]), ("TcpUpstreamConnected", "echo"))
+        self.assertEqual((log[-1]["type"], log[-1]["up"], log[-1]["down"]),
+                         ("TcpConnectionEnd", 50_000, 50_000))
+        self.assertTrue(log[1:-1] and all(r["type"] == "TcpPeriodic" for r in log[1:-1]), log)
+
+
+TCP_PROXY_LOG_CONFIG = """\
+static_resources:
+  listeners:
+  - name: plain
+    address:
+      socket_address: {{address: 127.0.0.1, port_value: 0}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: plain
+          cluster: echo
+          access_log_options:
+            access_log_flush_interval: 0.1s
+            flush_access_log_on_connected: true
+          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: {log}
+              log_format:
+                json_format:
+                  type: "%ACCESS_LOG_TYPE%"
+                  cluster: "%UPSTREAM_CLUSTER%"
+                  up: "%BYTES_RECEIVED%"
+                  down: "%BYTES_SENT%"
+  clusters:
+  - name: echo
+    connect_timeout: 2s
+    load_assignment:
+      cluster_name: echo
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{address: 127.0.0.1, port_value: {echo}}}
+"""

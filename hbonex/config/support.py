@@ -137,12 +137,14 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
     # -- tcp_proxy --
     _TCP: _m(
         "stat_prefix cluster weighted_clusters idle_timeout max_connect_attempts "
-        "max_downstream_connection_duration access_log tunneling_config",
-        warn={"access_log_flush_interval": "records are written when a connection ends",
-              "flush_access_log_on_connected": "records are written when a connection ends",
-              "access_log_options": "records are written when a connection ends",
-              "backoff_options": "retries are immediate"},
+        "max_downstream_connection_duration access_log tunneling_config "
+        "access_log_flush_interval flush_access_log_on_connected access_log_options",
+        warn={"backoff_options": "retries are immediate"},
     ),
+    f"{_HCM}.HttpConnectionManager.HcmAccessLogOptions": _m(
+        "access_log_flush_interval flush_log_on_tunnel_successfully_established",
+        warn={"flush_access_log_on_new_request": "records are written when a request ends"}),
+    f"{_TCP}.TcpAccessLogOptions": _m("access_log_flush_interval flush_access_log_on_connected"),
     f"{_TCP}.WeightedCluster": _m("clusters"),
     f"{_TCP}.WeightedCluster.ClusterWeight": _m("name weight"),
     f"{_TCP}.TunnelingConfig": _m(
@@ -178,7 +180,8 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
         "http2_protocol_options common_http_protocol_options stream_idle_timeout access_log "
         "max_request_headers_kb server_name server_header_transformation generate_request_id "
         "always_set_request_id_in_response use_remote_address skip_xff_append normalize_path "
-        "merge_slashes path_with_escaped_slashes_action",
+        "merge_slashes path_with_escaped_slashes_action access_log_flush_interval "
+        "access_log_options",
         warn={"add_user_agent": "no user agent handling", "tracing": "no tracing",
               "preserve_external_request_id": "an incoming x-request-id is always kept",
               "drain_timeout": "drain is shutdown's --drain-timeout",
@@ -186,9 +189,7 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
               "xff_num_trusted_hops": "no internal/external origin decisions",
               "via": "no via header", "http_protocol_options": "HTTP/1.1 tuning",
               "stream_error_on_invalid_http_message": "invalid messages reset the stream",
-              "access_log_flush_interval": "records are written when a tunnel ends",
-              "flush_access_log_on_new_request": "records are written when a tunnel ends",
-              "access_log_options": "records are written when a tunnel ends",
+              "flush_access_log_on_new_request": "records are written when a request ends",
               "proxy_100_continue": "HTTP/1.1 tuning"},
         error={"rds": "no RDS: use an inline route_config",
                "scoped_routes": "no scoped routes: use an inline route_config",

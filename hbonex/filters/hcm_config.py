@@ -122,6 +122,19 @@ def parse_http_connection_manager(message: Any, path: str, context: Any
 
         extra["access_log"] = tuple(parse_access_logs(message.access_log, f"{path}.access_log",
                                                       context))
+    # access_log_options (or the deprecated access_log_flush_interval): for tunnels, a record
+    # every interval while they last, and one when each is established.
+    options = message.access_log_options
+    where = f"{path}.access_log_options.access_log_flush_interval"
+    flush = options.access_log_flush_interval if message.HasField("access_log_options") else None
+    if flush is None and message.HasField("access_log_flush_interval"):
+        flush, where = message.access_log_flush_interval, f"{path}.access_log_flush_interval"
+    if flush is not None:
+        extra["access_log_flush_interval"] = flush.seconds + flush.nanos / 1e9
+        if 0 < extra["access_log_flush_interval"] < 0.001:
+            raise context.error(where, "must be at least 1ms (Envoy's minimum)")
+    extra["flush_log_on_tunnel_established"] = (
+        options.flush_log_on_tunnel_successfully_established)
     idle = 300.0
     if message.HasField("stream_idle_timeout"):
         idle = message.stream_idle_timeout.seconds + message.stream_idle_timeout.nanos / 1e9

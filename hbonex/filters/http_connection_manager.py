@@ -35,8 +35,14 @@ class HttpConnectionManagerConfig:
     http_filters: Sequence[Callable[[], Any]] = ()
     #: The connection manager's own request handling (request ids, x-forwarded-for, paths).
     http_options: HttpOptions = DEFAULT_OPTIONS
+    #: Envoy's access_log_options for tunnels: a record every interval (0: only at the end),
+    #: and one when a tunnel is established.
+    access_log_flush_interval: float = 0.0
+    flush_log_on_tunnel_established: bool = False
     tunnels: TunnelLog = attrs.field(
-        default=attrs.Factory(lambda self: TunnelLog(self.access_log), takes_self=True)
+        default=attrs.Factory(lambda self: TunnelLog(
+            self.access_log, self.access_log_flush_interval,
+            self.flush_log_on_tunnel_established), takes_self=True)
     )
 
     def __attrs_post_init__(self) -> None:

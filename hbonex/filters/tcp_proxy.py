@@ -73,6 +73,10 @@ class TcpProxyConfig:
     max_downstream_connection_duration: float = 0.0
     tunneling: TunnelingConfig | None = None
     access_log: Sequence[Callable[[dict[str, str]], None]] = ()
+    #: Envoy's access_log_options: a record every interval while the connection lasts
+    #: (0: only at the end), and one when the upstream connection is made.
+    access_log_flush_interval: float = 0.0
+    flush_access_log_on_connected: bool = False
     stats: TcpProxyStats = attrs.Factory(TcpProxyStats)
 
     def __attrs_post_init__(self) -> None:
@@ -118,6 +122,7 @@ class TcpProxyFilter:
         self._pending: defer.Deferred[Any] | None = None
         self._started = time.monotonic()
         self._duration_call: Any = None
+        self._flush_call: Any = None
         self.status = ""
         self.upstream_host = ""
         self.cluster_name = ""
@@ -181,6 +186,21 @@ class TcpProxyFilter:
             return
         self.relay.start()
         self.callbacks.transport.resumeProducing()
+        if self.config.access_log:
+            if self.config.flush_access_log_on_connected:
+                self._log("TcpUpstreamConnected")
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        interval = self.config.access_log_flush_interval
+        if interval > 0:
+            self._flush_call = self.config.runtime.reactor.callLater(interval, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        if self.relay is not None and not self.relay.done:
+            self._log("TcpPeriodic")
+            self._schedule_flush()
 
     def _failed(self, failure: Failure) -> None:
         self._pending = None
@@ -217,21 +237,29 @@ class TcpProxyFilter:
         stats.downstream_cx_active -= 1
         stats.bytes_up += relay.a.bytes_in
         stats.bytes_down += relay.b.bytes_in
-        if self._duration_call is not None and self._duration_call.active():
-            self._duration_call.cancel()
-        if self.config.access_log and self.callbacks is not None:
-            record = self.callbacks.info.substitutions()
-            record.update(
-                upstream_host=self.upstream_host,
-                upstream_cluster=self.cluster_name,
-                response_code=self.status,
-                bytes_received=str(relay.a.bytes_in),
-                bytes_sent=str(relay.b.bytes_in),
-                duration_ms=str(int((time.monotonic() - self._started) * 1000)),
-                termination=relay.close_reason,
-            )
-            for sink in self.config.access_log:
-                sink(record)
+        for call in (self._duration_call, self._flush_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._log("TcpConnectionEnd")
+
+    def _log(self, kind: str) -> None:
+        """One access record (Envoy's AccessLogType ``kind``); bytes so far."""
+        relay = self.relay
+        if not self.config.access_log or self.callbacks is None or relay is None:
+            return
+        record = self.callbacks.info.substitutions()
+        record.update(
+            access_log_type=kind,
+            upstream_host=self.upstream_host,
+            upstream_cluster=self.cluster_name,
+            response_code=self.status,
+            bytes_received=str(relay.a.bytes_in),
+            bytes_sent=str(relay.b.bytes_in),
+            duration_ms=str(int((time.monotonic() - self._started) * 1000)),
+            termination=relay.close_reason or "",
+        )
+        for sink in self.config.access_log:
+            sink(record)
 
     def onData(self, data: bytes, endStream: bool) -> bool:
         # Only reached before takeOver (never, for this filter).
@@ -315,6 +343,18 @@ def parse_tcp_proxy(message: Any, path: str, context: Any) -> TcpProxyConfig:
         tunneling=tunneling,
         access_log=parse_access_logs(message.access_log, f"{path}.access_log", context),
     )
+    # access_log_options, or the deprecated fields it replaced.
+    options = message.access_log_options
+    if message.HasField("access_log_options"):
+        config.access_log_flush_interval = _seconds(options, "access_log_flush_interval", 0.0)
+        config.flush_access_log_on_connected = options.flush_access_log_on_connected
+        where = f"{path}.access_log_options.access_log_flush_interval"
+    else:
+        config.access_log_flush_interval = _seconds(message, "access_log_flush_interval", 0.0)
+        config.flush_access_log_on_connected = message.flush_access_log_on_connected
+        where = f"{path}.access_log_flush_interval"
+    if 0 < config.access_log_flush_interval < 0.001:
+        raise context.error(where, "must be at least 1ms (Envoy's minimum)")
     return config
 
 
