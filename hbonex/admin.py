@@ -57,8 +57,16 @@ def collect(bootstrap: Any) -> dict[str, int]:
         if cluster.client_tls is not None:
             values[f"{prefix}.ssl.handshake"] = s.ssl_handshake
             values[f"{prefix}.ssl.connection_error"] = s.ssl_connection_error
-        connections = sum(len(p.connections) for p in cluster.pools.values())
-        values[f"{prefix}.upstream_cx_http2_active"] = connections
+        values[f"{prefix}.upstream_cx_connect_timeout"] = s.upstream_cx_connect_timeout
+        pools = list(cluster.pools.values())
+        values[f"{prefix}.upstream_cx_http2_active"] = sum(len(p.connections) for p in pools)
+        # Streams open on the pooled connections, and tunnels waiting for one.
+        values[f"{prefix}.upstream_rq_active"] = sum(
+            len(c.streams) for p in pools for c in p.connections)
+        values[f"{prefix}.upstream_rq_pending_active"] = sum(len(p._waiters) for p in pools)
+        values[f"{prefix}.upstream_rq_pending_overflow"] = sum(
+            p.stats.pending_overflow for p in pools)
+        values[f"{prefix}.upstream_rq_retry"] = sum(p.stats.tunnels_retried for p in pools)
     return dict(sorted(values.items()))
 
 

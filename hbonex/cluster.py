@@ -67,6 +67,7 @@ class ClusterStats:
     upstream_cx_connect_fail: int = 0
     upstream_cx_active: int = 0
     upstream_rq_total: int = 0
+    upstream_cx_connect_timeout: int = 0
     #: Envoy's ``cluster.<name>.ssl.handshake`` and ``ssl.connection_error``.
     ssl_handshake: int = 0
     ssl_connection_error: int = 0
@@ -342,6 +343,7 @@ class Cluster:
                 # Twisted's endpoints report a cancelled connect with their own error.
                 raise defer.CancelledError()
             if f.check(ierror.TimeoutError):
+                self.stats.upstream_cx_connect_timeout += 1
                 raise UpstreamError(503, f"connect to {address} timed out "
                                          f"after {self.connect_timeout:g}s")
             raise UpstreamError(503, f"connect to {address} failed: {_short(f.value)}")

@@ -39,6 +39,8 @@ class PoolStats:
     connections_failed: int = 0
     tunnels_opened: int = 0
     tunnels_retried: int = 0
+    #: Tunnels refused because max_pending were already waiting (Envoy's pending_overflow).
+    pending_overflow: int = 0
 
 
 class H2Pool:
@@ -142,6 +144,7 @@ class H2Pool:
                 self._touch(conn)
                 return defer.succeed(conn)
         if len(self._waiters) >= self.max_pending:
+            self.stats.pending_overflow += 1
             return defer.fail(UpstreamError(503, "too many tunnels waiting for a connection"))
         d: defer.Deferred[H2TunnelClient] = defer.Deferred(lambda d: self._cancel_waiter(d))
         self._waiters.append(d)

@@ -41,6 +41,8 @@ class RelayEnd(Protocol):
         self.name = name
         self.peer: RelayEnd | None = None
         self.bytes_in = 0
+        #: How often this end's transport was paused (its reader is the slower side).
+        self.pauses = 0
         self.eof_received = False
         self.eof_sent = False
         self.lost = False
@@ -96,6 +98,10 @@ class RelayEnd(Protocol):
 
     def pauseProducing(self) -> None:
         if self.transport is not None and not self.lost:
+            self.pauses += 1
+            stats = self.relay.stats
+            if stats is not None:
+                stats.count_pause(self.name)
             self.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def resumeProducing(self) -> None:
@@ -138,6 +144,8 @@ class Relay:
         self.done = False
         #: A tunnel's next periodic access record (TunnelLog), cancelled when it ends.
         self.flush_call: Any = None
+        #: Who counts flow-control pauses (``count_pause(end name)``), e.g. tcp_proxy's stats.
+        self.stats: Any = None
         self.close_reason = ""
         #: The end that was lost first: its reason is the tunnel's.
         self.first_lost: RelayEnd | None = None

@@ -95,6 +95,13 @@ class AdminTests(unittest.TestCase):
         code, body = request(self.admin, b"GET", "/stats/prometheus")
         self.assertEqual(code, 200)
         self.assertIn(b"envoy_listener_downstream_cx_total", body)
+        # The pool's families, as gauges or counters by Envoy's naming.
+        for name, kind in (("envoy_cluster_upstream_rq_active", "gauge"),
+                           ("envoy_cluster_upstream_rq_pending_active", "gauge"),
+                           ("envoy_cluster_upstream_rq_pending_overflow", "counter"),
+                           ("envoy_cluster_upstream_rq_retry", "counter"),
+                           ("envoy_cluster_upstream_cx_connect_timeout", "counter")):
+            self.assertEqual(families[name].type, kind, name)
 
     def test_ready_and_health_check(self) -> None:
         self.assertEqual(request(self.admin, b"GET", "/ready"), (200, b"LIVE\n"))

@@ -139,6 +139,25 @@ class StatsTests(unittest.SynchronousTestCase):
         self.failureResultOf(failing, UpstreamError)
         self.assertEqual(cluster.stats.upstream_cx_connect_fail, 1)
 
+    def test_a_connect_timeout_is_counted_as_one(self) -> None:
+        from twisted.internet.error import TimeoutError
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.python.failure import Failure
+
+        from hbonex.cluster import SocketAddress
+
+        reactor = MemoryReactorClock()
+        cluster = Cluster("backend", Runtime(reactor), endpoints=(SocketAddress("127.0.0.1", 9),),
+                          connect_timeout=1.5)
+        d = cluster.connect_stream(Protocol(), UpstreamRequest())
+        [(host, port, factory, timeout, _)] = reactor.tcpClients
+        self.assertEqual((host, port, timeout), ("127.0.0.1", 9, 1.5))
+        factory.clientConnectionFailed(None, Failure(TimeoutError()))
+        error = self.failureResultOf(d, UpstreamError).value
+        self.assertEqual(error.reason, "connect to 127.0.0.1:9 timed out after 1.5s")
+        self.assertEqual((cluster.stats.upstream_cx_connect_timeout,
+                          cluster.stats.upstream_cx_connect_fail), (1, 1))
+
     def test_a_resolved_name_outside_the_policy_names_both(self) -> None:
         cluster = Cluster(
             "odst", Runtime(Clock()), type="ORIGINAL_DST",

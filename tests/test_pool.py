@@ -442,6 +442,7 @@ class ConnectFailureTests(unittest.TestCase):
         first, second, third = open_many(pool, 3)
         failure = self.failureResultOf(third, UpstreamError)
         self.assertEqual(failure.value.status, 503)
+        self.assertEqual(pool.stats.pending_overflow, 1)  # Envoy's upstream_rq_pending_overflow
         self.assertNoResult(first)
         self.assertNoResult(second)
 

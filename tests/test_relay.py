@@ -85,6 +85,18 @@ class DataTests(unittest.TestCase):
         tb.producer.resumeProducing()
         self.assertEqual(ta.producerState, "producing")
 
+    def test_pauses_are_counted_per_end(self) -> None:
+        from hbonex.filters.tcp_proxy import TcpProxyStats
+
+        relay, ta, tb, _, _ = relay_pair()
+        relay.stats = stats = TcpProxyStats()
+        tb.producer.pauseProducing()  # upstream full: reading from downstream pauses
+        tb.producer.resumeProducing()
+        tb.producer.pauseProducing()
+        ta.producer.pauseProducing()  # downstream full: reading from upstream pauses
+        self.assertEqual((relay.a.pauses, relay.b.pauses), (2, 1))
+        self.assertEqual((stats.downstream_paused, stats.upstream_paused), (2, 1))
+
 
 class HalfCloseTests(unittest.TestCase):
     def test_eof_is_forwarded_after_unregistering_producer(self) -> None:

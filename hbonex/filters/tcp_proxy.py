@@ -61,6 +61,15 @@ class TcpProxyStats:
     upstream_connect_fail: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    downstream_paused: int = 0
+    upstream_paused: int = 0
+
+    def count_pause(self, end: str) -> None:
+        """A relay paused reading from its ``end`` ("downstream" or "upstream")."""
+        if end == "downstream":
+            self.downstream_paused += 1
+        else:
+            self.upstream_paused += 1
 
 
 @attrs.define
@@ -90,6 +99,8 @@ class TcpProxyConfig:
             f"{prefix}.downstream_cx_rx_bytes_total": s.bytes_up,
             f"{prefix}.downstream_cx_tx_bytes_total": s.bytes_down,
             f"{prefix}.upstream_connect_fail": s.upstream_connect_fail,
+            f"{prefix}.downstream_flow_control_paused_reading_total": s.downstream_paused,
+            f"{prefix}.upstream_flow_control_paused_reading_total": s.upstream_paused,
         }
 
     def pick_cluster(self) -> str:
@@ -133,6 +144,7 @@ class TcpProxyFilter:
         config.stats.downstream_cx_total += 1
         config.stats.downstream_cx_active += 1
         relay = self.relay = Relay(config.runtime.reactor, config.idle_timeout, self._done)
+        relay.stats = config.stats
         callbacks.takeOver(relay.a)
         # Nothing is read from downstream until the upstream answered.
         callbacks.transport.pauseProducing()
