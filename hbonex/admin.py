@@ -45,6 +45,7 @@ def collect(bootstrap: Any) -> dict[str, int]:
         prefix = f"listener.{listener.name}"
         values[f"{prefix}.downstream_cx_total"] = listener.connections_total
         values[f"{prefix}.downstream_cx_overflow"] = listener.connections_refused
+        values[f"{prefix}.downstream_cx_active"] = listener.connections_active
         if any(chain.tls is not None for chain in listener.filter_chains):
             values[f"{prefix}.ssl.handshake"] = listener.ssl_handshake
             values[f"{prefix}.ssl.connection_error"] = listener.ssl_connection_error

@@ -126,6 +126,7 @@ class ListenerConnection(Protocol):
         self._stopped_data: list[tuple[bytes, bool]] = []
 
     def connectionMade(self) -> None:
+        self.listener.connections_active += 1
         transport = self.transport
         tune_tcp(transport)
         self.info = ConnectionInfo(
@@ -243,6 +244,7 @@ class ListenerConnection(Protocol):
             delegate.writeConnectionLost()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.listener.connections_active -= 1
         if self._handshake_call is not None and self._handshake_call.active():
             self._handshake_call.cancel()
         if self.tls and not self._started:
@@ -435,6 +437,8 @@ class Listener:
         self.per_connection_buffer_limit_bytes = per_connection_buffer_limit_bytes
         self.connections_total = 0
         self.connections_refused = 0
+        #: Connections running a filter chain now (Envoy's downstream_cx_active).
+        self.connections_active = 0
         #: Envoy's ``listener.<addr>.ssl.handshake`` and ``ssl.connection_error``.
         self.ssl_handshake = 0
         self.ssl_connection_error = 0

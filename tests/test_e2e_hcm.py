@@ -475,6 +475,9 @@ class AdminEndpointTests(E2ETestCase):
 
         self.assertEqual(total("envoy_listener_ssl_handshake"), 1)
         self.assertEqual(total("envoy_listener_ssl_connection_error"), 1)
+        # Still open: the client's one pooled HTTP/2 connection (the plain one is gone).
+        [active] = families["envoy_listener_downstream_cx_active"].samples
+        self.assertEqual(active.value, 1)
         client_url = f"http://127.0.0.1:{client_admin['port']}/stats/prometheus"
         code, text = await call(b"GET", client_url)
         client_families = {f.name: f for f in text_string_to_metric_families(text.decode())}
