@@ -82,6 +82,15 @@ class Echo(resource.Resource):
 
     isLeaf = True
 
+    def __init__(self) -> None:
+        super().__init__()
+        #: Every request the backend served: (method, uri).
+        self.seen: list[tuple[bytes, bytes]] = []
+
+    def render(self, request: Any) -> Any:
+        self.seen.append((request.method, request.uri))
+        return super().render(request)
+
     def render_POST(self, request: Any) -> bytes:
         body = request.content.read()
         request.setHeader(b"x-received-sha256", sha256(body).encode())
@@ -114,7 +123,7 @@ class HcmCase(E2ETestCase):
     async def setup_hcm(self, http_filters: str = ROUTER_ONLY, pythonpath: str = "",
                         hcm_extra: str = "", extra_args: list[str] | None = None) -> Any:
         root = resource.Resource()
-        api = Echo()
+        api = self.backend = Echo()
         root.putChild(b"api", api)
         root.putChild(b"slow", Slow())
         site = server.Site(root)
@@ -243,6 +252,49 @@ class HcmTests(HcmCase):
         grown = rss_kib(pid) - before
         # The backend (twisted.web) holds the whole body; the proxy streams it.
         self.assertLess(grown, 48 * 1024, f"proxy RSS grew {grown} KiB for {size} bytes")
+
+
+SMUGGLING = {
+    "content-length and transfer-encoding": b"POST /api/echo HTTP/1.1\r\nHost: h\r\n"
+    b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"0\r\n\r\nGET /api/smuggled HTTP/1.1\r\nHost: h\r\n\r\n",
+    "conflicting content-lengths": b"POST /api/echo HTTP/1.1\r\nHost: h\r\n"
+    b"Content-Length: 3\r\nContent-Length: 40\r\n\r\nabcGET /api/smuggled HTTP/1.1\r\n\r\n",
+    "content-length list": b"POST /api/echo HTTP/1.1\r\nHost: h\r\nContent-Length: 3, 40"
+    b"\r\n\r\nabc",
+    "bad chunk size": b"POST /api/echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked"
+    b"\r\n\r\n0x3\r\nabc\r\n0\r\n\r\n",
+    "chunked not last": b"POST /api/echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, "
+    b"identity\r\n\r\n0\r\n\r\n",
+    "obs-fold": b"GET /api/n HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n Transfer-Encoding: chunked"
+    b"\r\n\r\n",
+    "NUL in a value": b"GET /api/n HTTP/1.1\r\nHost: h\r\nX-A: a\x00b\r\n\r\n",
+    "bare CR in a value": b"GET /api/n HTTP/1.1\r\nHost: h\r\nX-A: a\rb\r\n\r\n",
+    "LF in a value (header injection)": b"GET /api/n HTTP/1.1\r\nHost: h\r\nX-A: a\n"
+    b"Transfer-Encoding: chunked\r\n\r\n",
+    "over-long request line": b"GET /api/" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: h\r\n\r\n",
+}
+
+
+class SmugglingTests(HcmCase):
+    @e2e
+    async def test_each_case_is_400_and_closed_and_nothing_reaches_the_backend(self) -> None:
+        from tests.support import exchange
+
+        proxy = await self.setup_hcm()
+        for name, raw in SMUGGLING.items():
+            c = await exchange(proxy.port, raw, half_close=False)
+            # The proxy answered and closed the connection itself (exchange fires on close).
+            self.assertRegex(c.data[:12], rb"^HTTP/1\.1 4\d\d", (name, c.data[:200]))
+            status = int(c.data[9:12])
+            self.assertIn(status, (400, 414, 431) if "long" in name else (400,), name)
+            self.assertIn(b"connection: close", c.data.lower(), name)
+        self.assertEqual(self.backend.seen, [])
+        # One bad connection harms no other: a good request still goes through.
+        out = await self.curl("-o", os.devnull, "-w", "%{http_code}",
+                              f"http://127.0.0.1:{proxy.port}/api/n?size=10")
+        self.assertEqual(out, "200")
+        self.assertEqual(self.backend.seen, [(b"GET", b"/api/n?size=10")])
 
 
 class RequestHandlingTests(HcmCase):

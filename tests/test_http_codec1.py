@@ -53,7 +53,9 @@ class Handler:
             self.sink.sendData(body, True)
 
     def reset(self) -> None:
+        # As the FilterManager does: the sink hears of it too.
         self.was_reset = True
+        self.sink.reset()
 
 
 class Conn:

@@ -582,11 +582,15 @@ class Http1ServerCodec(Protocol):
             stream.handler = None
         self._maybe_next()
 
+    _answering_error = False
+
     def _reset(self, stream: _Stream) -> None:
         # HTTP/1.1 has no stream reset: the connection goes.
         stream.handler = None
         stream.request_done = stream.response_done = True
         self._closing = True
+        if self._answering_error:
+            return  # _error answers (400 if no response started) and closes the ordinary way
         self.transport.abortConnection()  # type: ignore[union-attr]
 
     def _error(self, status: int, reason: str) -> None:
@@ -595,7 +599,13 @@ class Http1ServerCodec(Protocol):
                       peer=_peer(self.transport), reason=reason, status=status)
         stream = self._stream
         if stream is not None and stream.handler is not None:
-            self._abort_stream(stream)
+            # The filters and the upstream learn of it; their reset must not cut the
+            # connection before the client has its 400.
+            self._answering_error = True
+            try:
+                self._abort_stream(stream)
+            finally:
+                self._answering_error = False
         self._closing = True
         self._cancel(self._head_timer)
         if stream is None or not stream.response_started:
