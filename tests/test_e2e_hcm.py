@@ -932,3 +932,122 @@ static_resources:
             address:
               socket_address: {{address: 127.0.0.1, port_value: {echo}}}
 """
+
+
+DECAP_CONFIG = """\
+bootstrap_extensions:
+- name: envoy.bootstrap.internal_listener
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener
+static_resources:
+  listeners:
+  - name: tunnels
+    address:
+      socket_address: {{address: 127.0.0.1, port_value: 0}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": {hcm_type}
+          stat_prefix: tunnels
+          upgrade_configs:
+          - upgrade_type: CONNECT
+          route_config:
+            virtual_hosts:
+            - name: decap
+              domains: ["decap.internal:80"]
+              routes:
+              - match: {{connect_matcher: {{}}}}
+                route:
+                  cluster: decap
+                  upgrade_configs: [{{upgrade_type: CONNECT, connect_config: {{}}}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  - name: decap_listener
+    internal_listener: {{}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": {hcm_type}
+          stat_prefix: decap
+          route_config:
+            virtual_hosts:
+            - name: inner
+              domains: ["*"]
+              routes:
+              - match: {{prefix: /direct}}
+                direct_response: {{status: 200, body: {{inline_string: "decapsulated"}}}}
+              - match: {{prefix: /api}}
+                route: {{cluster: backend}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: decap
+    load_assignment:
+      cluster_name: decap
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              envoy_internal_address: {{server_listener_name: decap_listener}}
+  - name: backend
+    connect_timeout: 2s
+    load_assignment:
+      cluster_name: backend
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{address: 127.0.0.1, port_value: {backend}}}
+"""
+
+
+class DecapTests(HcmCase):
+    @e2e
+    async def test_connect_into_an_internal_listener_whose_hcm_routes(self) -> None:
+        """
+        The decap config: CONNECT into an internal listener whose HCM serves the tunnel's
+        HTTP/1.1 requests, one to a backend (body hashed), one a direct response.
+        """
+        from twisted.web import resource as web_resource
+        from twisted.web import server as web_server
+
+        from tests.support import StreamClient, connect_tcp
+
+        root = web_resource.Resource()
+        api = self.backend = Echo()
+        root.putChild(b"api", api)
+        port = reactor.listenTCP(0, web_server.Site(root),  # type: ignore[attr-defined]
+                                 interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        workdir = Path(self.mktemp()).resolve()
+        workdir.mkdir()
+        (workdir / "decap.yaml").write_text(DECAP_CONFIG.format(
+            hcm_type=HCM_TYPE, backend=port.getHost().port))
+        proxy = await start_twistd(self, "hbone-server",
+                                   ["--config", str(workdir / "decap.yaml")], name="decap")
+        c = StreamClient()
+        await connect_tcp(proxy.ports["tunnels"], c)
+        await c.send(b"CONNECT decap.internal:80 HTTP/1.1\r\nHost: decap.internal:80\r\n\r\n"
+                     b"GET /api/n?size=70001 HTTP/1.1\r\nHost: app\r\n\r\n"
+                     b"GET /direct HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+        await c.done
+        data = c.data
+        self.assertTrue(data.startswith(b"HTTP/1.1 200 OK\r\n\r\n"), data[:100])
+        inner = data[len(b"HTTP/1.1 200 OK\r\n\r\n"):]
+        first_head, _, rest = inner.partition(b"\r\n\r\n")
+        self.assertTrue(first_head.startswith(b"HTTP/1.1 200"), first_head)
+        expected = pseudorandom(70001, seed=70001)
+        length = int([line.split(b":")[1] for line in first_head.lower().split(b"\r\n")
+                      if line.startswith(b"content-length:")][0])
+        self.assertEqual(length, 70001)
+        self.assertEqual(sha256(rest[:length]), sha256(expected))
+        second_head, _, body = rest[length:].partition(b"\r\n\r\n")
+        self.assertTrue(second_head.startswith(b"HTTP/1.1 200"), second_head)
+        self.assertEqual(body, b"decapsulated")
+        self.assertEqual(self.backend.seen, [(b"GET", b"/api/n?size=70001")])
