@@ -67,7 +67,8 @@ def collect(bootstrap: Any) -> dict[str, int]:
         values[f"{prefix}.upstream_rq_pending_active"] = sum(len(p._waiters) for p in pools)
         values[f"{prefix}.upstream_rq_pending_overflow"] = sum(
             p.stats.pending_overflow for p in pools)
-        values[f"{prefix}.upstream_rq_retry"] = sum(p.stats.tunnels_retried for p in pools)
+        values[f"{prefix}.upstream_rq_retry"] = s.upstream_rq_retry + sum(
+            p.stats.tunnels_retried for p in pools)
     return dict(sorted(values.items()))
 
 

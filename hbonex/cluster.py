@@ -68,6 +68,8 @@ class ClusterStats:
     upstream_cx_active: int = 0
     upstream_rq_total: int = 0
     upstream_cx_connect_timeout: int = 0
+    #: HTTP requests the router retried (tunnels retried by the pools are counted there).
+    upstream_rq_retry: int = 0
     #: Envoy's ``cluster.<name>.ssl.handshake`` and ``ssl.connection_error``.
     ssl_handshake: int = 0
     ssl_connection_error: int = 0

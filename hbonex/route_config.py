@@ -111,7 +111,39 @@ def _virtual_host(message: Any, path: str, context: Any) -> VirtualHost:
     routes = tuple(_route(r, f"{path}.routes[{i}]", context)
                    for i, r in enumerate(message.routes))
     request, response = header_mutations(message, path, context)
-    return VirtualHost(message.name, tuple(message.domains), routes, request, response)
+    retry = (retry_policy(message.retry_policy, f"{path}.retry_policy", context)
+             if message.HasField("retry_policy") else None)
+    return VirtualHost(message.name, tuple(message.domains), routes, request, response,
+                       retry_policy=retry)
+
+
+def retry_policy(message: Any, path: str, context: Any) -> Any:
+    """Envoy's RetryPolicy (route or virtual host) as the router's RetryPolicy."""
+    from hbonex.http.retry_policy import RETRY_ON, RetryPolicy
+
+    conditions = frozenset(c.strip() for c in message.retry_on.split(",") if c.strip())
+    unknown = sorted(conditions - RETRY_ON)
+    if unknown:
+        raise context.error(path, f"retry_on {', '.join(unknown)} is not "
+                            f"implemented; accepted: {', '.join(sorted(RETRY_ON))}", "retry_on")
+    fields: dict[str, Any] = {"retry_on": conditions}
+    if message.HasField("num_retries"):
+        fields["num_retries"] = message.num_retries.value
+    fields["per_try_timeout"] = _seconds(message, "per_try_timeout", 0.0)
+    fields["retriable_status_codes"] = frozenset(message.retriable_status_codes)
+    if message.HasField("retry_back_off"):
+        back_off = message.retry_back_off
+        where = f"{path}.retry_back_off"
+        base = _seconds(back_off, "base_interval", None)
+        if base is None:
+            raise context.error(where, "missing required field 'base_interval'")
+        if base <= 0:
+            raise context.error(f"{where}.base_interval", "must be above 0")
+        top = _seconds(back_off, "max_interval", base * 10)
+        if top < base:
+            raise context.error(f"{where}.max_interval", "must be at least base_interval")
+        fields.update(base_interval=base, max_interval=top)
+    return RetryPolicy(**fields)
 
 
 def _route(message: Any, path: str, context: Any) -> Route:
@@ -222,6 +254,9 @@ def _route(message: Any, path: str, context: Any) -> Route:
             fields["allow_post"] = upgrade.connect_config.allow_post
         fields["idle_timeout"] = _seconds(config, "idle_timeout", 3600.0)
         fields["timeout"] = _seconds(config, "timeout", None)
+        if config.HasField("retry_policy"):
+            fields["retry_policy"] = retry_policy(config.retry_policy,
+                                                  f"{config_path}.retry_policy", context)
     return Route(**fields)
 
 

@@ -212,6 +212,8 @@ class Route:
     request_headers: HeaderMutations = NO_MUTATIONS
     response_headers: HeaderMutations = NO_MUTATIONS
     name: str = ""
+    #: hbonex.http.retry_policy.RetryPolicy, or None (the virtual host's, if it has one).
+    retry_policy: Any = None
 
     def matches(self, request: ConnectRequest) -> bool:
         if self.connect_matcher:
@@ -256,6 +258,7 @@ class VirtualHost:
     routes: tuple[Route, ...]
     request_headers: HeaderMutations = NO_MUTATIONS
     response_headers: HeaderMutations = NO_MUTATIONS
+    retry_policy: Any = None
 
     def score(self, host: str) -> int:
         """

@@ -62,6 +62,13 @@ static_resources:
                 route: {{cluster: backend, timeout: 1s}}
               - match: {{prefix: /api}}
                 route: {{cluster: backend}}
+              - match: {{prefix: /flaky}}
+                route:
+                  cluster: backend
+                  retry_policy:
+                    retry_on: "gateway-error,connect-failure"
+                    num_retries: 2
+                    retry_back_off: {{base_interval: 0.01s}}
 {http_filters}
   clusters:
   - name: backend
@@ -108,6 +115,27 @@ class Echo(resource.Resource):
         return body
 
 
+class Flaky(resource.Resource):
+    """503 for the first ``fails`` requests of each path (the number is in the path)."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: path -> the SHA-256 of each attempt's body.
+        self.attempts: dict[bytes, list[str]] = {}
+
+    def render_POST(self, request: Any) -> bytes:
+        body = request.content.read()
+        seen = self.attempts.setdefault(request.path, [])
+        seen.append(sha256(body))
+        if len(seen) <= int(request.path.rsplit(b"/", 1)[1]):
+            request.setResponseCode(503)
+            return b"not yet\n"
+        request.setHeader(b"x-received-sha256", sha256(body).encode())
+        return b"attempt %d\n" % len(seen)
+
+
 class Slow(resource.Resource):
     isLeaf = True
 
@@ -126,6 +154,8 @@ class HcmCase(E2ETestCase):
         api = self.backend = Echo()
         root.putChild(b"api", api)
         root.putChild(b"slow", Slow())
+        self.flaky = Flaky()
+        root.putChild(b"flaky", self.flaky)
         site = server.Site(root)
         port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
         self.addCleanup(port.stopListening)
@@ -274,6 +304,33 @@ SMUGGLING = {
     b"Transfer-Encoding: chunked\r\n\r\n",
     "over-long request line": b"GET /api/" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: h\r\n\r\n",
 }
+
+
+class RetryTests(HcmCase):
+    @e2e
+    async def test_a_backend_that_fails_once_is_retried_with_the_body(self) -> None:
+        proxy = await self.setup_hcm()
+        base = f"http://127.0.0.1:{proxy.port}"
+        payload = pseudorandom(300_000, seed=9)
+        upload = self.workdir / "body.bin"
+        upload.write_bytes(payload)
+        headers = self.workdir / "headers"
+        out = await self.curl("-o", os.devnull, "-D", str(headers), "-w", "%{http_code}",
+                              "--data-binary", f"@{upload}", f"{base}/flaky/1")
+        self.assertEqual(out, "200")
+        self.assertIn(f"x-received-sha256: {sha256(payload)}",
+                      headers.read_text().lower())
+        # Two attempts upstream, the same body each time.
+        self.assertEqual(self.flaky.attempts[b"/flaky/1"], [sha256(payload)] * 2)
+        # Failing past num_retries (2): the third 503 goes to the client.
+        out = await self.curl("-o", os.devnull, "-w", "%{http_code}", "--data-binary", "x",
+                              f"{base}/flaky/5")
+        self.assertEqual(out, "503")
+        self.assertEqual(len(self.flaky.attempts[b"/flaky/5"]), 3)
+        # A route without a retry_policy is tried once.
+        out = await self.curl("-o", os.devnull, "-w", "%{http_code}", "--data-binary", "x",
+                              f"{base}/api/echo")
+        self.assertEqual(out, "200")
 
 
 class SmugglingTests(HcmCase):

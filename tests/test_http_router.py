@@ -288,3 +288,73 @@ class BackpressureTests(unittest.TestCase):
         respond(s.upstream.codecs[0], b"67890")
         self.assertEqual(sink.body, b"1234567890")
         self.assertIsNone(sink.producer)  # unregistered at the response's end
+
+
+class RetryTests(unittest.TestCase):
+    def setup(self, **policy: Any) -> Setup:
+        from hbonex.http.retry_policy import RetryPolicy
+
+        fields = {"retry_on": frozenset({"5xx"}), "num_retries": 2, **policy}
+        return Setup(HttpRoute(cluster="b", retry_policy=RetryPolicy(**fields)))
+
+    def post(self, s: Setup, body: bytes) -> tuple[FilterManager, Sink]:
+        manager, sink = s.request(Headers.of(method="POST", path="/up", authority="svc",
+                                             scheme="http"), end=False)
+        manager.decodeData(body, True)
+        return manager, sink
+
+    def test_a_5xx_is_retried_with_the_body_replayed(self) -> None:
+        s = self.setup()
+        manager, sink = self.post(s, b"payload")
+        first = s.upstream.sent(0)
+        respond(s.upstream.codecs[0], b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(sink.events, [])  # nothing of the failed attempt went downstream
+        s.clock.advance(0.25)  # the longest first back-off
+        self.assertEqual(len(s.upstream.codecs), 2)
+        self.assertEqual(s.upstream.sent(1), first)  # the same request, body included
+        respond(s.upstream.codecs[1], b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual((sink.events[0][:2], sink.body), (("headers", b"200"), b"ok"))
+        self.assertEqual(manager.stream_info.flags_text(), "-")  # no flags
+        self.assertTrue(manager.complete)
+
+    def test_retries_run_out_the_last_answer_stands_urx(self) -> None:
+        s = self.setup(num_retries=1)
+        manager, sink = self.post(s, b"x")
+        respond(s.upstream.codecs[0], b"HTTP/1.1 502 Bad\r\nContent-Length: 0\r\n\r\n")
+        s.clock.advance(0.25)
+        respond(s.upstream.codecs[1], b"HTTP/1.1 503 Still\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(sink.events[0][:2], ("headers", b"503"))
+        self.assertEqual(manager.stream_info.flags_text(), "URX")
+        self.assertEqual(len(s.upstream.codecs), 2)
+
+    def test_a_body_past_the_buffer_limit_is_not_retried(self) -> None:
+        s = self.setup(buffer_limit=4)
+        _, sink = self.post(s, b"too long")
+        respond(s.upstream.codecs[0], b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(sink.events[0][:2], ("headers", b"503"))
+        self.assertEqual(len(s.upstream.codecs), 1)
+
+    def test_connect_failure_then_success(self) -> None:
+        s = self.setup(retry_on=frozenset({"connect-failure"}))
+        s.upstream.fail = UpstreamError(503, "connect to 10.0.0.1:80 failed: refused")
+        manager, sink = s.request()
+        self.assertEqual(sink.events, [])
+        s.upstream.fail = None
+        s.clock.advance(0.25)
+        respond(s.upstream.codecs[0], b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertEqual(sink.events, [("headers", b"204", True)])
+
+    def test_a_status_not_in_retry_on_is_not_retried(self) -> None:
+        s = self.setup(retry_on=frozenset({"gateway-error"}))
+        _, sink = s.request()
+        respond(s.upstream.codecs[0], b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(sink.events[0][:2], ("headers", b"500"))
+
+    def test_per_try_timeout_starts_another_attempt(self) -> None:
+        s = self.setup(retry_on=frozenset({"reset"}), per_try_timeout=1.0)
+        _, sink = s.request()
+        s.clock.advance(1.0)
+        self.assertTrue(s.upstream.codecs[0].transport.aborted)  # type: ignore[union-attr]
+        s.clock.advance(0.25)
+        respond(s.upstream.codecs[1], b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(sink.events[0][:2], ("headers", b"200"))

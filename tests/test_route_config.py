@@ -102,6 +102,42 @@ class RouteFeatureConfigTests(Base):
         self.assertIn(f"{ROUTES}.routes[0].route.weighted_clusters.clusters[0]", error)
         self.assertIn("nope", error)
 
+    def test_retry_policy(self) -> None:
+        from hbonex.http.retry_policy import RetryPolicy
+
+        loaded = self.load(config("""
+            - match: {prefix: /}
+              route:
+                cluster: backend
+                retry_policy:
+                  retry_on: "5xx, retriable-status-codes"
+                  num_retries: 3
+                  per_try_timeout: 2s
+                  retriable_status_codes: [418]
+                  retry_back_off: {base_interval: 0.1s}
+            """, vhost_extra="retry_policy: {retry_on: reset}"))
+        vhost = loaded.listeners[0].chains[0].filters[0].parsed.router.virtual_hosts[0]
+        self.assertEqual(vhost.routes[0].retry_policy, RetryPolicy(
+            retry_on=frozenset({"5xx", "retriable-status-codes"}), num_retries=3,
+            per_try_timeout=2.0, retriable_status_codes=frozenset({418}), base_interval=0.1,
+            max_interval=1.0))
+        self.assertEqual(vhost.retry_policy.retry_on, frozenset({"reset"}))
+        error = self.error(config("""
+            - match: {prefix: /}
+              route: {cluster: backend, retry_policy: {retry_on: "5xx,envoy-ratelimited"}}
+            """))
+        self.assertIn(f"{ROUTES}.routes[0].route.retry_policy.retry_on: retry_on "
+                      "envoy-ratelimited is not implemented; accepted: 5xx, ", error)
+        error = self.error(config("""
+            - match: {prefix: /}
+              route:
+                cluster: backend
+                retry_policy: {retry_on: 5xx, retry_back_off: {base_interval: 1s,
+                                                               max_interval: 0.5s}}
+            """))
+        self.assertIn("retry_policy.retry_back_off.max_interval: must be at least "
+                      "base_interval", error)
+
     def test_bad_path_separated_prefix(self) -> None:
         error = self.error(config("""
             - match: {path_separated_prefix: /api/}

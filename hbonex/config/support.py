@@ -237,7 +237,7 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
     # -- routes --
     f"{_ROUTES}.RouteConfiguration": _m(
         "name virtual_hosts validate_clusters " + _HEADER_MUTATIONS),
-    f"{_ROUTES}.VirtualHost": _m("name domains routes " + _HEADER_MUTATIONS),
+    f"{_ROUTES}.VirtualHost": _m("name domains routes retry_policy " + _HEADER_MUTATIONS),
     f"{_ROUTES}.Route": _m(
         "name match route direct_response redirect " + _HEADER_MUTATIONS,
         warn={"metadata": "no consumer of route metadata", "decorator": "no tracing"}),
@@ -263,7 +263,18 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
         warn={"max_program_size": "Python's re has no program size"}),
     f"{_ROUTES}.RouteAction": _m(
         "cluster weighted_clusters cluster_header upgrade_configs idle_timeout timeout "
-        "prefix_rewrite regex_rewrite host_rewrite_literal auto_host_rewrite"),
+        "prefix_rewrite regex_rewrite host_rewrite_literal auto_host_rewrite retry_policy"),
+    f"{_ROUTES}.RetryPolicy": _m(
+        "retry_on num_retries per_try_timeout retriable_status_codes retry_back_off",
+        error={"retry_priority": "no retry priorities",
+               "retry_host_predicate": "no retry host predicates",
+               "retriable_headers": "retries are decided on the status and resets only",
+               "retriable_request_headers": "every request with a policy may be retried",
+               "rate_limited_retry_back_off": "no rate-limited back-off",
+               "retry_options_predicates": "no retry options predicates",
+               "per_try_idle_timeout": "per_try_timeout bounds each attempt"},
+        warn={"host_selection_retry_max_attempts": "no host selection retries"}),
+    f"{_ROUTES}.RetryPolicy.RetryBackOff": _m("base_interval max_interval"),
     f"{_ROUTES}.RouteAction.UpgradeConfig": _m("upgrade_type enabled connect_config"),
     f"{_ROUTES}.RouteAction.UpgradeConfig.ConnectConfig": _m("allow_post"),
     f"{_ROUTES}.DirectResponseAction": _m("status body"),

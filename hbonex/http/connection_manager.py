@@ -154,6 +154,10 @@ def route_resolver(router: Any) -> Callable[[Headers, Any], HttpRoute | None]:
                 fields["host_rewrite"] = route.host_rewrite_literal.encode("latin-1")
             fields["auto_host_rewrite"] = route.auto_host_rewrite
             fields["name"] = route.name
+        retry = getattr(route, "retry_policy", None) or getattr(
+            getattr(decision, "virtual_host", None), "retry_policy", None)
+        if retry is not None:
+            fields["retry_policy"] = retry
         return HttpRoute(
             cluster=decision.cluster,
             timeout=DEFAULT_ROUTE_TIMEOUT if timeout is None else timeout,

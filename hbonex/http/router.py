@@ -8,6 +8,12 @@ Local replies follow Envoy's statuses and response flags: 503 ``UF`` (connect fa
 503 ``UO`` (circuit breaker), 503 ``UC`` (upstream reset before the response started),
 504 ``UT`` (the route timeout passed).  A reset after the response started resets the
 downstream stream: a truncated response never looks complete.
+
+Retries follow the route's ``retry_policy``: a connect failure, a reset, a per-try timeout or a
+retriable status before anything of the response went downstream starts another attempt after
+Envoy's jittered back-off, replaying the request from a buffer kept only while it stays within
+the buffer limit (past it, the request is not retried).  When the retries run out the last
+outcome stands, flagged ``URX``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from hbonex.errors import UpstreamError
 from hbonex.http.filter_manager import FilterDataStatus, FilterHeadersStatus
 from hbonex.http.headers import Headers
 from hbonex.http.pool1 import Http1Pool, Overflow
+from hbonex.http.retry_policy import NO_RETRIES, RetryPolicy
 from hbonex.interfaces import IStreamDecoderFilter
 
 
@@ -49,6 +56,7 @@ class HttpRoute:
     request_mutations: tuple[Any, ...] = ()
     response_mutations: tuple[Any, ...] = ()
     name: str = ""
+    retry_policy: RetryPolicy = NO_RETRIES
 
 
 @implementer(IStreamDecoderFilter)
@@ -74,6 +82,15 @@ class RouterFilter:
         self._route: HttpRoute | None = None
         self._request_source: Any = None
         self._response_source: Any = None
+        # Retries: the request as first sent, what of its body went (for replay), the attempt.
+        self._retry = NO_RETRIES
+        self._headers: Headers | None = None
+        self._replay: list[tuple[str, Any, bool]] | None = None
+        self._replay_bytes = 0
+        self._attempt = 0
+        self._response: _UpstreamResponse | None = None
+        self._try_timer: IDelayedCall | None = None
+        self._retry_timer: IDelayedCall | None = None
 
     def setDecoderFilterCallbacks(self, callbacks: Any) -> None:
         self.callbacks = callbacks
@@ -109,9 +126,78 @@ class RouterFilter:
         if route.timeout > 0:
             self._timer = self.reactor.callLater(route.timeout, self._timed_out, route.timeout)
         self._started = time.monotonic()
-        d = self._acquiring = self.pool_for(route.cluster).acquire()
-        d.addCallbacks(self._connected, self._connect_failed, callbackArgs=(headers, endStream))
+        if route.retry_policy.retry_on and route.retry_policy.num_retries > 0:
+            self._retry = route.retry_policy
+            self._headers = Headers(list(headers))
+            self._replay = []
+        self._start_attempt(headers, endStream)
         return FilterHeadersStatus.StopIteration
+
+    def _start_attempt(self, headers: Headers, end_stream: bool) -> None:
+        assert self._route is not None
+        self._attempt += 1
+        if self._retry.per_try_timeout > 0:
+            self._try_timer = self.reactor.callLater(self._retry.per_try_timeout,
+                                                     self._try_timed_out)
+        d = self._acquiring = self.pool_for(self._route.cluster).acquire()
+        d.addCallbacks(self._connected, self._connect_failed, callbackArgs=(headers, end_stream))
+
+    # -- retries ------------------------------------------------------------------------------
+
+    def _can_retry(self) -> bool:
+        return (self._replay is not None and self._attempt <= self._retry.num_retries
+                and not self._done and not self._response_started)
+
+    def _retry_later(self, why: str) -> None:
+        """Drop this attempt's upstream; another one after the back-off."""
+        self._cancel_try_timer()
+        self._abandon_upstream()
+        cluster = getattr(self._route, "cluster", None)
+        stats = getattr(cluster, "stats", None)
+        if stats is not None and hasattr(stats, "upstream_rq_retry"):
+            stats.upstream_rq_retry += 1
+        self.callbacks.streamInfo().response_code_details = f"retrying: {why}"
+        delay = self._retry.backoff(self._attempt)
+        self._retry_timer = self.reactor.callLater(delay, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry_timer = None
+        if self._done or self._headers is None:
+            return
+        self._start_attempt(Headers(list(self._headers)), self._request_ended
+                            and not self._replay)
+
+    def _abandon_upstream(self) -> None:
+        self._unwire_request()
+        self._unwire_response()
+        response, self._response = self._response, None
+        if response is not None:
+            response.live = False  # whatever the old upstream still says is ignored
+        codec, self._codec = self._codec, None
+        if codec is not None:
+            codec.abort()
+
+    def _exhausted(self) -> None:
+        if self._attempt > 1:
+            self.callbacks.streamInfo().response_flags.add("URX")
+
+    def _cancel_try_timer(self) -> None:
+        if self._try_timer is not None and self._try_timer.active():
+            self._try_timer.cancel()
+        self._try_timer = None
+
+    def _try_timed_out(self) -> None:
+        self._try_timer = None
+        if self._done or self._response_started:
+            return
+        if self._retry.on_reset() and self._can_retry():
+            self._retry_later("per_try_timeout")
+            return
+        self._exhausted()
+        self._abandon_upstream()
+        if self._acquiring is not None:
+            self._acquiring.cancel()
+        self._local_reply(504, "upstream_per_try_timeout", "UT")
 
     def _rewrite(self, headers: Headers, route: HttpRoute) -> Headers:
         if route.prefix_rewrite is not None:
@@ -134,6 +220,7 @@ class RouterFilter:
 
     def decodeData(self, data: bytes, endStream: bool) -> Any:
         self._request_ended = self._request_ended or endStream
+        self._keep_for_replay("data", data, endStream)
         if self._codec is not None:
             self._codec.send_data(data, endStream)
             if endStream:
@@ -145,12 +232,23 @@ class RouterFilter:
 
     def decodeTrailers(self, trailers: Headers) -> Any:
         self._request_ended = True
+        self._keep_for_replay("trailers", trailers, True)
         if self._codec is not None:
             self._codec.send_trailers(trailers)
             self._unwire_request()
         elif not self._done:
             self._pending.append(("trailers", trailers, True))
         return None
+
+    def _keep_for_replay(self, kind: str, value: Any, end: bool) -> None:
+        if self._replay is None:
+            return
+        if kind == "data":
+            self._replay_bytes += len(value)
+        if self._replay_bytes > self._retry.buffer_limit:
+            self._replay = None  # too big to replay: this request is not retried
+            return
+        self._replay.append((kind, value, end))
 
     def _connected(self, codec: Any, headers: Headers, end_stream: bool) -> None:
         self._acquiring = None
@@ -162,7 +260,22 @@ class RouterFilter:
         self.callbacks.streamInfo().upstream_host = upstream_host
         if self._route is not None and self._route.auto_host_rewrite:
             headers.set(b":authority", upstream_host.encode())
-        codec.start_request(headers, end_stream, _UpstreamResponse(self))
+        response = self._response = _UpstreamResponse(self)
+        if self._attempt > 1 and self._replay is not None:
+            # A retry: the whole request again, from the replay buffer (what arrives from now
+            # on goes straight through, as for a first attempt).
+            replay = list(self._replay)
+            ended = self._request_ended and not replay
+            codec.start_request(headers, ended, response)
+            self._wire_backpressure(codec, self._request_ended)
+            self._pending = []  # already in the replay
+            for kind, value, end in replay:
+                if kind == "data":
+                    codec.send_data(value, end)
+                else:
+                    codec.send_trailers(value)
+            return
+        codec.start_request(headers, end_stream, response)
         self._wire_backpressure(codec, end_stream)
         pending, self._pending = self._pending, []
         for kind, value, end in pending:
@@ -203,10 +316,16 @@ class RouterFilter:
     def _connect_failed(self, failure: Any) -> None:
         self._acquiring = None
         if failure.check(Overflow):
+            self._cancel_try_timer()
             self._local_reply(503, "upstream_overflow", "UO")
         elif not self._done:
             error = failure.value
             reason = error.reason if isinstance(error, UpstreamError) else str(error)
+            if self._retry.on_connect_failure() and self._can_retry():
+                self._retry_later(f"connect_failure: {reason}")
+                return
+            self._cancel_try_timer()
+            self._exhausted()
             self._local_reply(503, f"upstream_connect_failure: {reason}", "UF")
 
     def _timed_out(self, timeout: float) -> None:
@@ -230,9 +349,22 @@ class RouterFilter:
     def _upstream_reset(self, why: str) -> None:
         self._codec = None
         if not self._done:
+            if self._retry.on_reset() and self._can_retry():
+                self._retry_later(f"reset: {why}")
+                return
+            self._cancel_try_timer()
+            self._exhausted()
             self._local_reply(503, f"upstream_reset_before_response_started: {why}", "UC")
 
     def _response_headers(self, headers: Headers, end_stream: bool) -> None:
+        status = headers.get(b":status") or b""
+        if (self._replay is not None and status.isdigit()
+                and self._retry.on_status(int(status))):
+            if self._can_retry():
+                self._retry_later(f"status {int(status)}")
+                return
+            self._exhausted()
+        self._cancel_try_timer()
         self._response_started = True
         if self._route is not None:
             for mutate in self._route.response_mutations:
@@ -257,6 +389,11 @@ class RouterFilter:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self._cancel_try_timer()
+        if self._retry_timer is not None and self._retry_timer.active():
+            self._retry_timer.cancel()
+        self._retry_timer = None
+        self._replay = None
         self._unwire_request()
         self._unwire_response()
         codec, self._codec = self._codec, None
@@ -303,22 +440,28 @@ class _UpstreamResponse:
     decode* methods are the request's).
     """
 
-    __slots__ = ("router",)
+    __slots__ = ("router", "live")
 
     def __init__(self, router: RouterFilter) -> None:
         self.router = router
+        #: False once the router gave up on this attempt (a retry): nothing more passes.
+        self.live = True
 
     def decodeHeaders(self, headers: Headers, endStream: bool) -> None:
-        self.router._response_headers(headers, endStream)
+        if self.live:
+            self.router._response_headers(headers, endStream)
 
     def decodeData(self, data: bytes, endStream: bool) -> None:
-        self.router._response_data(data, endStream)
+        if self.live:
+            self.router._response_data(data, endStream)
 
     def decodeTrailers(self, trailers: Headers) -> None:
-        self.router._response_trailers(trailers)
+        if self.live:
+            self.router._response_trailers(trailers)
 
     def onUpstreamReset(self, why: str) -> None:
-        self.router._upstream_reset(why)
+        if self.live:
+            self.router._upstream_reset(why)
 
 
 def _peer_of(codec: Any) -> str:
@@ -327,4 +470,4 @@ def _peer_of(codec: Any) -> str:
     return f"{host}:{port}" if host is not None else str(peer)
 
 
-__all__ = ["HttpRoute", "RouterFilter"]
+__all__ = ["HttpRoute", "RetryPolicy", "RouterFilter"]
