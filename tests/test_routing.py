@@ -124,6 +124,23 @@ class DomainTests(unittest.TestCase):
 
 
 class RouteTests(unittest.TestCase):
+    def test_weighted_clusters_follow_their_weights(self) -> None:
+        """10,000 seeded picks at weights 1:3:6 land within 2 points of 10/30/60 %."""
+        import random
+
+        a, b, c = object(), object(), object()
+        cfg = config(VirtualHost("v", ("*",), (
+            Route(prefix="/", weighted_clusters=((a, 1), (b, 3), (c, 6))),)))
+        state = random.getstate()
+        self.addCleanup(random.setstate, state)
+        random.seed(20261205)
+        counts = {a: 0, b: 0, c: 0}
+        for _ in range(10_000):
+            counts[cfg.route(request("GET", "h", "/x"), None).cluster] += 1
+        for cluster, expected in ((a, 0.1), (b, 0.3), (c, 0.6)):
+            share = counts[cluster] / 10_000
+            self.assertLess(abs(share - expected), 0.02, (share, expected))
+
     def test_original_destination_is_authority(self) -> None:
         decision = config(vhost("c", "*")).route(connect("10.1.1.1:80"), None)
         self.assertEqual(decision.original_destination, "10.1.1.1:80")
