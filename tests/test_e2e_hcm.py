@@ -1185,3 +1185,56 @@ class DecapTests(HcmCase):
         self.assertTrue(second_head.startswith(b"HTTP/1.1 200"), second_head)
         self.assertEqual(body, b"decapsulated")
         self.assertEqual(self.backend.seen, [(b"GET", b"/api/n?size=70001")])
+
+
+SET_FILTER_STATE = """\
+http_filters:
+- name: envoy.filters.http.set_filter_state
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.set_filter_state.v3.Config
+    on_request_headers:
+    - object_key: envoy.filters.listener.original_dst.local_ip
+      format_string: {text_format_source: {inline_string: "%REQ(:AUTHORITY)%"}}
+      shared_with_upstream: ONCE
+    - object_key: io.istio.peer_principal
+      format_string: {text_format_source: {inline_string: "%DOWNSTREAM_PEER_URI_SAN%"}}
+      skip_if_empty: true
+    - object_key: test.agent
+      format_string: {text_format: "agent=%REQ(USER-AGENT)%"}
+      read_only: true
+- name: envoy.filters.http.router
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"""
+
+
+class SetFilterStateTests(HcmCase):
+    @e2e
+    async def test_values_reach_the_access_log(self) -> None:
+        """
+        envoy.filters.http.set_filter_state as Istio's connect_terminate uses it: values
+        from the request and the connection, read back with %FILTER_STATE(key:PLAIN)%.
+        """
+        import json
+
+        proxy = await self.setup_hcm(http_filters=SET_FILTER_STATE, hcm_extra="""\
+access_log:
+- name: envoy.access_loggers.file
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+    path: WORKDIR/access.json
+    log_format:
+      json_format:
+        target: "%FILTER_STATE(envoy.filters.listener.original_dst.local_ip:PLAIN)%"
+        peer: "%FILTER_STATE(io.istio.peer_principal:PLAIN)%"
+        agent: "%FILTER_STATE(test.agent:PLAIN)%"
+""")
+        await self.curl("-o", os.devnull, "-A", "probe/1", "-H", "Host: 10.1.2.3:8080",
+                        f"http://127.0.0.1:{proxy.port}/api/n?size=5")
+        log_file = self.workdir / "access.json"
+        await wait_until(lambda: log_file.exists() and log_file.read_text().strip() != "",
+                         "the access log line")
+        [record] = [json.loads(line) for line in log_file.read_text().splitlines()]
+        # No peer certificate on this plain listener: skip_if_empty left that key out.
+        self.assertEqual(record, {"target": "10.1.2.3:8080", "peer": None,
+                                  "agent": "agent=probe/1"})

@@ -264,6 +264,10 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
     f"{_ROUTES}.RouteAction": _m(
         "cluster weighted_clusters cluster_header upgrade_configs idle_timeout timeout "
         "prefix_rewrite regex_rewrite host_rewrite_literal auto_host_rewrite retry_policy"),
+    "envoy.extensions.filters.http.set_filter_state.v3.Config": _m("on_request_headers"),
+    "envoy.extensions.filters.common.set_filter_state.v3.FilterStateValue": _m(
+        "object_key format_string read_only shared_with_upstream skip_if_empty",
+        error={"factory_key": "values are stored as strings"}),
     f"{_ROUTES}.RetryPolicy": _m(
         "retry_on num_retries per_try_timeout retriable_status_codes retry_back_off",
         error={"retry_priority": "no retry priorities",

@@ -11,6 +11,7 @@ from hbonex.cluster_types import (
 )
 from hbonex.filters.connection_limit import ConnectionLimitExtension
 from hbonex.filters.hcm_config import HttpConnectionManagerExtension, RouterExtension
+from hbonex.filters.http.set_filter_state import SetFilterStateExtension
 from hbonex.filters.tcp_proxy import TcpProxyExtension
 from hbonex.transport_sockets import RawBufferTransportSocket, TlsTransportSocket
 
@@ -18,6 +19,7 @@ tcp_proxy = TcpProxyExtension()
 connection_limit = ConnectionLimitExtension()
 http_connection_manager = HttpConnectionManagerExtension()
 router = RouterExtension()
+set_filter_state = SetFilterStateExtension()
 static_cluster = StaticClusterType()
 strict_dns_cluster = StrictDnsClusterType()
 logical_dns_cluster = LogicalDnsClusterType()

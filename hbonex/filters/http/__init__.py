@@ -1,0 +1,1 @@
+"""HTTP filters (inside an http_connection_manager), one module each."""
