@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from hbonex.fasttls import FastTLSFactory, tune_tcp
+from hbonex.http.stream_info import FilterState
 from hbonex.interfaces import IConnectionInfo, INetworkFilter, INetworkFilterCallbacks
 from hbonex.overload import DownstreamLimit
 from hbonex.tls import ServerTLS, handshake_failure_reason, peer_identity
@@ -71,9 +72,13 @@ class ConnectionInfo:
     upstream_request: Any = None
     #: Envoy's %CONNECTION_ID%: unique among this process's downstream connections.
     connectionId: int = attrs.Factory(lambda: next(_CONNECTION_IDS))
+    #: The connection's filter state (network filters such as set_filter_state write it).
+    filter_state: FilterState = attrs.Factory(FilterState)
 
     def substitutions(self) -> dict[str, str]:
-        return {
+        record = {f"fs:{key}": str(self.filter_state.get_data(key))
+                  for key in self.filter_state.keys()}
+        return record | {
             "connection_id": str(self.connectionId),
             "remote": self.remoteAddress,
             "local": self.localAddress,

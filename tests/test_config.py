@@ -312,7 +312,8 @@ static_resources:
             "static_resources.listeners[0].filter_chains[0].filters[0].name: unknown network "
             "filter 'envoy.filters.network.echo'; known: "
             "envoy.filters.network.connection_limit, "
-            "envoy.filters.network.http_connection_manager, envoy.filters.network.tcp_proxy "
+            "envoy.filters.network.http_connection_manager, "
+            "envoy.filters.network.set_filter_state, envoy.filters.network.tcp_proxy "
             "(line 7)"
         ))
 
@@ -803,6 +804,7 @@ class PluginTests(unittest.TestCase):
         expected = {
             INetworkFilterExtension: ["envoy.filters.network.connection_limit",
                                       "envoy.filters.network.http_connection_manager",
+                                      "envoy.filters.network.set_filter_state",
                                       "envoy.filters.network.tcp_proxy"],
             IHTTPFilterExtension: ["envoy.filters.http.router",
                                    "envoy.filters.http.set_filter_state"],

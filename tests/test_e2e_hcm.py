@@ -1026,6 +1026,8 @@ class TunnelAccessLogTests(E2ETestCase):
         self.assertEqual((log[-1]["type"], log[-1]["up"], log[-1]["down"]),
                          ("TcpConnectionEnd", 50_000, 50_000))
         self.assertTrue(log[1:-1] and all(r["type"] == "TcpPeriodic" for r in log[1:-1]), log)
+        # envoy.filters.network.set_filter_state ran first: its value is in every record.
+        self.assertEqual({r["client"] for r in log}, {"from 127.0.0.1"})
 
 
 TCP_PROXY_LOG_CONFIG = """\
@@ -1036,6 +1038,12 @@ static_resources:
       socket_address: {{address: 127.0.0.1, port_value: 0}}
     filter_chains:
     - filters:
+      - name: envoy.filters.network.set_filter_state
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.set_filter_state.v3.Config
+          on_new_connection:
+          - object_key: test.client
+            format_string: {{text_format: "from %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"}}
       - name: envoy.filters.network.tcp_proxy
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
@@ -1055,6 +1063,7 @@ static_resources:
                   cluster: "%UPSTREAM_CLUSTER%"
                   up: "%BYTES_RECEIVED%"
                   down: "%BYTES_SENT%"
+                  client: "%FILTER_STATE(test.client:PLAIN)%"
   clusters:
   - name: echo
     connect_timeout: 2s

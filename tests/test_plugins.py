@@ -503,6 +503,7 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
 def _http_providers() -> dict[str, Callable[[], Any]]:
     """The HTTP layer's providers (filter chain callbacks, codecs, sinks, the router)."""
     from hbonex.filters.http.set_filter_state import SetFilterStateFilter
+    from hbonex.filters.set_filter_state import SetFilterStateNetworkFilter
     from hbonex.h2connection import H2Stream
     from hbonex.http import codec1, codec2
     from hbonex.http.client1 import Http1ClientCodec
@@ -527,6 +528,8 @@ def _http_providers() -> dict[str, Callable[[], Any]]:
             lambda: codec1.Http1ServerCodec(lambda sink: None, Clock()),
         "hbonex.filters.http.set_filter_state.SetFilterStateFilter":
             lambda: SetFilterStateFilter(()),
+        "hbonex.filters.set_filter_state.SetFilterStateNetworkFilter":
+            lambda: SetFilterStateNetworkFilter(()),
         "hbonex.http.codec2.H2ResponseSink": lambda: codec2.H2ResponseSink(
             H2Stream(H2TunnelClient(H2Settings(), Clock()), 1)
         ),

@@ -265,6 +265,7 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
         "cluster weighted_clusters cluster_header upgrade_configs idle_timeout timeout "
         "prefix_rewrite regex_rewrite host_rewrite_literal auto_host_rewrite retry_policy"),
     "envoy.extensions.filters.http.set_filter_state.v3.Config": _m("on_request_headers"),
+    "envoy.extensions.filters.network.set_filter_state.v3.Config": _m("on_new_connection"),
     "envoy.extensions.filters.common.set_filter_state.v3.FilterStateValue": _m(
         "object_key format_string read_only shared_with_upstream skip_if_empty",
         error={"factory_key": "values are stored as strings"}),

@@ -12,6 +12,7 @@ from hbonex.cluster_types import (
 from hbonex.filters.connection_limit import ConnectionLimitExtension
 from hbonex.filters.hcm_config import HttpConnectionManagerExtension, RouterExtension
 from hbonex.filters.http.set_filter_state import SetFilterStateExtension
+from hbonex.filters.set_filter_state import SetFilterStateNetworkExtension
 from hbonex.filters.tcp_proxy import TcpProxyExtension
 from hbonex.transport_sockets import RawBufferTransportSocket, TlsTransportSocket
 
@@ -20,6 +21,7 @@ connection_limit = ConnectionLimitExtension()
 http_connection_manager = HttpConnectionManagerExtension()
 router = RouterExtension()
 set_filter_state = SetFilterStateExtension()
+set_filter_state_network = SetFilterStateNetworkExtension()
 static_cluster = StaticClusterType()
 strict_dns_cluster = StrictDnsClusterType()
 logical_dns_cluster = LogicalDnsClusterType()
