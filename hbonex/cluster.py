@@ -131,6 +131,9 @@ class UpstreamRequest:
     downstream_local: str = ""
     peer_identity: str = ""
     hash_key: str = ""
+    #: Filter state shared with the upstream (its ONCE and TRANSITIVE objects): the
+    #: connection an internal listener accepts for this request starts with it.
+    filter_state: Any = None
 
 
 class Cluster:

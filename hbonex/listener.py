@@ -140,6 +140,10 @@ class ListenerConnection(Protocol):
             localAddress=address_text(transport.getHost()),  # type: ignore[union-attr]
             upstream_request=getattr(transport, "upstream_request", None),
         )
+        shared = getattr(self.info.upstream_request, "filter_state", None)
+        if shared is not None:
+            # An internal hop: the connection starts with what the hop's upstream shared.
+            self.info.filter_state = shared
         if self.tls:
             self._handshake_call = self.listener.reactor.callLater(
                 self.chain.handshake_timeout, self._handshake_timeout

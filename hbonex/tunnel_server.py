@@ -198,6 +198,8 @@ def connect_upstream(
         downstream_remote=info.remoteAddress,
         downstream_local=info.localAddress,
         peer_identity=info.peerIdentity,
+        filter_state=(info.filter_state.shared_with_upstream()
+                      if getattr(info, "filter_state", None) is not None else None),
     )
     return decision.cluster.connect_stream(relay.b, upstream)  # type: ignore[no-any-return]
 

@@ -1247,3 +1247,103 @@ access_log:
         # No peer certificate on this plain listener: skip_if_empty left that key out.
         self.assertEqual(record, {"target": "10.1.2.3:8080", "peer": None,
                                   "agent": "agent=probe/1"})
+
+
+def _hop(name: str, cluster: str, log: Path, first: bool = False) -> str:
+    set_state = """\
+      - name: envoy.filters.network.set_filter_state
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.set_filter_state.v3.Config
+          on_new_connection:
+          - {object_key: here.only, format_string: {text_format: "local"}}
+          - object_key: next.hop
+            format_string: {text_format: "once"}
+            shared_with_upstream: ONCE
+          - object_key: every.hop
+            format_string: {text_format: "transitive"}
+            shared_with_upstream: TRANSITIVE
+""" if first else ""
+    address = ("address: {socket_address: {address: 127.0.0.1, port_value: 0}}" if first
+               else "internal_listener: {}")
+    return f"""\
+  - name: {name}
+    {address}
+    filter_chains:
+    - filters:
+{set_state}\
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: {name}
+          cluster: {cluster}
+          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: {log}
+              log_format:
+                json_format:
+                  hop: {name}
+                  here: "%FILTER_STATE(here.only:PLAIN)%"
+                  next: "%FILTER_STATE(next.hop:PLAIN)%"
+                  every: "%FILTER_STATE(every.hop:PLAIN)%"
+"""
+
+
+def _internal_cluster(name: str, listener: str) -> str:
+    return f"""\
+  - name: {name}
+    load_assignment:
+      cluster_name: {name}
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address: {{envoy_internal_address: {{server_listener_name: {listener}}}}}
+"""
+
+
+class FilterStateAcrossHopsTests(E2ETestCase):
+    async def test_shared_with_upstream_once_and_transitive(self) -> None:
+        """
+        Filter state crosses internal-listener hops as Envoy shares it: NONE stays, ONCE
+        reaches the next hop only, TRANSITIVE every hop.
+        """
+        import json
+
+        from tests.support import exchange, start_echo
+
+        echo = await start_echo(self)
+        workdir = Path(self.mktemp()).resolve()
+        workdir.mkdir()
+        log = workdir / "hops.json"
+        yaml_text = (
+            "bootstrap_extensions:\n- name: envoy.bootstrap.internal_listener\n"
+            "  typed_config:\n    \"@type\": type.googleapis.com/envoy.extensions.bootstrap."
+            "internal_listener.v3.InternalListener\n"
+            "static_resources:\n  listeners:\n"
+            + _hop("ingress", "to_a", log, first=True) + _hop("a", "to_b", log)
+            + _hop("b", "echo", log)
+            + "  clusters:\n" + _internal_cluster("to_a", "a") + _internal_cluster("to_b", "b")
+            + f"""\
+  - name: echo
+    load_assignment:
+      cluster_name: echo
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address: {{socket_address: {{address: 127.0.0.1, port_value: {echo.port}}}}}
+""")
+        (workdir / "hops.yaml").write_text(yaml_text)
+        proxy = await start_twistd(self, "hbone-client", ["--config", str(workdir / "hops.yaml")],
+                                   name="hops")
+        payload = pseudorandom(10_000, seed=12)
+        c = await exchange(proxy.ports["ingress"], payload)
+        self.assertEqual(sha256(c.data), sha256(payload))
+        await wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= 3,
+                         "three hop records")
+        records = {r["hop"]: r for r in map(json.loads, log.read_text().splitlines())}
+        self.assertEqual(
+            {hop: (r["here"], r["next"], r["every"]) for hop, r in records.items()},
+            {"ingress": ("local", "once", "transitive"),
+             "a": (None, "once", "transitive"),
+             "b": (None, None, "transitive")})

@@ -115,6 +115,11 @@ class TcpProxyConfig:
         return self.clusters[-1].name
 
 
+def _shared_state(info: Any) -> Any:
+    state = getattr(info, "filter_state", None)
+    return state.shared_with_upstream() if state is not None else None
+
+
 def traceparent() -> str:
     return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
 
@@ -168,6 +173,7 @@ class TcpProxyFilter:
             downstream_remote=info.remoteAddress,
             downstream_local=info.localAddress,
             peer_identity=info.peerIdentity,
+            filter_state=_shared_state(info),
         )
         tunneling = config.tunneling
         if tunneling is None:
