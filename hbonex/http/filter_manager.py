@@ -264,11 +264,18 @@ class _Path:
             self.manager._send_trailers(self.trailers)
 
 
-@implementer(IStreamDecoderFilterCallbacks)
-class _DecoderCallbacks:
+class _StreamCallbacks:
+    """
+    What decoder and encoder filters share (Envoy's StreamFilterCallbacks), and their own
+    side of the chain: ``_path()`` is the decoding or the encoding path.
+    """
+
     def __init__(self, manager: FilterManager, index: int) -> None:
         self._manager = manager
         self._index = index
+
+    def _path(self) -> _Path:
+        raise NotImplementedError
 
     def connection(self) -> Any:
         return self._manager.connection_info
@@ -285,21 +292,40 @@ class _DecoderCallbacks:
     def resetStream(self) -> None:
         self._manager.reset()
 
-    def continueDecoding(self) -> None:
-        path = self._manager.decoding
+    def _continue(self) -> None:
+        path = self._path()
         side = path.sides[self._index]
         if side.stopped or side.stop_all or not side.headers_passed:
             path.resume(self._index)
 
-    def decodingBuffer(self) -> bytes | None:
-        buffer = self._manager.decoding.sides[self._index].buffer
+    def _buffer(self) -> bytes | None:
+        buffer = self._path().sides[self._index].buffer
         return None if buffer is None else bytes(buffer)
 
+    def _add(self, data: bytes) -> None:
+        path = self._path()
+        path.hold(path.sides[self._index], data)
+
+    def _modify(self, data: bytes) -> None:
+        self._path().sides[self._index].buffer = bytearray(data)
+
+
+@implementer(IStreamDecoderFilterCallbacks)
+class _DecoderCallbacks(_StreamCallbacks):
+    def _path(self) -> _Path:
+        return self._manager.decoding
+
+    def continueDecoding(self) -> None:
+        self._continue()
+
+    def decodingBuffer(self) -> bytes | None:
+        return self._buffer()
+
     def addDecodedData(self, data: bytes, streaming: bool) -> None:
-        self._manager.decoding.hold(self._manager.decoding.sides[self._index], data)
+        self._add(data)
 
     def modifyDecodingBuffer(self, data: bytes) -> None:
-        self._manager.decoding.sides[self._index].buffer = bytearray(data)
+        self._modify(data)
 
     def sendLocalReply(
         self, status: int, body: bytes = b"", modifyHeaders: Any = None, details: str = "",
@@ -327,41 +353,21 @@ class _DecoderCallbacks:
 
 
 @implementer(IStreamEncoderFilterCallbacks)
-class _EncoderCallbacks:
-    def __init__(self, manager: FilterManager, index: int) -> None:
-        self._manager = manager
-        self._index = index
-
-    def connection(self) -> Any:
-        return self._manager.connection_info
-
-    def streamInfo(self) -> StreamInfo:
-        return self._manager.stream_info
-
-    def route(self) -> Any:
-        return self._manager.route()
-
-    def clearRouteCache(self) -> None:
-        self._manager.clear_route_cache()
-
-    def resetStream(self) -> None:
-        self._manager.reset()
+class _EncoderCallbacks(_StreamCallbacks):
+    def _path(self) -> _Path:
+        return self._manager.encoding
 
     def continueEncoding(self) -> None:
-        path = self._manager.encoding
-        side = path.sides[self._index]
-        if side.stopped or side.stop_all or not side.headers_passed:
-            path.resume(self._index)
+        self._continue()
 
     def encodingBuffer(self) -> bytes | None:
-        buffer = self._manager.encoding.sides[self._index].buffer
-        return None if buffer is None else bytes(buffer)
+        return self._buffer()
 
     def addEncodedData(self, data: bytes, streaming: bool) -> None:
-        self._manager.encoding.hold(self._manager.encoding.sides[self._index], data)
+        self._add(data)
 
     def modifyEncodingBuffer(self, data: bytes) -> None:
-        self._manager.encoding.sides[self._index].buffer = bytearray(data)
+        self._modify(data)
 
 
 class FilterManager:
