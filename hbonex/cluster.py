@@ -198,7 +198,8 @@ class Cluster:
         if self.type == "ORIGINAL_DST":
             return self._original_destination(request)
         if not self.endpoints:
-            return defer.fail(UpstreamError(503, f"cluster {self.name} has no endpoints"))
+            return defer.fail(UpstreamError(503, f"cluster {self.name} has no endpoints",
+                                            flag="UH"))
         if self.lb_policy == "RANDOM":
             address = random.choice(self.endpoints)
         elif self.lb_policy == "LEAST_REQUEST":
@@ -228,7 +229,8 @@ class Cluster:
                 shown = f"{authority}" if str(address) == str(authority) else (
                     f"{authority} ({address})"
                 )
-                raise UpstreamError(403, f"target {shown} is outside the allowed targets")
+                raise UpstreamError(403, f"target {shown} is outside the allowed targets",
+                                    flag="DENY")
             return address
 
         return d.addCallback(check)

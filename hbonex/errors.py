@@ -21,16 +21,19 @@ class UpstreamError(Exception):
     A tunnel or upstream connection could not be made; ``status`` is the HTTP status a tunnel
     server answers with (403 policy, 503 unreachable, ...).  ``unprocessed``: the peer never
     processed the request (beyond its GOAWAY's last stream id, or REFUSED_STREAM), so it is
-    safe to retry on another connection (RFC 9113 §8.7).
+    safe to retry on another connection (RFC 9113 §8.7).  ``flag``: Envoy's response flag for
+    it when not the usual ``UF`` (``UH`` no endpoints, ``UO`` overflow, ``DENY`` policy).
     """
 
     def __init__(
-        self, status: int, reason: str, retryable: bool = False, unprocessed: bool = False
+        self, status: int, reason: str, retryable: bool = False, unprocessed: bool = False,
+        flag: str = "",
     ) -> None:
         self.status = status
         self.reason = reason
         self.retryable = retryable
         self.unprocessed = unprocessed
+        self.flag = flag
         super().__init__(f"{status} {reason}")
 
 

@@ -145,7 +145,8 @@ class H2Pool:
                 return defer.succeed(conn)
         if len(self._waiters) >= self.max_pending:
             self.stats.pending_overflow += 1
-            return defer.fail(UpstreamError(503, "too many tunnels waiting for a connection"))
+            return defer.fail(UpstreamError(503, "too many tunnels waiting for a connection",
+                                            flag="UO"))
         d: defer.Deferred[H2TunnelClient] = defer.Deferred(lambda d: self._cancel_waiter(d))
         self._waiters.append(d)
         if self.pending_timeout > 0:
@@ -198,7 +199,7 @@ class H2Pool:
             d = self.connector()
             d.addCallbacks(self._connected, self._connect_failed)
         if needed > 0 and not self._connecting and not self.connections:
-            self._fail_waiters(UpstreamError(503, "connection limit reached"))
+            self._fail_waiters(UpstreamError(503, "connection limit reached", flag="UO"))
 
     def _connected(self, conn: H2TunnelClient) -> None:
         self._connecting -= 1

@@ -170,14 +170,7 @@ def route_flags(decision: RouteDecision) -> str:
 
 def upstream_flags(error: BaseException | None) -> str:
     """Envoy's response flag for a target that could not be reached."""
-    if isinstance(error, UpstreamError):
-        if error.status == 403:
-            return "DENY"  # outside the allowed targets
-        if "no endpoints" in error.reason:
-            return "UH"
-        if "waiting for a connection" in error.reason or "limit reached" in error.reason:
-            return "UO"
-    return "UF"
+    return (isinstance(error, UpstreamError) and error.flag) or "UF"
 
 
 def _reason(relay: Relay) -> str:
