@@ -12,8 +12,7 @@ from typing import Any, Callable
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from hbonex.filters.http.set_filter_state import FilterStateValue, parse_values
-from hbonex.http.stream_info import FilterStateError
+from hbonex.filters.http.set_filter_state import FilterStateValue, parse_values, store
 from hbonex.interfaces import INetworkFilter, INetworkFilterCallbacks, INetworkFilterExtension
 
 NAME = "envoy.filters.network.set_filter_state"
@@ -29,15 +28,7 @@ class SetFilterStateNetworkFilter:
 
     def onNewConnection(self, callbacks: INetworkFilterCallbacks) -> bool:
         info: Any = callbacks.info
-        record = info.substitutions()
-        for value in self.values:
-            text = value.template.render(record)
-            if value.skip_if_empty and text in ("", "-"):
-                continue
-            try:
-                info.filter_state.set_data(value.key, text, value.shared, value.read_only)
-            except FilterStateError:
-                pass  # Envoy leaves a read-only object as it is
+        store(self.values, info.substitutions(), info.filter_state)
         return True
 
     def onData(self, data: bytes, endStream: bool) -> bool:

@@ -51,6 +51,19 @@ def substitutions(connection: Any, headers: Headers) -> dict[str, str]:
     return record
 
 
+def store(values: tuple[FilterStateValue, ...], record: dict[str, str], state: Any) -> None:
+    """Render each value from ``record`` into ``state`` (the HTTP and network filters' work)."""
+    for value in values:
+        text = value.template.render(record)
+        if value.skip_if_empty and text in ("", "-"):
+            continue
+        try:
+            state.set_data(value.key, text, value.shared, value.read_only)
+        except FilterStateError as e:
+            # Envoy leaves a read-only object as it is.
+            log.debug("set_filter_state: {error}", error=e)
+
+
 @implementer(IStreamDecoderFilter)
 class SetFilterStateFilter:
     """One per request."""
@@ -64,16 +77,7 @@ class SetFilterStateFilter:
 
     def decodeHeaders(self, headers: Headers, endStream: bool) -> Any:
         record = substitutions(self.callbacks.connection(), headers)
-        state = self.callbacks.streamInfo().filter_state
-        for value in self.values:
-            text = value.template.render(record)
-            if value.skip_if_empty and text in ("", "-"):
-                continue
-            try:
-                state.set_data(value.key, text, value.shared, value.read_only)
-            except FilterStateError as e:
-                # Envoy leaves a read-only object as it is.
-                log.debug("set_filter_state: {error}", error=e)
+        store(self.values, record, self.callbacks.streamInfo().filter_state)
         return FilterHeadersStatus.Continue
 
     def decodeData(self, data: bytes, endStream: bool) -> Any:
