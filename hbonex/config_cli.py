@@ -275,7 +275,7 @@ def render_client(options: Any) -> tuple[dict[str, Any], list[str]]:
         })
     data: dict[str, Any] = {"static_resources": {"listeners": listeners,
                                                  "clusters": [cluster]}}
-    _global_limit(options, data)
+    _process_options(options, data)
     return data, _notes(options)
 
 
@@ -354,11 +354,11 @@ def render_server(options: Any) -> tuple[dict[str, Any], list[str]]:
     if options["reject-early-connect-data"]:
         data["layered_runtime"] = {"layers": [{"name": "static_layer_0", "static_layer": {
             "envoy.reloadable_features.reject_early_connect_data": True}}]}
-    _global_limit(options, data)
+    _process_options(options, data)
     return data, notes
 
 
-def _global_limit(options: Any, data: dict[str, Any]) -> None:
+def _process_options(options: Any, data: dict[str, Any]) -> None:
     """
     --max-connections as the overload manager's downstream connections resource monitor;
     --admin as the bootstrap's ``admin.address``.

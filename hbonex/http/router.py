@@ -128,7 +128,7 @@ class RouterFilter:
         self._started = time.monotonic()
         if route.retry_policy.retry_on and route.retry_policy.num_retries > 0:
             self._retry = route.retry_policy
-            self._headers = Headers(list(headers))
+            self._headers = headers.copy()
             self._replay = []
         self._start_attempt(headers, endStream)
         return FilterHeadersStatus.StopIteration
@@ -164,8 +164,8 @@ class RouterFilter:
         self._retry_timer = None
         if self._done or self._headers is None:
             return
-        self._start_attempt(Headers(list(self._headers)), self._request_ended
-                            and not self._replay)
+        # Whether the request has ended is decided again once connected (_connected).
+        self._start_attempt(self._headers.copy(), self._request_ended)
 
     def _abandon_upstream(self) -> None:
         self._unwire_request()
