@@ -15,6 +15,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.web import resource, server
 
+from tests.faults_support import start_yaml_twistd
 from tests.support import (
     e2e,
     pseudorandom,
@@ -297,6 +298,15 @@ class HcmTests(HcmCase):
         self.assertLess(grown, 48 * 1024, f"proxy RSS grew {grown} KiB for 2 x {size} bytes")
 
 
+def json_records(path: Path) -> list[dict[str, Any]]:
+    """An access log of JSON lines, parsed (none yet if the file is not there)."""
+    import json
+
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -463,7 +473,6 @@ class AccessLogTests(HcmCase):
         json_format with omit_empty_values: one JSON line per request, typed numbers, request
         and response headers, and no key for what is absent.
         """
-        import json
 
         proxy = await self.setup_hcm(hcm_extra="""\
 access_log:
@@ -491,7 +500,7 @@ access_log:
         log_file = self.workdir / "access.json"
         await wait_until(lambda: log_file.exists() and len(log_file.read_text().splitlines())
                          >= 2, "two access log lines")
-        first, second = (json.loads(line) for line in log_file.read_text().splitlines())
+        first, second = json_records(log_file)
         self.assertEqual(first, {  # no flags: "-" is empty, and empty values are left out
             "method": "GET", "path": "/api/n?size=123", "code": 200, "sent": 123,
             "agent": "curl", "server": "envoy", "protocol": "HTTP/1.1",
@@ -899,19 +908,14 @@ class TunnelAccessLogTests(E2ETestCase):
         authority, the cluster, a connection id per downstream connection and the response
         flags (UF and the failure reason for a target that refuses, NR for no route).
         """
-        import json
 
         from tests.support import exchange, start_echo, unused_port
 
         echo = await start_echo(self)
         closed = await unused_port(self)
-        workdir = Path(self.mktemp()).resolve()
-        workdir.mkdir()
-        log_file = workdir / "tunnels.json"
-        (workdir / "tunnels.yaml").write_text(TUNNEL_LOG_CONFIG.format(
+        log_file = Path(self.mktemp()).resolve()
+        proxy = await start_yaml_twistd(self, "hbone-server", "tunnels", TUNNEL_LOG_CONFIG.format(
             hcm_type=HCM_TYPE, log=log_file, echo=echo.port, closed=closed, options=""))
-        proxy = await start_twistd(self, "hbone-server",
-                                   ["--config", str(workdir / "tunnels.yaml")], name="tunnels")
         payload = pseudorandom(50_000, seed=3)
         answers = []
         for target in (f"127.0.0.1:{echo.port}", f"127.0.0.1:{closed}", "127.0.0.1:1"):
@@ -925,8 +929,7 @@ class TunnelAccessLogTests(E2ETestCase):
         self.assertTrue(answers[2].startswith(b"HTTP/1.1 404 "), answers[2][:80])
         await wait_until(lambda: log_file.exists() and len(log_file.read_text().splitlines())
                          >= 3, "three access log lines")
-        tunnel, refused, no_route = (json.loads(line)
-                                     for line in log_file.read_text().splitlines())
+        tunnel, refused, no_route = json_records(log_file)
         self.assertEqual(
             {k: tunnel[k] for k in ("authority", "cluster", "code", "flags", "up", "down")},
             {"authority": f"127.0.0.1:{echo.port}", "cluster": "original_dst", "code": 200,
@@ -945,25 +948,18 @@ class TunnelAccessLogTests(E2ETestCase):
         access_log_options: a record when the tunnel is established, periodic records with
         the bytes so far while it lasts, the end record with every byte.
         """
-        import json
 
         from tests.support import StreamClient, connect_tcp, start_echo
 
         echo = await start_echo(self)
-        workdir = Path(self.mktemp()).resolve()
-        workdir.mkdir()
-        log_file = workdir / "tunnels.json"
+        log_file = Path(self.mktemp()).resolve()
         options = ("\n          access_log_options: {access_log_flush_interval: 0.1s, "
                    "flush_log_on_tunnel_successfully_established: true}")
-        (workdir / "tunnels.yaml").write_text(TUNNEL_LOG_CONFIG.format(
+        proxy = await start_yaml_twistd(self, "hbone-server", "tunnels", TUNNEL_LOG_CONFIG.format(
             hcm_type=HCM_TYPE, log=log_file, echo=echo.port, closed=1, options=options))
-        proxy = await start_twistd(self, "hbone-server",
-                                   ["--config", str(workdir / "tunnels.yaml")], name="tunnels")
 
         def records() -> list[dict[str, Any]]:
-            if not log_file.exists():
-                return []
-            return [json.loads(line) for line in log_file.read_text().splitlines()]
+            return json_records(log_file)
 
         first, second = pseudorandom(30_000, seed=1), pseudorandom(20_000, seed=2)
         target = f"127.0.0.1:{echo.port}"
@@ -991,23 +987,16 @@ class TunnelAccessLogTests(E2ETestCase):
 
     async def test_tcp_proxy_periodic_records(self) -> None:
         """tcp_proxy's access_log_options: TcpUpstreamConnected, TcpPeriodic, TcpConnectionEnd."""
-        import json
 
         from tests.support import StreamClient, connect_tcp, start_echo
 
         echo = await start_echo(self)
-        workdir = Path(self.mktemp()).resolve()
-        workdir.mkdir()
-        log_file = workdir / "tcp.json"
-        (workdir / "tcp.yaml").write_text(TCP_PROXY_LOG_CONFIG.format(log=log_file,
-                                                                      echo=echo.port))
-        proxy = await start_twistd(self, "hbone-client",
-                                   ["--config", str(workdir / "tcp.yaml")], name="tcp")
+        log_file = Path(self.mktemp()).resolve()
+        proxy = await start_yaml_twistd(self, "hbone-client", "tcp", TCP_PROXY_LOG_CONFIG.format(
+            log=log_file, echo=echo.port))
 
         def records() -> list[dict[str, Any]]:
-            if not log_file.exists():
-                return []
-            return [json.loads(line) for line in log_file.read_text().splitlines()]
+            return json_records(log_file)
 
         first, second = pseudorandom(40_000, seed=4), pseudorandom(10_000, seed=5)
         c = StreamClient()
@@ -1168,12 +1157,8 @@ class DecapTests(HcmCase):
         port = reactor.listenTCP(0, web_server.Site(root),  # type: ignore[attr-defined]
                                  interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        workdir = Path(self.mktemp()).resolve()
-        workdir.mkdir()
-        (workdir / "decap.yaml").write_text(DECAP_CONFIG.format(
+        proxy = await start_yaml_twistd(self, "hbone-server", "decap", DECAP_CONFIG.format(
             hcm_type=HCM_TYPE, backend=port.getHost().port))
-        proxy = await start_twistd(self, "hbone-server",
-                                   ["--config", str(workdir / "decap.yaml")], name="decap")
         c = StreamClient()
         await connect_tcp(proxy.ports["tunnels"], c)
         await c.send(b"CONNECT decap.internal:80 HTTP/1.1\r\nHost: decap.internal:80\r\n\r\n"
@@ -1224,7 +1209,6 @@ class SetFilterStateTests(HcmCase):
         envoy.filters.http.set_filter_state as Istio's connect_terminate uses it: values
         from the request and the connection, read back with %FILTER_STATE(key:PLAIN)%.
         """
-        import json
 
         proxy = await self.setup_hcm(http_filters=SET_FILTER_STATE, hcm_extra="""\
 access_log:
@@ -1243,7 +1227,7 @@ access_log:
         log_file = self.workdir / "access.json"
         await wait_until(lambda: log_file.exists() and log_file.read_text().strip() != "",
                          "the access log line")
-        [record] = [json.loads(line) for line in log_file.read_text().splitlines()]
+        [record] = json_records(log_file)
         # No peer certificate on this plain listener: skip_if_empty left that key out.
         self.assertEqual(record, {"target": "10.1.2.3:8080", "peer": None,
                                   "agent": "agent=probe/1"})
@@ -1308,14 +1292,11 @@ class FilterStateAcrossHopsTests(E2ETestCase):
         Filter state crosses internal-listener hops as Envoy shares it: NONE stays, ONCE
         reaches the next hop only, TRANSITIVE every hop.
         """
-        import json
 
         from tests.support import exchange, start_echo
 
         echo = await start_echo(self)
-        workdir = Path(self.mktemp()).resolve()
-        workdir.mkdir()
-        log = workdir / "hops.json"
+        log = Path(self.mktemp()).resolve()
         yaml_text = (
             "bootstrap_extensions:\n- name: envoy.bootstrap.internal_listener\n"
             "  typed_config:\n    \"@type\": type.googleapis.com/envoy.extensions.bootstrap."
@@ -1333,15 +1314,13 @@ class FilterStateAcrossHopsTests(E2ETestCase):
         - endpoint:
             address: {{socket_address: {{address: 127.0.0.1, port_value: {echo.port}}}}}
 """)
-        (workdir / "hops.yaml").write_text(yaml_text)
-        proxy = await start_twistd(self, "hbone-client", ["--config", str(workdir / "hops.yaml")],
-                                   name="hops")
+        proxy = await start_yaml_twistd(self, "hbone-client", "hops", yaml_text)
         payload = pseudorandom(10_000, seed=12)
         c = await exchange(proxy.ports["ingress"], payload)
         self.assertEqual(sha256(c.data), sha256(payload))
         await wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= 3,
                          "three hop records")
-        records = {r["hop"]: r for r in map(json.loads, log.read_text().splitlines())}
+        records = {r["hop"]: r for r in json_records(log)}
         self.assertEqual(
             {hop: (r["here"], r["next"], r["every"]) for hop, r in records.items()},
             {"ingress": ("local", "once", "transitive"),
