@@ -52,7 +52,7 @@ sys.path.insert(0, str(HERE))
 
 from hashtarget import CHUNK, chunks  # noqa: E402
 
-from hbonex import pki  # noqa: E402
+from hbonex.tls import pki  # noqa: E402
 
 SERVER_ID = "spiffe://cluster.local/ns/default/sa/server"
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"

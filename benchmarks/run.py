@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from hbonex import pki  # noqa: E402
+from hbonex.tls import pki  # noqa: E402
 
 NODE_TUNNEL = REPO / "tests" / "node" / "h2tunnel.mjs"
 SERVER_ID = "spiffe://cluster.local/ns/default/sa/server"

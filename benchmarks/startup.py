@@ -35,7 +35,7 @@ def free_port() -> int:
 
 def setup(workdir: Path) -> tuple[Path, ssl.SSLContext]:
     sys.path.insert(0, str(REPO))
-    from hbonex import pki
+    from hbonex.tls import pki
 
     root = workdir / "pki"
     pki.init_ca(root, "cluster.local")

@@ -14,9 +14,9 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
-from hbonex.cluster import Cluster, Runtime
 from hbonex.errors import ConfigError
-from hbonex.listener import Listener
+from hbonex.network.listener import Listener
+from hbonex.upstream.cluster import Cluster, Runtime
 
 
 class Bootstrap:
@@ -29,7 +29,7 @@ class Bootstrap:
         #: The Envoy Bootstrap message this was built from (None when built from flags).
         self.message: Any = None
         #: How often certificate files are polled (seconds), and how many days before its
-        #: expiry a certificate is warned about (hbonex.certwatch).
+        #: expiry a certificate is warned about (hbonex.tls.certwatch).
         self.certificate_poll_interval = 1.0
         self.certificate_warning_days = 7.0
 
@@ -78,7 +78,7 @@ class ProxyService(service.MultiService):
         self.log_format = "text"
         self.twistd_options: Any = None
         self.log_control: Any = None
-        from hbonex.certwatch import CertificateWatcher
+        from hbonex.tls.certwatch import CertificateWatcher
 
         #: Reloads changed certificate files (and on SIGHUP); expiry gauges.
         self.certificates = CertificateWatcher(
@@ -125,7 +125,7 @@ class ProxyService(service.MultiService):
         self.state = "LIVE"
 
     def _start_admin(self) -> None:
-        from hbonex.admin import Admin
+        from hbonex.observability.admin import Admin
 
         endpoint = serverFromString(self.bootstrap.reactor, self.admin_endpoint)
         failures: list[Any] = []
@@ -156,7 +156,7 @@ class ProxyService(service.MultiService):
         # --log-format json, offer ours (JSON lines, filtered by the run-time levels).
         from twisted.logger import ILogObserver
 
-        from hbonex import process_log
+        from hbonex.observability import process_log
 
         if self.log_format == "json" and hasattr(parent, "setComponent"):
             self.log_control = process_log.LogControl()
@@ -172,7 +172,7 @@ class ProxyService(service.MultiService):
         """
         from twisted.logger import FilteringLogObserver, LogPublisher, globalLogPublisher
 
-        from hbonex import process_log
+        from hbonex.observability import process_log
 
         if self.log_control is None:
             # Text logs: put a filter in front of the observers twistd installed.

@@ -115,7 +115,7 @@ class IExtension(Interface):
         the ``typed_config`` unpacked as its Envoy message (a google.protobuf Message of the
         plugin's ``@type``; an entry named without ``typed_config`` gets that message's
         defaults), or, for a plugin without a compiled proto, the ``value`` of the
-        ``xds.type.v3.TypedStruct`` naming it as a plain mapping (hbonex.yamlpath.MarkedDict,
+        ``xds.type.v3.TypedStruct`` naming it as a plain mapping (hbonex.config.yamlpath.MarkedDict,
         read with ``context.node(config, path)``).  Raise hbonex.errors.ConfigError naming
         the path, what is wrong and what is accepted.  ``context`` is an
         hbonex.config.ConfigContext (reactor, runtime, clusters declared so far, helpers for
@@ -152,7 +152,7 @@ class IClusterTypeExtension(IExtension):
 
     def buildCluster(common: object, config: object, path: str, context: object) -> object:
         """
-        Build an hbonex.cluster.Cluster from the already parsed common cluster settings
+        Build an hbonex.upstream.cluster.Cluster from the already parsed common cluster settings
         (``common``, a dict of Cluster keyword arguments) and ``config``, the cluster's Envoy
         message (envoy.config.cluster.v3.Cluster).
         """
@@ -165,7 +165,7 @@ class ITransportSocketExtension(IExtension):
 
     def buildTransport(parsed: object, upstream: bool, context: object) -> object:
         """
-        Return hbonex.tls.TLSSettings (or None for plain TCP).
+        Return hbonex.tls.context.TLSSettings (or None for plain TCP).
         """
 
 
@@ -190,7 +190,7 @@ class IStreamFilterCallbacks(Interface):
 
     def route() -> object:
         """
-        The route chosen for the current request headers (hbonex.routing.RouteDecision), or
+        The route chosen for the current request headers (hbonex.http.routing.RouteDecision), or
         None; computed on first use and cached until clearRouteCache().
         """
 

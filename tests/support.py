@@ -54,7 +54,7 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from hbonex import pki
+from hbonex.tls import pki
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRUST_DOMAIN = "cluster.local"
@@ -964,7 +964,7 @@ def exchange(
 @implementer(IOpenSSLClientConnectionCreator)
 class RawTLSClient:
     """
-    A pyOpenSSL client (independent of hbonex.tls): trusts ``ca``, presents ``cert``/``key``
+    A pyOpenSSL client (independent of hbonex.tls.context): trusts ``ca``, presents ``cert``/``key``
     if given, offers ``alpn``.  It checks the server chain, not the server's identity.
     """
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from hbonex.access_log import TemplateSink, reopen_files
-from hbonex.formatter import Template
-from hbonex.stats import STATS
+from hbonex.observability.access_log import TemplateSink, reopen_files
+from hbonex.observability.formatter import Template
+from hbonex.observability.stats import STATS
 
 
 class SinkTests(unittest.TestCase):

@@ -1,5 +1,6 @@
 """
-The admin endpoint's resources (hbonex.admin) over twisted.web's in-memory request: stats in
+The admin endpoint's resources (hbonex.observability.admin) over twisted.web's in-memory request:
+stats in
 Envoy's text, JSON and Prometheus forms, readiness, and POST-only levers.
 """
 
@@ -13,11 +14,11 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.test.requesthelper import DummyRequest
 
-from hbonex.admin import Admin, collect, prometheus_text
 from hbonex.bootstrap import Bootstrap
-from hbonex.cluster import Cluster, SocketAddress
-from hbonex.listener import FilterChain, Listener
-from hbonex.stats import STATS
+from hbonex.network.listener import FilterChain, Listener
+from hbonex.observability.admin import Admin, collect, prometheus_text
+from hbonex.observability.stats import STATS
+from hbonex.upstream.cluster import Cluster, SocketAddress
 
 
 class FakeService:
@@ -128,13 +129,15 @@ class AdminTests(unittest.TestCase):
         # Per namespace: Envoy's ?paths= list, and ?NAMESPACE=LEVEL.
         del self.service.levels[:]
         code, body = request(self.admin, b"POST", "/logging",
-                             paths="hbonex.listener:warn,hbonex.pool:error")
-        self.assertEqual((code, body), (200, b"hbonex.listener: warn\nhbonex.pool: error\n"))
-        code, _ = request(self.admin, b"POST", "/logging", **{"hbonex.h2connection": "debug"})
+                             paths="hbonex.network.listener:warn,hbonex.upstream.tunnel_pool:error")
+        self.assertEqual((code, body), (200, b"hbonex.network.listener: warn\n"
+                                           b"hbonex.upstream.tunnel_pool: error\n"))
+        code, _ = request(self.admin, b"POST", "/logging", **{"hbonex.h2.connection": "debug"})
         self.assertEqual(code, 200)
         self.assertEqual([(ns, lvl.name) for ns, lvl in self.service.levels],
-                         [("hbonex.listener", "warn"), ("hbonex.pool", "error"),
-                          ("hbonex.h2connection", "debug")])
+                         [("hbonex.network.listener", "warn"),
+                          ("hbonex.upstream.tunnel_pool", "error"),
+                          ("hbonex.h2.connection", "debug")])
         # Nothing given, or one bad level among good ones: 400 and nothing changes.
         del self.service.levels[:]
         self.assertEqual(request(self.admin, b"POST", "/logging")[0], 400)
@@ -153,7 +156,7 @@ class AdminTests(unittest.TestCase):
 
 class DumpAndCertsTests(unittest.TestCase):
     def test_config_dump_redacts_inline_keys(self) -> None:
-        from hbonex.admin import redact
+        from hbonex.observability.admin import redact
 
         dump = redact({"tls_certificates": [{
             "certificate_chain": {"filename": "/etc/cert.pem"},
@@ -165,8 +168,8 @@ class DumpAndCertsTests(unittest.TestCase):
         self.assertEqual(dump["other"], {"inline_string": "kept"})
 
     def test_flags_config_dump_and_certs(self) -> None:
-        from hbonex import pki
-        from hbonex.tls import PeerPolicy, ServerTLS, tls_settings_from_material
+        from hbonex.tls import pki
+        from hbonex.tls.context import PeerPolicy, ServerTLS, tls_settings_from_material
         from tests.support import make_pki
 
         service = FakeService(bootstrap())
@@ -189,7 +192,7 @@ class DumpAndCertsTests(unittest.TestCase):
 
 class TagExtractionTests(unittest.TestCase):
     def test_envoy_names_and_tags(self) -> None:
-        from hbonex.admin import _envoy_name
+        from hbonex.observability.admin import _envoy_name
 
         cases = {
             "listener.0.0.0.0_15008.downstream_cx_total": (

@@ -1,5 +1,5 @@
 """
-hbonex.certwatch: certificate files reloaded when they change (flags' files and Envoy's file
+hbonex.tls.certwatch: certificate files reloaded when they change (flags' files and Envoy's file
 SDS), bad files refused with one line, expiry gauges and warnings.  Driven by a fake clock.
 """
 
@@ -15,12 +15,12 @@ from twisted.internet import task
 from twisted.logger import Logger, formatEvent
 from twisted.trial import unittest
 
-from hbonex import pki
-from hbonex.certwatch import DAYS_UNTIL_FIRST_CERT_EXPIRING, CertificateWatcher
 from hbonex.config import load_bootstrap
 from hbonex.errors import ConfigError
-from hbonex.stats import STATS
-from hbonex.tls import PeerPolicy, ServerTLS, tls_settings_from_material
+from hbonex.observability.stats import STATS
+from hbonex.tls import pki
+from hbonex.tls.certwatch import DAYS_UNTIL_FIRST_CERT_EXPIRING, CertificateWatcher
+from hbonex.tls.context import PeerPolicy, ServerTLS, tls_settings_from_material
 from tests.support import CLIENT_ID, SERVER_ID, make_pki
 
 SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
@@ -265,7 +265,7 @@ static_resources:
 
 class RenewTests(unittest.TestCase):
     def test_renew_keeps_the_sans(self) -> None:
-        from hbonex.cli import main
+        from hbonex.cli.main import main
 
         p = make_pki(self)
         old = pki.load_pki_dir(p.root / "server", p.ca).certificate

@@ -14,12 +14,12 @@ from twisted.internet.protocol import Factory
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from hbonex import pki
+from hbonex.filters.listener.tls_inspector import NeedMore, looks_like_tls, parse_client_hello
 from hbonex.interfaces import INetworkFilter
-from hbonex.listener import FilterChain, FilterChainMatch, Listener
-from hbonex.spiffe import uri_sans
-from hbonex.tls import ClientTLS, PeerPolicy, ServerTLS, tls_settings_from_material
-from hbonex.tls_inspector import NeedMore, looks_like_tls, parse_client_hello
+from hbonex.network.listener import FilterChain, FilterChainMatch, Listener
+from hbonex.tls import pki
+from hbonex.tls.context import ClientTLS, PeerPolicy, ServerTLS, tls_settings_from_material
+from hbonex.tls.spiffe import uri_sans
 
 
 def client_hello(sni: str = "", alpn: tuple[bytes, ...] = ()) -> bytes:
@@ -191,7 +191,7 @@ class SelectionOverSocketsTests(unittest.TestCase):
         if sni is None:
             d = connectProtocol(endpoint, proto)
         else:
-            from hbonex.fasttls import FastTLSFactory
+            from hbonex.tls.fasttls import FastTLSFactory
 
             settings = tls_settings_from_material(
                 self.material["client"], peer_policy=PeerPolicy(), alpn=(b"h2",), sni=sni)

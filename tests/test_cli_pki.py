@@ -1,4 +1,4 @@
-"""Tests for ``hbonex pki ...`` run in-process through hbonex.cli.main."""
+"""Tests for ``hbonex pki ...`` run in-process through hbonex.cli.main.main."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from typing import Any
 from cryptography import x509
 from twisted.trial import unittest
 
-from hbonex import cli
-from hbonex.pki import load_pki_dir, not_after, not_before
-from hbonex.spiffe import SpiffeId
+from hbonex.cli import main as cli
+from hbonex.tls.pki import load_pki_dir, not_after, not_before
+from hbonex.tls.spiffe import SpiffeId
 
 SERVER_ID = "spiffe://cluster.local/ns/default/sa/server"
 
@@ -267,7 +267,7 @@ class ParserTests(CLITestCase):
 class ModuleEntryPointTests(unittest.TestCase):
     def test_python_dash_m(self) -> None:
         d = Path(self.mktemp()).absolute()
-        env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).parent.parent)}
+        env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).parent.parent.parent)}
         result = subprocess.run(
             [sys.executable, "-m", "hbonex", "pki", "init", str(d)],
             capture_output=True,

@@ -12,9 +12,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from hbonex.cluster import Cluster, InternalAddress, Runtime, UpstreamRequest
-from hbonex.connect import TargetPolicy, TargetRule
 from hbonex.errors import UpstreamError
+from hbonex.tunnel.connect import TargetPolicy, TargetRule
+from hbonex.upstream.cluster import Cluster, InternalAddress, Runtime, UpstreamRequest
 
 
 class Server(Protocol):
@@ -144,7 +144,7 @@ class StatsTests(unittest.SynchronousTestCase):
         from twisted.internet.testing import MemoryReactorClock
         from twisted.python.failure import Failure
 
-        from hbonex.cluster import SocketAddress
+        from hbonex.upstream.cluster import SocketAddress
 
         reactor = MemoryReactorClock()
         cluster = Cluster("backend", Runtime(reactor), endpoints=(SocketAddress("127.0.0.1", 9),),

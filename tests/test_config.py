@@ -14,20 +14,22 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import IPlugin
 from twisted.trial import unittest
 
-from hbonex import cli, extensions, pki
-from hbonex.cluster import InternalAddress, SocketAddress
+from hbonex import extensions
+from hbonex.cli import main as cli
 from hbonex.config import load_bootstrap, load_config
-from hbonex.connect import ConnectRequest, TargetPolicy, TargetRule
+from hbonex.config.yamlpath import Node, load_yaml
 from hbonex.errors import ConfigError
+from hbonex.http.routing import RouteConfig
 from hbonex.interfaces import (
     IClusterTypeExtension,
     IHTTPFilterExtension,
     INetworkFilterExtension,
     ITransportSocketExtension,
 )
-from hbonex.routing import RouteConfig
-from hbonex.tls import SanMatcher
-from hbonex.yamlpath import Node, load_yaml
+from hbonex.tls import pki
+from hbonex.tls.context import SanMatcher
+from hbonex.tunnel.connect import ConnectRequest, TargetPolicy, TargetRule
+from hbonex.upstream.cluster import InternalAddress, SocketAddress
 
 
 def _configs_dir() -> Path:
@@ -896,7 +898,7 @@ class RenderTests(Base):
         return options
 
     def test_client_round_trip(self) -> None:
-        from hbonex import client_tap
+        from hbonex.cli import client_tap
 
         self.in_pki_dir()
         flags = ("--pki", "pki/client", "--forward", "127.0.0.1:9000=127.0.0.1:8080",
@@ -921,7 +923,7 @@ class RenderTests(Base):
         self.assert_clusters_equivalent(loaded.clusters["hbone"], built.clusters["hbone"])
 
     def test_client_http1_round_trip(self) -> None:
-        from hbonex import client_tap
+        from hbonex.cli import client_tap
 
         self.in_pki_dir()
         flags = ("--pki", "pki/client", "--http1", "--forward", "9000=127.0.0.1:8080")
@@ -931,7 +933,7 @@ class RenderTests(Base):
         self.assertEqual(loaded.clusters["hbone"].upstream_protocol, "http1")
 
     def test_server_round_trip(self) -> None:
-        from hbonex import server_tap
+        from hbonex.cli import server_tap
 
         self.in_pki_dir()
         flags = ("--pki", "pki/server", "--listen", "127.0.0.1:15009",
@@ -1037,7 +1039,7 @@ class RenderTests(Base):
 
 class TwistdOptionsTests(Base):
     def test_config_loaded_while_parsing_options(self) -> None:
-        from hbonex import client_tap
+        from hbonex.cli import client_tap
 
         options = client_tap.Options()
         options.parseOptions(["--config", str(CONFIGS / "seed-internal-listener-chain.yaml")])
@@ -1046,7 +1048,7 @@ class TwistdOptionsTests(Base):
         self.assertIs(options.config_bootstrap(self.reactor), options.bootstrap)
 
     def test_config_error_is_one_clean_exit(self) -> None:
-        from hbonex import server_tap
+        from hbonex.cli import server_tap
 
         path = Path(self.mktemp())
         path.write_text(SIMPLE.replace("stat_prefix: a", "stat_prefx: a"))
@@ -1063,7 +1065,7 @@ class TwistdOptionsTests(Base):
 
 class RoutingTests(unittest.TestCase):
     def test_cluster_original_dst_header(self) -> None:
-        from hbonex.routing import Route, VirtualHost
+        from hbonex.http.routing import Route, VirtualHost
 
         class FakeCluster:
             name = "c"

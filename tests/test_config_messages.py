@@ -36,7 +36,7 @@ class RoundTripTests(unittest.TestCase):
             self.assertEqual(message_to_yaml(second), text, path)
 
     def test_render_output_round_trips(self) -> None:
-        from hbonex.config_cli import render
+        from hbonex.cli.config_cmd import render
 
         for side, flags in (("client", ["--forward", "127.0.0.1:9000=127.0.0.1:8080"]),
                             ("server", [])):

@@ -1,4 +1,4 @@
-"""Tests for hbonex.connect: CONNECT authorities, HTTP/2 request validation, target policy."""
+"""hbonex.tunnel.connect: CONNECT authorities, HTTP/2 request validation, target policy."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import ipaddress
 
 from twisted.trial import unittest
 
-from hbonex.connect import (
+from hbonex.tunnel.connect import (
     Authority,
     BadAuthority,
     MalformedRequest,

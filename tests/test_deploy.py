@@ -4,7 +4,8 @@ systemd unit run a command line hbone-server's own option parser accepts (with t
 certificates and ConfigMap written to a temporary directory, so the Secret's items are exactly
 what --pki/--ca read), their ports, probes, scrape annotations and grace periods agree with
 that command line; the Grafana dashboard queries only metric names hbonex exports (Istio's
-families from hbonex.istio_metrics, Envoy's scraped from a real ``twistd hbone-server``).
+families from hbonex.observability.istio_metrics, Envoy's scraped from a real
+``twistd hbone-server``).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from typing import Any
 import yaml
 from twisted.trial import unittest
 
-from hbonex import istio_metrics, pki
-from hbonex.server_tap import Options
-from hbonex.stats import Family
+from hbonex.cli.server_tap import Options
+from hbonex.observability import istio_metrics
+from hbonex.observability.stats import Family
+from hbonex.tls import pki
 from tests.support import e2e, start_twistd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -294,7 +296,7 @@ def dashboard_exprs() -> list[str]:
 
 
 def istio_names() -> dict[str, set[str]]:
-    """Every series name hbonex.istio_metrics exports, with its labels."""
+    """Every series name hbonex.observability.istio_metrics exports, with its labels."""
     names: dict[str, set[str]] = {}
     families = [f for f in vars(istio_metrics).values() if isinstance(f, Family)]
     assert len(families) == 8, families
@@ -321,15 +323,16 @@ class DashboardTests(unittest.TestCase):
         self.assertIn("sum by (response_code) (rate(istio_requests_total", exprs)
 
     def test_lazy_envoy_names_are_in_the_source(self) -> None:
-        source = "\n".join(p.read_text() for p in (ROOT / "hbonex").glob("h2*.py"))
+        source = "\n".join(p.read_text() for p in (ROOT / "hbonex" / "h2").glob("*.py"))
         for name, stat in LAZY_ENVOY.items():
             self.assertIn(f'"{stat}"', source, name)
 
     @e2e
     async def test_metric_names_exist(self) -> None:
         """
-        Every name in a query is exported: Istio's by hbonex.istio_metrics, Envoy's by a real
-        hbone-server's /stats/prometheus; and every label grouped on is one of its labels.
+        Every name in a query is exported: Istio's by hbonex.observability.istio_metrics,
+        Envoy's by a real hbone-server's /stats/prometheus; and every label grouped on is one of
+        its labels.
         """
         from prometheus_client.parser import text_string_to_metric_families
         from twisted.internet import reactor

@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 from twisted.trial import unittest
 
-from hbonex import cli, pki
+from hbonex.cli import main as cli
+from hbonex.tls import pki
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -41,7 +41,7 @@ from twisted.web import resource, server
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
-from hbonex import pki
+from hbonex.tls import pki
 from tests.support import (
     LISTENER_RE,
     REPO_ROOT,
@@ -675,7 +675,7 @@ class HboneConfigTests(FixedPortsTestCase):
             self.assertTrue((self.workdir / "pki" / name).is_file(), name)
 
     def library_pki(self) -> None:
-        """The same layout made with hbonex.pki directly (faster than three CLI runs)."""
+        """The same layout made with hbonex.tls.pki directly (faster than three CLI runs)."""
         root = self.workdir / "pki"
         pki.init_ca(root, "cluster.local")
         pki.issue(root, "server", spiffe=SERVER_ID, ip=["127.0.0.1"])

@@ -14,7 +14,7 @@ from typing import Any
 import h2.events
 from twisted.internet import defer, endpoints, protocol, reactor
 
-from hbonex.fasttls import FastTLSFactory
+from hbonex.tls.fasttls import FastTLSFactory
 from tests.faults_support import (
     HoldingConnectFactory,
     bootstrap,

@@ -11,7 +11,7 @@ from pathlib import Path
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from hbonex import pki
+from hbonex.tls import pki
 from tests.support import (
     RawH2Client,
     RawTLSClient,

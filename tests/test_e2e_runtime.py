@@ -13,7 +13,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from hbonex import cli
+from hbonex.cli import main as cli
 from tests.peers import start_recorder
 from tests.support import (
     TUNNEL_REFUSED_RE,

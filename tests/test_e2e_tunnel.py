@@ -1,6 +1,6 @@
 """
 End-to-end tests: real ``twistd hbone-client`` / ``twistd hbone-server`` processes, real
-certificates made with hbonex.pki, real loopback sockets (127.0.0.1 only).
+certificates made with hbonex.tls.pki, real loopback sockets (127.0.0.1 only).
 
     downstream (this process) -> hbone-client -> HBONE (mTLS, HTTP/2 or HTTP/1.1 CONNECT)
         -> hbone-server -> target (this process: echo / sink / source)

@@ -15,7 +15,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from hbonex.interfaces import INetworkFilter, INetworkFilterCallbacks
-from hbonex.listener import FilterChain, Listener, ListenerConnection
+from hbonex.network.listener import FilterChain, Listener, ListenerConnection
 
 
 class Recorder(Protocol):

@@ -1,11 +1,11 @@
-"""Envoy's substitution operators (hbonex.formatter), the parametrised ones above all."""
+"""Envoy's substitution operators (hbonex.observability.formatter), parametrised ones above all."""
 
 from __future__ import annotations
 
 from twisted.trial import unittest
 
 from hbonex.errors import ConfigError
-from hbonex.formatter import Template
+from hbonex.observability.formatter import Template
 
 
 class OperatorTests(unittest.TestCase):

@@ -15,7 +15,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from hbonex.connect import (
+from hbonex.http.routing import RouteDecision
+from hbonex.network.listener import ConnectionInfo
+from hbonex.tunnel.connect import (
     Authority,
     BadAuthority,
     ConnectRequest,
@@ -23,9 +25,7 @@ from hbonex.connect import (
     TargetRule,
     parse_authority,
 )
-from hbonex.listener import ConnectionInfo
-from hbonex.routing import RouteDecision
-from hbonex.tunnel_server import MAX_REQUEST_HEAD, H1TunnelServer, TunnelLog
+from hbonex.tunnel.server import MAX_REQUEST_HEAD, H1TunnelServer, TunnelLog
 
 FAST = settings(max_examples=300, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])

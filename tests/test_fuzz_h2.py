@@ -18,9 +18,9 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from hbonex.h2settings import H2Settings
-from hbonex.routing import ConnectRouter
-from hbonex.tunnel_server import H2TunnelServer, TunnelLog
+from hbonex.h2.settings import H2Settings
+from hbonex.http.routing import ConnectRouter
+from hbonex.tunnel.server import H2TunnelServer, TunnelLog
 from tests.fakes import HalfCloseTransport
 from tests.peers import PREFACE, frame
 from tests.test_h2stream import INFO, FakeCluster

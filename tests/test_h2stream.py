@@ -1,5 +1,5 @@
 """
-Tests for hbonex.h2connection (H2Stream, H2TunnelConnection) driven through an
+Tests for hbonex.h2.connection (H2Stream, H2TunnelConnection) driven through an
 H2TunnelServer and an H2TunnelClient connected in memory, with a fake upstream cluster.
 """
 
@@ -29,9 +29,8 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from hbonex.cluster import SocketAddress
 from hbonex.errors import UpstreamError
-from hbonex.h2connection import (
+from hbonex.h2.connection import (
     CLOSE_GRACE,
     STREAM_HIGH_WATER,
     STREAM_LOW_WATER,
@@ -41,12 +40,13 @@ from hbonex.h2connection import (
     H2TunnelConnection,
     StreamReset,
 )
-from hbonex.h2settings import H2Settings, KiB, MiB
+from hbonex.h2.settings import H2Settings, KiB, MiB
+from hbonex.http.routing import ConnectRouter, Route, RouteConfig, VirtualHost
 from hbonex.interfaces import IHalfCloseableTransport
-from hbonex.listener import ConnectionInfo
-from hbonex.routing import ConnectRouter, Route, RouteConfig, VirtualHost
-from hbonex.tunnel_client import H2TunnelClient
-from hbonex.tunnel_server import H2TunnelServer, TunnelLog
+from hbonex.network.listener import ConnectionInfo
+from hbonex.tunnel.client import H2TunnelClient
+from hbonex.tunnel.server import H2TunnelServer, TunnelLog
+from hbonex.upstream.cluster import SocketAddress
 from tests.fakes import FakeProducer, HalfCloseProtocol, HalfCloseTransport, RecordingProtocol
 
 SETTINGS = H2Settings()
@@ -1223,7 +1223,7 @@ class SameBatchResetTests(unittest.TestCase):
 
 class StatsTests(unittest.TestCase):
     def test_floods_and_resets_are_counted_under_envoys_names(self) -> None:
-        from hbonex.stats import STATS
+        from hbonex.observability.stats import STATS
 
         before = STATS.snapshot()
         pair = H2Pair()

@@ -15,8 +15,8 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from hbonex.h2connection import H2TunnelConnection
-from hbonex.h2settings import H2Settings
+from hbonex.h2.connection import H2TunnelConnection
+from hbonex.h2.settings import H2Settings
 from hbonex.http.codec2 import malformed_request, serve_request
 from hbonex.http.filter_manager import FilterDataStatus, FilterHeadersStatus, FilterManager
 from hbonex.http.headers import Headers

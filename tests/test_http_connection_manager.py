@@ -15,7 +15,7 @@ from hbonex.http.connection_manager import HttpOptions, StandardHeaders
 from hbonex.http.filter_manager import FilterManager
 from hbonex.http.headers import Headers
 from hbonex.http.path import EscapedSlashes, PathRedirect, PathRejected, normalize
-from hbonex.listener import ConnectionInfo
+from hbonex.network.listener import ConnectionInfo
 from tests.test_http_filter_manager import Recorder, Router, Sink
 
 INFO = ConnectionInfo("l", "10.1.2.3:5555", "10.0.0.1:80")

@@ -1,5 +1,5 @@
 """
-The router HTTP filter with pooled upstream HTTP/1.1 connections (hbonex.http.router,
+The router HTTP filter with pooled upstream HTTP/1.1 connections (hbonex.filters.http.router,
 client1, pool1), in memory: the filter chain on one side, upstream connections over
 StringTransports on the other.
 """
@@ -15,11 +15,11 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from hbonex.errors import UpstreamError
-from hbonex.http.client1 import Http1ClientCodec
+from hbonex.filters.http.router import HttpRoute, RouterFilter
 from hbonex.http.filter_manager import FilterManager
 from hbonex.http.headers import Headers
-from hbonex.http.pool1 import Http1Pool
-from hbonex.http.router import HttpRoute, RouterFilter
+from hbonex.upstream.http1_client import Http1ClientCodec
+from hbonex.upstream.http1_pool import Http1Pool
 from tests.fakes import HalfCloseTransport
 from tests.test_http_filter_manager import Sink
 
@@ -199,11 +199,11 @@ class LocalReplyTests(unittest.TestCase):
 
 
 class H2UpstreamTests(unittest.TestCase):
-    """The router sending requests upstream as HTTP/2 streams (hbonex.http.pool2)."""
+    """The router sending requests upstream as HTTP/2 streams (hbonex.upstream.http2_pool)."""
 
     def setUp(self) -> None:
-        from hbonex.h2settings import H2Settings
-        from hbonex.tunnel_client import H2TunnelClient
+        from hbonex.h2.settings import H2Settings
+        from hbonex.tunnel.client import H2TunnelClient
         from tests.test_http_codec2 import Server
 
         self.clock = Clock()
@@ -229,7 +229,7 @@ class H2UpstreamTests(unittest.TestCase):
         raise AssertionError("never quiet")
 
     def request(self, body: bytes) -> tuple[FilterManager, Sink]:
-        from hbonex.http.pool2 import H2Exchange
+        from hbonex.upstream.http2_pool import H2Exchange
 
         class Pool:
             def acquire(inner: Any) -> defer.Deferred[Any]:

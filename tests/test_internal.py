@@ -1,4 +1,4 @@
-"""Tests for hbonex.internal: in-process (internal listener) connections."""
+"""Tests for hbonex.network.internal: in-process (internal listener) connections."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from hbonex.cluster import InternalAddress
 from hbonex.errors import UpstreamError
-from hbonex.internal import (
+from hbonex.network.internal import (
     InternalEndpointAddress,
     InternalListenerRegistry,
     InternalTransport,
     internal_pair,
 )
+from hbonex.upstream.cluster import InternalAddress
 from tests.fakes import FakeProducer, HalfCloseProtocol, RecordingProtocol
 
 

@@ -1,7 +1,7 @@
 """
 Interoperability with an independent HBONE peer: ``tests/node/h2tunnel.mjs`` (Node's built-in
 ``node:http2`` over ``node:tls``; nghttp2 underneath), against real ``twistd`` processes with
-real certificates from hbonex.pki, on 127.0.0.1 only.
+real certificates from hbonex.tls.pki, on 127.0.0.1 only.
 
     Node client  -> twistd hbone-server -> target (this process)
     downstream (this process) -> twistd hbone-client -> Node server -> target (this process)

@@ -15,13 +15,13 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
-from hbonex import cli
+from hbonex.cli import main as cli
 from hbonex.config import load_config
-from hbonex.connect import ConnectRequest
 from hbonex.errors import ConfigError
-from hbonex.filters.connection_limit import ConnectionLimitConfig, ConnectionLimitFilter
-from hbonex.listener import ConnectionInfo
-from hbonex.stats import STATS
+from hbonex.filters.network.connection_limit import ConnectionLimitConfig, ConnectionLimitFilter
+from hbonex.network.listener import ConnectionInfo
+from hbonex.observability.stats import STATS
+from hbonex.tunnel.connect import ConnectRequest
 
 TCP_PROXY = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 LIMIT = "type.googleapis.com/envoy.extensions.filters.network.connection_limit.v3.ConnectionLimit"

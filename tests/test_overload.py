@@ -13,8 +13,8 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from hbonex.listener import FilterChain, Listener
-from hbonex.overload import DownstreamLimit
+from hbonex.network.listener import FilterChain, Listener
+from hbonex.network.overload import DownstreamLimit
 
 
 class Terminal:

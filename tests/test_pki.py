@@ -1,4 +1,4 @@
-"""Tests for hbonex.pki: CA creation, issuance, material loading, dev PKI, and a real handshake."""
+"""hbonex.tls.pki: CA creation, issuance, material loading, dev PKI, and a real handshake."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 from twisted.trial import unittest
 
-from hbonex import pki
-from hbonex.pki import (
+from hbonex.tls import pki
+from hbonex.tls.context import ClientTLS, PeerPolicy, ServerTLS, tls_settings_from_material
+from hbonex.tls.pki import (
     PKIError,
     TLSMaterial,
     default_state_dir,
@@ -32,8 +33,7 @@ from hbonex.pki import (
     load_material,
     load_pki_dir,
 )
-from hbonex.spiffe import SpiffeId, spiffe_id_of
-from hbonex.tls import ClientTLS, PeerPolicy, ServerTLS, tls_settings_from_material
+from hbonex.tls.spiffe import SpiffeId, spiffe_id_of
 
 UTC = datetime.timezone.utc
 SERVER_ID = "spiffe://cluster.local/ns/default/sa/server"
@@ -811,13 +811,13 @@ class DevPKITests(unittest.TestCase):
         # Imports first, then all processes start at the same instant, so they really race.
         script = (
             "import hashlib, sys, time\n"
-            "from hbonex.pki import ensure_dev_pki\n"
+            "from hbonex.tls.pki import ensure_dev_pki\n"
             "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
             "dev = ensure_dev_pki(sys.argv[1])\n"
             "for n in ('ca.pem', 'server/cert.pem', 'client/cert.pem'):\n"
             "    print(hashlib.sha256((dev / n).read_bytes()).hexdigest())\n"
         )
-        env = {**os.environ, "PYTHONPATH": str(Path(pki.__file__).parent.parent)}
+        env = {**os.environ, "PYTHONPATH": str(Path(pki.__file__).parent.parent.parent)}
         start = time.time() + 1.5
         procs = [
             subprocess.Popen(
@@ -849,7 +849,7 @@ class DevPKITests(unittest.TestCase):
 
 
 def tls_context(material: TLSMaterial, server: bool) -> SSL.Context:
-    """Mutual-TLS 1.3 context as an HBONE endpoint builds it (hbonex.tls)."""
+    """Mutual-TLS 1.3 context as an HBONE endpoint builds it (hbonex.tls.context)."""
     settings = tls_settings_from_material(material, peer_policy=PeerPolicy(), alpn=())
     return ServerTLS(settings).context if server else ClientTLS(settings).context
 

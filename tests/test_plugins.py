@@ -28,10 +28,11 @@ from zope.interface import implementedBy, providedBy
 from zope.interface.verify import verifyObject
 
 import hbonex
-from hbonex import client_tap, pki, server_tap
 from hbonex.bootstrap import ProxyService
-from hbonex.connect import TargetRule
-from hbonex.h2settings import H2Settings
+from hbonex.cli import client_tap, server_tap
+from hbonex.h2.settings import H2Settings
+from hbonex.tls import pki
+from hbonex.tunnel.connect import TargetRule
 
 MAKERS = {"hbone-client": client_tap, "hbone-server": server_tap}
 
@@ -412,7 +413,7 @@ class TwistdCommandLineTests(unittest.TestCase):
 
 
 def _tls_settings(test: unittest.TestCase) -> Any:
-    from hbonex.tls import PeerPolicy, tls_settings_from_material
+    from hbonex.tls.context import PeerPolicy, tls_settings_from_material
 
     dev = pki.ensure_dev_pki(test.mktemp())
     material = pki.load_pki_dir(dev / "server")
@@ -420,7 +421,7 @@ def _tls_settings(test: unittest.TestCase) -> Any:
 
 
 def _listener_connection(test: unittest.TestCase) -> Any:
-    from hbonex.listener import FilterChain, Listener, ListenerConnection
+    from hbonex.network.listener import FilterChain, Listener, ListenerConnection
 
     listener = Listener("test", Clock(), [FilterChain([])])
     connection = ListenerConnection(listener, listener.filter_chains[0], False)
@@ -429,7 +430,7 @@ def _listener_connection(test: unittest.TestCase) -> Any:
 
 
 def _inspecting_protocol() -> Any:
-    from hbonex.listener import FilterChain, InspectingProtocol, Listener
+    from hbonex.network.listener import FilterChain, InspectingProtocol, Listener
 
     listener = Listener("test", Clock(), [FilterChain([])])
     return InspectingProtocol(listener, None)
@@ -440,27 +441,27 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
     One instance of each class in hbonex that declares @implementer, keyed by
     ``module.Class``.
     """
-    from hbonex import demo
-    from hbonex.filters.connection_limit import ConnectionLimitConfig, ConnectionLimitFilter
-    from hbonex.filters.http_connection_manager import (
+    from hbonex.cli import demo
+    from hbonex.filters.network.connection_limit import ConnectionLimitConfig, ConnectionLimitFilter
+    from hbonex.filters.network.http_connection_manager import (
         HttpConnectionManagerConfig,
         HttpConnectionManagerFilter,
     )
-    from hbonex.filters.tcp_proxy import TcpProxyConfig, TcpProxyFilter, WeightedCluster
-    from hbonex.h2connection import H2Stream
-    from hbonex.internal import InternalEndpointAddress, internal_pair
-    from hbonex.listener import ConnectionInfo
-    from hbonex.process_log import JSONLineObserver
-    from hbonex.relay import RelayEnd
-    from hbonex.tls import ClientTLS, ServerTLS
-    from hbonex.tunnel_client import H1TunnelClient, H1TunnelTransport, H2TunnelClient
-    from hbonex.tunnel_server import H1TunnelServer, SniffingCodec, TunnelLog
+    from hbonex.filters.network.tcp_proxy import TcpProxyConfig, TcpProxyFilter, WeightedCluster
+    from hbonex.h2.connection import H2Stream
+    from hbonex.network.internal import InternalEndpointAddress, internal_pair
+    from hbonex.network.listener import ConnectionInfo
+    from hbonex.network.relay import RelayEnd
+    from hbonex.observability.process_log import JSONLineObserver
+    from hbonex.tls.context import ClientTLS, ServerTLS
+    from hbonex.tunnel.client import H1TunnelClient, H1TunnelTransport, H2TunnelClient
+    from hbonex.tunnel.server import H1TunnelServer, SniffingCodec, TunnelLog
 
     def tcp_proxy() -> Any:
         return TcpProxyFilter(TcpProxyConfig("p", [WeightedCluster("c", 1)], runtime=None))
 
     def relay_end() -> Any:
-        from hbonex.relay import Relay
+        from hbonex.network.relay import Relay
 
         end = Relay(Clock()).a
         assert isinstance(end, RelayEnd)
@@ -468,49 +469,57 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
 
     return {
         **_http_providers(),
-        "hbonex.listener.ListenerConnection": lambda: _listener_connection(test),
-        "hbonex.listener.InspectingProtocol": lambda: _inspecting_protocol(),
-        "hbonex.listener.ConnectionInfo": lambda: ConnectionInfo("l", "1.2.3.4:5", "5.6.7.8:9"),
-        "hbonex.filters.tcp_proxy.TcpProxyFilter": tcp_proxy,
-        "hbonex.filters.connection_limit.ConnectionLimitFilter": lambda: ConnectionLimitFilter(
-            ConnectionLimitConfig("verify", 1, Clock())
+        "hbonex.network.listener.ListenerConnection": lambda: _listener_connection(test),
+        "hbonex.network.listener.InspectingProtocol": lambda: _inspecting_protocol(),
+        "hbonex.network.listener.ConnectionInfo": lambda: ConnectionInfo(
+            "l", "1.2.3.4:5", "5.6.7.8:9"
         ),
-        "hbonex.filters.http_connection_manager.HttpConnectionManagerFilter": lambda: (
+        "hbonex.filters.network.tcp_proxy.TcpProxyFilter": tcp_proxy,
+        "hbonex.filters.network.connection_limit.ConnectionLimitFilter": lambda: (
+            ConnectionLimitFilter(ConnectionLimitConfig("verify", 1, Clock()))
+        ),
+        "hbonex.filters.network.http_connection_manager.HttpConnectionManagerFilter": lambda: (
             HttpConnectionManagerFilter(HttpConnectionManagerConfig("h", None, None))
         ),
-        "hbonex.tls.ServerTLS": lambda: ServerTLS(_tls_settings(test)),
-        "hbonex.tls.ClientTLS": lambda: ClientTLS(_tls_settings(test)),
-        "hbonex.internal.InternalTransport": lambda: internal_pair(Clock(), "l", "e", 10)[0],
-        "hbonex.internal.InternalEndpointAddress": lambda: InternalEndpointAddress("l", "e"),
-        "hbonex.tunnel_client.H1TunnelTransport": lambda: H1TunnelTransport(StringTransport()),
-        "hbonex.tunnel_client.H2TunnelClient": lambda: H2TunnelClient(H2Settings(), Clock()),
-        "hbonex.tunnel_client.H1TunnelClient": lambda: H1TunnelClient("a:1", []),
-        "hbonex.h2connection.H2Stream": lambda: H2Stream(
+        "hbonex.tls.context.ServerTLS": lambda: ServerTLS(_tls_settings(test)),
+        "hbonex.tls.context.ClientTLS": lambda: ClientTLS(_tls_settings(test)),
+        "hbonex.network.internal.InternalTransport": lambda: (
+            internal_pair(Clock(), "l", "e", 10)[0]
+        ),
+        "hbonex.network.internal.InternalEndpointAddress": lambda: (
+            InternalEndpointAddress("l", "e")
+        ),
+        "hbonex.tunnel.client.H1TunnelTransport": lambda: H1TunnelTransport(StringTransport()),
+        "hbonex.tunnel.client.H2TunnelClient": lambda: H2TunnelClient(H2Settings(), Clock()),
+        "hbonex.tunnel.client.H1TunnelClient": lambda: H1TunnelClient("a:1", []),
+        "hbonex.h2.connection.H2Stream": lambda: H2Stream(
             H2TunnelClient(H2Settings(), Clock()), 1
         ),
-        "hbonex.relay.RelayEnd": relay_end,
-        "hbonex.demo.Echo": demo.Echo,
-        "hbonex.demo.Pusher": lambda: demo.Pusher(1024, 1),
-        "hbonex.fasttls.FastTLSProtocol": lambda: _fast_tls_protocol(test),
-        "hbonex.tunnel_server.H1TunnelServer": lambda: H1TunnelServer(
+        "hbonex.network.relay.RelayEnd": relay_end,
+        "hbonex.cli.demo.Echo": demo.Echo,
+        "hbonex.cli.demo.Pusher": lambda: demo.Pusher(1024, 1),
+        "hbonex.tls.fasttls.FastTLSProtocol": lambda: _fast_tls_protocol(test),
+        "hbonex.tunnel.server.H1TunnelServer": lambda: H1TunnelServer(
             Clock(), None, None, TunnelLog()
         ),
-        "hbonex.tunnel_server.SniffingCodec": lambda: SniffingCodec(Protocol, Protocol),
-        "hbonex.process_log.JSONLineObserver": lambda: JSONLineObserver(io.StringIO()),
+        "hbonex.tunnel.server.SniffingCodec": lambda: SniffingCodec(Protocol, Protocol),
+        "hbonex.observability.process_log.JSONLineObserver": lambda: (
+            JSONLineObserver(io.StringIO())
+        ),
     }
 
 
 def _http_providers() -> dict[str, Callable[[], Any]]:
     """The HTTP layer's providers (filter chain callbacks, codecs, sinks, the router)."""
+    from hbonex.filters.http.router import RouterFilter
     from hbonex.filters.http.set_filter_state import SetFilterStateFilter
-    from hbonex.filters.set_filter_state import SetFilterStateNetworkFilter
-    from hbonex.h2connection import H2Stream
+    from hbonex.filters.network.set_filter_state import SetFilterStateNetworkFilter
+    from hbonex.h2.connection import H2Stream
     from hbonex.http import codec1, codec2
-    from hbonex.http.client1 import Http1ClientCodec
     from hbonex.http.connection_manager import StandardHeaders
     from hbonex.http.filter_manager import FilterManager
-    from hbonex.http.router import RouterFilter
-    from hbonex.tunnel_client import H2TunnelClient
+    from hbonex.tunnel.client import H2TunnelClient
+    from hbonex.upstream.http1_client import Http1ClientCodec
 
     def manager() -> FilterManager:
         return FilterManager([RouterFilter(Clock(), lambda c: None)], None)  # type: ignore
@@ -528,7 +537,7 @@ def _http_providers() -> dict[str, Callable[[], Any]]:
             lambda: codec1.Http1ServerCodec(lambda sink: None, Clock()),
         "hbonex.filters.http.set_filter_state.SetFilterStateFilter":
             lambda: SetFilterStateFilter(()),
-        "hbonex.filters.set_filter_state.SetFilterStateNetworkFilter":
+        "hbonex.filters.network.set_filter_state.SetFilterStateNetworkFilter":
             lambda: SetFilterStateNetworkFilter(()),
         "hbonex.http.codec2.H2ResponseSink": lambda: codec2.H2ResponseSink(
             H2Stream(H2TunnelClient(H2Settings(), Clock()), 1)
@@ -537,15 +546,15 @@ def _http_providers() -> dict[str, Callable[[], Any]]:
         "hbonex.http.codec2.H2ResponseBody": lambda: codec2.H2ResponseBody(None),
         "hbonex.http.codec1._RequestSource":
             lambda: codec1._RequestSource(codec1.Http1ServerCodec(lambda sink: None, Clock())),
-        "hbonex.http.router._Reading": lambda: _router_reading(),
-        "hbonex.http.client1.Http1ClientCodec": Http1ClientCodec,
-        "hbonex.http.router.RouterFilter": lambda: RouterFilter(Clock(), lambda c: None),
+        "hbonex.filters.http.router._Reading": lambda: _router_reading(),
+        "hbonex.upstream.http1_client.Http1ClientCodec": Http1ClientCodec,
+        "hbonex.filters.http.router.RouterFilter": lambda: RouterFilter(Clock(), lambda c: None),
         "hbonex.http.connection_manager.StandardHeaders": lambda: StandardHeaders(None),
     }
 
 
 def _router_reading() -> Any:
-    from hbonex.http.router import _Reading
+    from hbonex.filters.http.router import _Reading
 
     return _Reading(StringTransport())
 
@@ -581,8 +590,8 @@ class _TCPStringTransport(StringTransport):
 
 
 def _fast_tls_protocol(test: unittest.TestCase) -> Any:
-    from hbonex.fasttls import FastTLSFactory
-    from hbonex.tls import ClientTLS
+    from hbonex.tls.context import ClientTLS
+    from hbonex.tls.fasttls import FastTLSFactory
 
     factory = FastTLSFactory(ClientTLS(_tls_settings(test)), True, Factory.forProtocol(Protocol))
     proto = factory.buildProtocol(None)
@@ -630,18 +639,18 @@ class ImplementerTests(unittest.TestCase):
         )
 
         expected = {
-            "hbonex.listener.ListenerConnection": INetworkFilterCallbacks,
-            "hbonex.filters.tcp_proxy.TcpProxyFilter": INetworkFilter,
-            "hbonex.filters.connection_limit.ConnectionLimitFilter": INetworkFilter,
-            "hbonex.filters.http_connection_manager.HttpConnectionManagerFilter":
+            "hbonex.network.listener.ListenerConnection": INetworkFilterCallbacks,
+            "hbonex.filters.network.tcp_proxy.TcpProxyFilter": INetworkFilter,
+            "hbonex.filters.network.connection_limit.ConnectionLimitFilter": INetworkFilter,
+            "hbonex.filters.network.http_connection_manager.HttpConnectionManagerFilter":
                 INetworkFilter,
-            "hbonex.tls.ServerTLS": IOpenSSLServerConnectionCreator,
-            "hbonex.tls.ClientTLS": IOpenSSLClientConnectionCreator,
-            "hbonex.internal.InternalTransport": IHalfCloseableTransport,
-            "hbonex.tunnel_client.H1TunnelTransport": IHalfCloseableTransport,
-            "hbonex.h2connection.H2Stream": IHalfCloseableTransport,
-            "hbonex.listener.ConnectionInfo": IConnectionInfo,
-            "hbonex.process_log.JSONLineObserver": ILogObserver,
+            "hbonex.tls.context.ServerTLS": IOpenSSLServerConnectionCreator,
+            "hbonex.tls.context.ClientTLS": IOpenSSLClientConnectionCreator,
+            "hbonex.network.internal.InternalTransport": IHalfCloseableTransport,
+            "hbonex.tunnel.client.H1TunnelTransport": IHalfCloseableTransport,
+            "hbonex.h2.connection.H2Stream": IHalfCloseableTransport,
+            "hbonex.network.listener.ConnectionInfo": IConnectionInfo,
+            "hbonex.observability.process_log.JSONLineObserver": ILogObserver,
         }
         providers = _providers(self)
         for name, interface in expected.items():

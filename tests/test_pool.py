@@ -1,4 +1,4 @@
-"""Tests for hbonex.pool: pooled HTTP/2 connections with fake connections and connector."""
+"""hbonex.upstream.tunnel_pool: pooled HTTP/2 connections with fake connections and connector."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from hbonex.errors import UpstreamError
-from hbonex.pool import H2Pool, PoolKey
+from hbonex.upstream.tunnel_pool import H2Pool, PoolKey
 
 KEY = PoolKey("10.0.0.1:15008", "identity spiffe://td/server", "spiffe://td/client")
 
@@ -482,7 +482,7 @@ class RealConnectionTests(unittest.TestCase):
     """The pool over real H2TunnelClients, each connected in memory to an H2TunnelServer."""
 
     def test_server_stream_limit_with_real_connections(self) -> None:
-        from hbonex.h2settings import H2Settings
+        from hbonex.h2.settings import H2Settings
         from tests.test_h2stream import H2Pair
 
         pairs: list[H2Pair] = []

@@ -15,7 +15,7 @@ from twisted.logger import Logger, LogLevel, LogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from hbonex import process_log
+from hbonex.observability import process_log
 from tests.support import exchange, gather, pseudorandom, start_echo
 from tests.test_e2e_tunnel import E2ETestCase
 
@@ -32,12 +32,12 @@ class JSONLinesTests(unittest.TestCase):
         return [json.loads(line) for line in lines]
 
     def test_fields_and_message(self) -> None:
-        log = Logger(namespace="hbonex.tunnel_server.Tunnels", observer=self.publisher)
+        log = Logger(namespace="hbonex.tunnel.server.Tunnels", observer=self.publisher)
         log.info("tunnel to {target}: {up} bytes up", target="10.0.0.1:80", up=42,
                  peer=object())
         [record] = self.records()
         self.assertEqual(record["level"], "info")
-        self.assertEqual(record["namespace"], "hbonex.tunnel_server.Tunnels")
+        self.assertEqual(record["namespace"], "hbonex.tunnel.server.Tunnels")
         self.assertEqual(record["message"], "tunnel to 10.0.0.1:80: 42 bytes up")
         self.assertEqual((record["target"], record["up"]), ("10.0.0.1:80", 42))
         self.assertNotIn("peer", record)  # not JSON: only in the message, if formatted
@@ -55,9 +55,10 @@ class JSONLinesTests(unittest.TestCase):
         self.assertIn("ZeroDivisionError", record["traceback"])
 
     def test_levels_per_namespace(self) -> None:
-        quiet = Logger(namespace="hbonex.listener.ListenerConnection", observer=self.publisher)
-        other = Logger(namespace="hbonex.pool.H2Pool", observer=self.publisher)
-        self.control.set_level(LogLevel.warn, "hbonex.listener")
+        quiet = Logger(namespace="hbonex.network.listener.ListenerConnection",
+                       observer=self.publisher)
+        other = Logger(namespace="hbonex.upstream.tunnel_pool.H2Pool", observer=self.publisher)
+        self.control.set_level(LogLevel.warn, "hbonex.network.listener")
         quiet.info("dropped")
         quiet.warn("kept warn")
         other.info("kept info")
@@ -111,16 +112,16 @@ class JSONProcessLogTests(E2ETestCase):
 
         # Every line is one JSON object; the tunnel's own fields are there as values.
         [closed] = [r for r in records() if "closed after" in r["message"]]
-        self.assertTrue(closed["namespace"].startswith("hbonex.tunnel_server"))
+        self.assertTrue(closed["namespace"].startswith("hbonex.tunnel.server"))
         self.assertEqual((closed["up"], closed["down"]), (10_000, 10_000))
         self.assertEqual(closed["identity"], "spiffe://cluster.local/ns/default/sa/client")
         # Quieten the tunnel server only: its info lines stop, the rest still log.
         agent = Agent(reactor)
         mark = server.mark()
-        url = (f"http://127.0.0.1:{m['port']}/logging?paths=hbonex.tunnel_server:warn")
+        url = (f"http://127.0.0.1:{m['port']}/logging?paths=hbonex.tunnel.server:warn")
         response = await agent.request(b"POST", url.encode())
         self.assertEqual((response.code, await readBody(response)),
-                         (200, b"hbonex.tunnel_server: warn\n"))
+                         (200, b"hbonex.tunnel.server: warn\n"))
         c = await exchange(self.forward_port(client), payload)
         self.assert_echoed(c, payload)
         # The closed-connection counter moves right after the tunnel's (suppressed) line.

@@ -1,4 +1,4 @@
-"""Tests for hbonex.relay: two byte-stream transports spliced together."""
+"""Tests for hbonex.network.relay: two byte-stream transports spliced together."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from hbonex.relay import Relay
+from hbonex.network.relay import Relay
 from tests.fakes import HalfCloseTransport
 
 DONE = Failure(ierror.ConnectionDone("closed"))
@@ -86,7 +86,7 @@ class DataTests(unittest.TestCase):
         self.assertEqual(ta.producerState, "producing")
 
     def test_pauses_are_counted_per_end(self) -> None:
-        from hbonex.filters.tcp_proxy import TcpProxyStats
+        from hbonex.filters.network.tcp_proxy import TcpProxyStats
 
         relay, ta, tb, _, _ = relay_pair()
         relay.stats = stats = TcpProxyStats()

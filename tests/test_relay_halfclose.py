@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from hbonex.relay import Relay
+from hbonex.network.relay import Relay
 from tests.fakes import HalfCloseTransport
 
 

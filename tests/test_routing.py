@@ -1,11 +1,11 @@
-"""Tests for hbonex.routing: the CLI's ConnectRouter and Envoy-style RouteConfig."""
+"""Tests for hbonex.http.routing: the CLI's ConnectRouter and Envoy-style RouteConfig."""
 
 from __future__ import annotations
 
 from twisted.trial import unittest
 
-from hbonex.connect import ConnectRequest
-from hbonex.routing import ConnectRouter, HeaderMatcher, Route, RouteConfig, VirtualHost
+from hbonex.http.routing import ConnectRouter, HeaderMatcher, Route, RouteConfig, VirtualHost
+from hbonex.tunnel.connect import ConnectRequest
 
 CLUSTER = object()
 

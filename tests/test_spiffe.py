@@ -1,4 +1,4 @@
-"""Tests for hbonex.spiffe."""
+"""Tests for hbonex.tls.spiffe."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
 from twisted.trial import unittest
 
-from hbonex.spiffe import IdentityMatcher, SpiffeId, SpiffeIdError, spiffe_id_of, uri_sans
+from hbonex.tls.spiffe import IdentityMatcher, SpiffeId, SpiffeIdError, spiffe_id_of, uri_sans
 
 
 def make_cert(sans: list[x509.GeneralName] | None) -> x509.Certificate:

@@ -115,7 +115,7 @@ class ApplyTests(unittest.TestCase):
         import contextlib
         import io
 
-        from hbonex.config_cli import _cmd_check
+        from hbonex.cli.config_cmd import _cmd_check
 
         path = Path(self.mktemp())
         path.write_text(SIMPLE.replace("connect_timeout: 1s", "connect_timeout: 1s\n"

@@ -27,27 +27,27 @@ from twisted.logger import Logger
 
 from hbonex import extensions
 from hbonex.bootstrap import Bootstrap
-from hbonex.cluster import (
-    Address,
-    CircuitBreakers,
-    Cluster,
-    InternalAddress,
-    SocketAddress,
-)
 from hbonex.config import support
 from hbonex.config.schema import Positions, message_class, to_message, type_name
+from hbonex.config.yamlpath import MarkedDict, Node, child_path, load_yaml
 from hbonex.errors import ConfigError
-from hbonex.formatter import Template
-from hbonex.h2settings import H2Settings
+from hbonex.h2.settings import H2Settings
 from hbonex.interfaces import (
     IClusterTypeExtension,
     IHTTPFilterExtension,
     INetworkFilterExtension,
     ITransportSocketExtension,
 )
-from hbonex.listener import FilterChain, FilterChainMatch, Listener
-from hbonex.tls import ClientTLS, ServerTLS, TLSSettings
-from hbonex.yamlpath import MarkedDict, Node, child_path, load_yaml
+from hbonex.network.listener import FilterChain, FilterChainMatch, Listener
+from hbonex.observability.formatter import Template
+from hbonex.tls.context import ClientTLS, ServerTLS, TLSSettings
+from hbonex.upstream.cluster import (
+    Address,
+    CircuitBreakers,
+    Cluster,
+    InternalAddress,
+    SocketAddress,
+)
 
 __all__ = [
     "ConfigContext",
@@ -1109,7 +1109,7 @@ def _hbonex_metadata(message: Any, path: str, context: ConfigContext) -> Any:
     ``metadata.filter_metadata.hbonex.allowed_targets`` -> TargetPolicy (other metadata
     namespaces are opaque, as in Envoy).
     """
-    from hbonex.connect import TargetPolicy, TargetRule
+    from hbonex.tunnel.connect import TargetPolicy, TargetRule
 
     if not message.HasField("metadata") or "hbonex" not in message.metadata.filter_metadata:
         return None

@@ -26,8 +26,8 @@ from google.protobuf import descriptor_pool, json_format, message_factory
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 
+from hbonex.config.yamlpath import child_path
 from hbonex.errors import ConfigError
-from hbonex.yamlpath import child_path
 
 __all__ = ["Positions", "message_class", "to_message", "type_name"]
 
@@ -228,7 +228,7 @@ class _Walker:
             target.value = self.scalar(field, value, path)  # type: ignore[attr-defined]
             return
         if full in _JSON_FORMS:
-            from hbonex.yamlpath import to_plain
+            from hbonex.config.yamlpath import to_plain
 
             if full == "google.protobuf.Struct" and not isinstance(value, dict):
                 raise self.error(path, f"expected a mapping, got {_show(value)}")
@@ -445,7 +445,7 @@ def _unknown_type(path: str, type_url: str, parent: str = "") -> ConfigError:
 def to_message(data: Any, cls: type[Message], path: str = "",
                positions: Optional[Positions] = None, resolve_any: Any = None) -> Message:
     """
-    ``data`` (YAML from hbonex.yamlpath.load_yaml, or plain data) as a ``cls`` message.
+    ``data`` (YAML from hbonex.config.yamlpath.load_yaml, or plain data) as a ``cls`` message.
     Raises ConfigError at the offending path.
     """
     walker = _Walker(positions if positions is not None else Positions(),

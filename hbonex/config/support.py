@@ -20,7 +20,7 @@ from typing import Any, Optional
 from google.protobuf.message import Message
 
 from hbonex.config.schema import message_class, type_name
-from hbonex.yamlpath import child_path
+from hbonex.config.yamlpath import child_path
 
 __all__ = ["ERROR", "OPAQUE", "TABLE", "WARN", "check", "markdown"]
 
@@ -345,7 +345,7 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
     f"{_TLS}.CommonTlsContext": _m(
         "tls_params alpn_protocols tls_certificates validation_context "
         "tls_certificate_sds_secret_configs validation_context_sds_secret_config"),
-    # -- file-based SDS: a watched file holding Secret resources (hbonex.certwatch) --
+    # -- file-based SDS: a watched file holding Secret resources (hbonex.tls.certwatch) --
     f"{_TLS}.SdsSecretConfig": _m("name sds_config"),
     "envoy.config.core.v3.ConfigSource": _m(
         "path_config_source path",
@@ -373,8 +373,9 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
 #: Kept or ignored whole: any field inside is fine.
 OPAQUE = {
     "envoy.config.core.v3.Node": "ignored",
-    "envoy.config.bootstrap.v3.Admin": "address serves the admin endpoint (hbonex.admin); "
-                                       "its other fields have no effect",
+    "envoy.config.bootstrap.v3.Admin": (
+        "address serves the admin endpoint (hbonex.observability.admin); "
+        "its other fields have no effect"),
     "xds.type.v3.TypedStruct": "a plugin's own config",
     "udpa.type.v1.TypedStruct": "a plugin's own config",
 }

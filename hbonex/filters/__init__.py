@@ -1,1 +1,4 @@
-"""Built-in network filters."""
+"""
+Built-in filters: network filters (``network/``), listener filters (``listener/``) and
+HTTP filters (``http/``).
+"""

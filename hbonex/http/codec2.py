@@ -16,7 +16,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from hbonex.h2connection import ErrorCodes, H2Stream, H2TunnelConnection
+from hbonex.h2.connection import ErrorCodes, H2Stream, H2TunnelConnection
 from hbonex.http.codec1 import HOP_BY_HOP
 from hbonex.http.filter_manager import IResponseSink
 from hbonex.http.headers import Headers

@@ -18,14 +18,14 @@ from typing import Any, Callable, Sequence
 import attrs
 from zope.interface import implementer
 
-from hbonex import istio_metrics
-from hbonex.connect import ConnectRequest
+from hbonex.filters.http.router import HttpRoute, RouterFilter
 from hbonex.http.filter_manager import FilterHeadersStatus, FilterManager
 from hbonex.http.headers import Headers
 from hbonex.http.path import EscapedSlashes, PathRedirect, PathRejected, normalize
-from hbonex.http.router import HttpRoute, RouterFilter
 from hbonex.interfaces import IStreamFilter
-from hbonex.stats import STATS
+from hbonex.observability import istio_metrics
+from hbonex.observability.stats import STATS
+from hbonex.tunnel.connect import ConnectRequest
 
 DEFAULT_ROUTE_TIMEOUT = 15.0
 

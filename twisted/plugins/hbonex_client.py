@@ -1,6 +1,6 @@
 from twisted.application.service import ServiceMaker
 
 hbone_client = ServiceMaker(
-    "hbonex client", "hbonex.client_tap", "Forward TCP through HBONE tunnels (HTTP CONNECT "
+    "hbonex client", "hbonex.cli.client_tap", "Forward TCP through HBONE tunnels (HTTP CONNECT "
     "over mTLS).", "hbone-client",
 )

@@ -3,18 +3,18 @@ The built-in hbonex extensions, registered exactly as third-party dropins are: n
 HTTP filters, cluster types and transport sockets, found by hbonex.extensions.
 """
 
-from hbonex.cluster_types import (
+from hbonex.filters.http.set_filter_state import SetFilterStateExtension
+from hbonex.filters.network.connection_limit import ConnectionLimitExtension
+from hbonex.filters.network.hcm_config import HttpConnectionManagerExtension, RouterExtension
+from hbonex.filters.network.set_filter_state import SetFilterStateNetworkExtension
+from hbonex.filters.network.tcp_proxy import TcpProxyExtension
+from hbonex.tls.transport_sockets import RawBufferTransportSocket, TlsTransportSocket
+from hbonex.upstream.cluster_types import (
     LogicalDnsClusterType,
     OriginalDstClusterType,
     StaticClusterType,
     StrictDnsClusterType,
 )
-from hbonex.filters.connection_limit import ConnectionLimitExtension
-from hbonex.filters.hcm_config import HttpConnectionManagerExtension, RouterExtension
-from hbonex.filters.http.set_filter_state import SetFilterStateExtension
-from hbonex.filters.set_filter_state import SetFilterStateNetworkExtension
-from hbonex.filters.tcp_proxy import TcpProxyExtension
-from hbonex.transport_sockets import RawBufferTransportSocket, TlsTransportSocket
 
 tcp_proxy = TcpProxyExtension()
 connection_limit = ConnectionLimitExtension()

@@ -1,6 +1,6 @@
 from twisted.application.service import ServiceMaker
 
 hbone_server = ServiceMaker(
-    "hbonex server", "hbonex.server_tap", "Terminate HBONE tunnels (HTTP CONNECT over mTLS).",
+    "hbonex server", "hbonex.cli.server_tap", "Terminate HBONE tunnels (HTTP CONNECT over mTLS).",
     "hbone-server",
 )

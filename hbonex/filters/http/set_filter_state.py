@@ -15,7 +15,6 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from hbonex.formatter import Template
 from hbonex.http.filter_manager import (
     FilterDataStatus,
     FilterHeadersStatus,
@@ -24,6 +23,7 @@ from hbonex.http.filter_manager import (
 from hbonex.http.headers import Headers
 from hbonex.http.stream_info import FilterStateError, SharedWithUpstream
 from hbonex.interfaces import IHTTPFilterExtension, IStreamDecoderFilter
+from hbonex.observability.formatter import Template
 
 NAME = "envoy.filters.http.set_filter_state"
 TYPE_URL = "type.googleapis.com/envoy.extensions.filters.http.set_filter_state.v3.Config"

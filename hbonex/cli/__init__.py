@@ -1,0 +1,3 @@
+"""
+The command line: the ``hbonex`` tool and the twistd taps (``hbone-client``, ``hbone-server``).
+"""

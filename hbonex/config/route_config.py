@@ -1,0 +1,356 @@
+"""
+Envoy's ``route_config`` (RouteConfiguration) -> hbonex.http.routing.RouteConfig: virtual hosts by
+domain, routes by path / header / CONNECT matchers, to a cluster or a direct response.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hbonex.http.routing import (
+    HeaderMatcher,
+    HeaderMutation,
+    HeaderMutations,
+    QueryMatcher,
+    Redirect,
+    Route,
+    RouteConfig,
+    VirtualHost,
+)
+from hbonex.tls.transport_sockets import regex_field
+
+__all__ = ["parse_route_config"]
+
+
+def parse_route_config(message: Any, path: str, context: Any, *,
+                       connect_enabled: bool = False, reject_early_data: bool = False
+                       ) -> RouteConfig:
+    vhosts = []
+    names: dict[str, str] = {}
+    domains: dict[str, str] = {}
+    for index, vhost_message in enumerate(message.virtual_hosts):
+        vhost_path = f"{path}.virtual_hosts[{index}]"
+        vhost = _virtual_host(vhost_message, vhost_path, context)
+        if vhost.name in names:
+            raise context.error(
+                vhost_path, f"duplicate virtual host name {vhost.name!r} (also "
+                f"{names[vhost.name]})", "name")
+        names[vhost.name] = vhost_path
+        for domain in vhost.domains:
+            if domain.lower() in domains:
+                raise context.error(
+                    vhost_path, f"domain {domain!r} is also in {domains[domain.lower()]}; each "
+                    "domain may appear in one virtual host only", "domains",
+                )
+            domains[domain.lower()] = vhost_path
+        vhosts.append(vhost)
+    request, response = header_mutations(message, path, context)
+    return RouteConfig(message.name, tuple(vhosts), connect_enabled=connect_enabled,
+                       reject_early_data=reject_early_data, request_headers=request,
+                       response_headers=response, clusters=context.runtime.clusters)
+
+
+_APPEND_ACTIONS = ("APPEND_IF_EXISTS_OR_ADD", "ADD_IF_ABSENT", "OVERWRITE_IF_EXISTS_OR_ADD",
+                   "OVERWRITE_IF_EXISTS")
+
+
+def header_mutations(message: Any, path: str, context: Any
+                     ) -> tuple[HeaderMutations, HeaderMutations]:
+    """
+    ``request_headers_to_add/_remove`` and ``response_headers_to_add/_remove`` of a route,
+    virtual host or route configuration.
+    """
+    result = []
+    for side in ("request", "response"):
+        adds = []
+        for index, option in enumerate(getattr(message, f"{side}_headers_to_add")):
+            option_path = f"{path}.{side}_headers_to_add[{index}]"
+            if not option.HasField("header"):
+                raise context.error(option_path, "missing required field 'header'")
+            key = option.header.key
+            if not key:
+                raise context.error(f"{option_path}.header", "missing required field 'key'")
+            if key.startswith(":") or key.lower() == "host":
+                raise context.error(f"{option_path}.header",
+                                    f"header {key!r} cannot be changed here", "key")
+            value = context.template(option.header.value, f"{option_path}.header.value")
+            if option.HasField("append") and context.has(f"{option_path}.append_action"):
+                raise context.error(option_path, "only one of append, append_action may be set",
+                                    "append_action")
+            enum = option.DESCRIPTOR.fields_by_name["append_action"].enum_type
+            action = enum.values_by_number[option.append_action].name
+            if option.HasField("append"):
+                action = ("APPEND_IF_EXISTS_OR_ADD" if option.append.value
+                          else "OVERWRITE_IF_EXISTS_OR_ADD")
+            if action not in _APPEND_ACTIONS:  # pragma: no cover - Envoy's enum is closed
+                raise context.error(option_path, f"unknown append_action {action}")
+            adds.append(HeaderMutation(key.lower(), value, action, option.keep_empty_value))
+        removes = tuple(h.lower() for h in getattr(message, f"{side}_headers_to_remove"))
+        for index, name in enumerate(removes):
+            if name.startswith(":") or name == "host":
+                raise context.error(f"{path}.{side}_headers_to_remove[{index}]",
+                                    f"header {name!r} cannot be removed")
+        result.append(HeaderMutations(tuple(adds), removes))
+    return result[0], result[1]
+
+
+def _virtual_host(message: Any, path: str, context: Any) -> VirtualHost:
+    if not message.name:
+        raise context.error(path, "missing required field 'name'")
+    if not message.domains:
+        raise context.error(path, "missing required field 'domains'")
+    for index, domain in enumerate(message.domains):
+        if not domain or ("*" in domain and domain != "*" and (
+            domain.count("*") > 1 or not (domain.startswith("*") or domain.endswith("*"))
+        )):
+            raise context.error(
+                f"{path}.domains[{index}]",
+                f"invalid domain {domain!r}: '*' may only be the whole domain, or its first "
+                "or last character"
+            )
+    routes = tuple(_route(r, f"{path}.routes[{i}]", context)
+                   for i, r in enumerate(message.routes))
+    request, response = header_mutations(message, path, context)
+    retry = (retry_policy(message.retry_policy, f"{path}.retry_policy", context)
+             if message.HasField("retry_policy") else None)
+    return VirtualHost(message.name, tuple(message.domains), routes, request, response,
+                       retry_policy=retry)
+
+
+def retry_policy(message: Any, path: str, context: Any) -> Any:
+    """Envoy's RetryPolicy (route or virtual host) as the router's RetryPolicy."""
+    from hbonex.http.retry_policy import RETRY_ON, RetryPolicy
+
+    conditions = frozenset(c.strip() for c in message.retry_on.split(",") if c.strip())
+    unknown = sorted(conditions - RETRY_ON)
+    if unknown:
+        raise context.error(path, f"retry_on {', '.join(unknown)} is not "
+                            f"implemented; accepted: {', '.join(sorted(RETRY_ON))}", "retry_on")
+    fields: dict[str, Any] = {"retry_on": conditions}
+    if message.HasField("num_retries"):
+        fields["num_retries"] = message.num_retries.value
+    fields["per_try_timeout"] = _seconds(message, "per_try_timeout", 0.0)
+    fields["retriable_status_codes"] = frozenset(message.retriable_status_codes)
+    if message.HasField("retry_back_off"):
+        back_off = message.retry_back_off
+        where = f"{path}.retry_back_off"
+        base = _seconds(back_off, "base_interval", None)
+        if base is None:
+            raise context.error(where, "missing required field 'base_interval'")
+        if base <= 0:
+            raise context.error(f"{where}.base_interval", "must be above 0")
+        top = _seconds(back_off, "max_interval", base * 10)
+        if top < base:
+            raise context.error(f"{where}.max_interval", "must be at least base_interval")
+        fields.update(base_interval=base, max_interval=top)
+    return RetryPolicy(**fields)
+
+
+def _route(message: Any, path: str, context: Any) -> Route:
+    if not message.HasField("match"):
+        raise context.error(path, "missing required field 'match'")
+    match = message.match
+    match_path = f"{path}.match"
+    kind = match.WhichOneof("path_specifier")
+    fields: dict[str, Any] = {}
+    if kind is None:
+        raise context.error(match_path, "one of prefix, path, safe_regex, connect_matcher is "
+                            "required")
+    if kind == "connect_matcher":
+        fields["connect_matcher"] = True
+    elif kind == "safe_regex":
+        fields["safe_regex"] = regex_field(match.safe_regex, f"{match_path}.safe_regex", context)
+    elif kind in ("prefix", "path", "path_separated_prefix"):
+        value = getattr(match, kind)
+        if kind == "path_separated_prefix" and (not value.startswith("/") or value.endswith("/")
+                                                or "?" in value or "#" in value):
+            raise context.error(match_path, "path_separated_prefix must start with '/' and "
+                                "end without '/', '?' or '#'", kind)
+        fields[kind] = value
+    else:
+        raise context.error(match_path, f"{kind} is not supported; use prefix, path, "
+                            "path_separated_prefix, safe_regex or connect_matcher", kind)
+    if match.HasField("case_sensitive"):
+        fields["case_sensitive"] = match.case_sensitive.value
+    fields["headers"] = tuple(_header_matcher(h, f"{match_path}.headers[{i}]", context)
+                              for i, h in enumerate(match.headers))
+    fields["query_parameters"] = tuple(
+        _query_matcher(q, f"{match_path}.query_parameters[{i}]", context)
+        for i, q in enumerate(match.query_parameters)
+    )
+    fields["name"] = message.name
+    fields["request_headers"], fields["response_headers"] = header_mutations(message, path,
+                                                                             context)
+    action = message.WhichOneof("action")
+    if action is None:
+        raise context.error(path, "one of route, direct_response, redirect is required")
+    if action not in ("route", "direct_response", "redirect"):
+        raise context.error(path, f"{action} routes are not supported", action)
+    config = getattr(message, action)
+    config_path = f"{path}.{action}"
+    if action == "redirect":
+        fields["redirect"] = _redirect(config, config_path, context)
+    elif action == "direct_response":
+        status = config.status
+        if not 200 <= status <= 599:
+            raise context.error(f"{config_path}.status" if context.has(
+                f"{config_path}.status") else config_path,
+                f"must be between 200 and 599, got {status}" if status else
+                "missing required field 'status'")
+        fields["direct_status"] = status
+        if config.HasField("body"):
+            body_path = f"{config_path}.body"
+            source, data = context.data_source(config.body, body_path)
+            if source is not None:
+                try:
+                    data = source.read_bytes()
+                except OSError as e:
+                    raise context.error(body_path, f"{source}: {e.strerror or e}", "filename")
+            fields["direct_body"] = data
+    else:
+        kind = config.WhichOneof("cluster_specifier")
+        if kind == "weighted_clusters":
+            weighted = []
+            for index, item in enumerate(config.weighted_clusters.clusters):
+                item_path = f"{config_path}.weighted_clusters.clusters[{index}]"
+                weight = item.weight.value if item.HasField("weight") else 0
+                weighted.append((context.cluster(item.name, item_path, "name"), weight))
+            if not weighted or not any(w for _, w in weighted):
+                raise context.error(f"{config_path}.weighted_clusters",
+                                    "needs at least one cluster with a weight above 0")
+            fields["weighted_clusters"] = tuple(weighted)
+        elif kind == "cluster_header":
+            fields["cluster_header"] = config.cluster_header.lower()
+        elif kind in (None, "cluster"):
+            fields["cluster"] = context.cluster(config.cluster, config_path, "cluster")
+        else:
+            raise context.error(config_path, f"{kind} is not supported; use cluster, "
+                                "weighted_clusters or cluster_header", kind)
+        if config.prefix_rewrite:
+            fields["prefix_rewrite"] = config.prefix_rewrite
+        if config.HasField("regex_rewrite"):
+            rewrite_path = f"{config_path}.regex_rewrite"
+            pattern = regex_field(config.regex_rewrite.pattern, f"{rewrite_path}.pattern",
+                                  context)
+            fields["regex_rewrite"] = (pattern, config.regex_rewrite.substitution)
+        host = config.WhichOneof("host_rewrite_specifier")
+        if host == "host_rewrite_literal":
+            fields["host_rewrite_literal"] = config.host_rewrite_literal
+        elif host == "auto_host_rewrite":
+            fields["auto_host_rewrite"] = config.auto_host_rewrite.value
+        elif host is not None:
+            raise context.error(config_path, f"{host} is not supported; use "
+                                "host_rewrite_literal or auto_host_rewrite", host)
+        for index, upgrade in enumerate(config.upgrade_configs):
+            upgrade_path = f"{config_path}.upgrade_configs[{index}]"
+            if not upgrade.upgrade_type:
+                raise context.error(upgrade_path, "missing required field 'upgrade_type'")
+            if upgrade.upgrade_type.upper() != "CONNECT":
+                raise context.error(
+                    upgrade_path, f"upgrade_type {upgrade.upgrade_type!r} is not supported; "
+                    "accepted: CONNECT", "upgrade_type")
+            fields["connect_enabled"] = (upgrade.enabled.value if upgrade.HasField("enabled")
+                                         else True)
+            fields["allow_post"] = upgrade.connect_config.allow_post
+        fields["idle_timeout"] = _seconds(config, "idle_timeout", 3600.0)
+        fields["timeout"] = _seconds(config, "timeout", None)
+        if config.HasField("retry_policy"):
+            fields["retry_policy"] = retry_policy(config.retry_policy,
+                                                  f"{config_path}.retry_policy", context)
+    return Route(**fields)
+
+
+_REDIRECT_CODES = {"MOVED_PERMANENTLY": 301, "FOUND": 302, "SEE_OTHER": 303,
+                   "TEMPORARY_REDIRECT": 307, "PERMANENT_REDIRECT": 308}
+
+
+def _redirect(message: Any, path: str, context: Any) -> Redirect:
+    scheme = message.WhichOneof("scheme_rewrite_specifier")
+    fields: dict[str, Any] = {}
+    if scheme == "https_redirect" and message.https_redirect:
+        fields["scheme"] = "https"
+    elif scheme == "scheme_redirect":
+        fields["scheme"] = message.scheme_redirect.lower()
+    if message.host_redirect:
+        fields["host"] = message.host_redirect
+    if message.port_redirect:
+        fields["port"] = message.port_redirect
+    rewrite = message.WhichOneof("path_rewrite_specifier")
+    if rewrite == "path_redirect":
+        fields["path"] = message.path_redirect
+    elif rewrite == "prefix_rewrite":
+        fields["prefix_rewrite"] = message.prefix_rewrite
+    elif rewrite is not None:
+        raise context.error(path, f"{rewrite} is not supported; use path_redirect or "
+                            "prefix_rewrite", rewrite)
+    enum = message.DESCRIPTOR.fields_by_name["response_code"].enum_type
+    fields["response_code"] = _REDIRECT_CODES[enum.values_by_number[message.response_code].name]
+    fields["strip_query"] = message.strip_query
+    return Redirect(**fields)
+
+
+def _query_matcher(message: Any, path: str, context: Any) -> QueryMatcher:
+    if not message.name:
+        raise context.error(path, "missing required field 'name'")
+    kind = message.WhichOneof("query_parameter_match_specifier")
+    if kind is None:
+        raise context.error(path, "one of string_match, present_match is required")
+    if kind == "present_match":
+        return QueryMatcher(message.name, present=message.present_match)
+    matcher = message.string_match
+    where = f"{path}.string_match"
+    which = matcher.WhichOneof("match_pattern")
+    if which == "safe_regex":
+        return QueryMatcher(message.name, regex=regex_field(matcher.safe_regex,
+                                                            f"{where}.safe_regex", context),
+                            ignore_case=matcher.ignore_case)
+    if which in ("exact", "prefix"):
+        return QueryMatcher(message.name, ignore_case=matcher.ignore_case,
+                            **{which: getattr(matcher, which)})
+    raise context.error(where, f"{which} is not supported for query parameters; use exact, "
+                        "prefix or safe_regex" if which else "one of exact, prefix, "
+                        "safe_regex is required", which)
+
+
+def _seconds(message: Any, field: str, default: Any) -> Any:
+    if not message.HasField(field):
+        return default
+    value = getattr(message, field)
+    return value.seconds + value.nanos / 1e9
+
+
+def _header_matcher(message: Any, path: str, context: Any) -> HeaderMatcher:
+    if not message.name:
+        raise context.error(path, "missing required field 'name'")
+    kind = message.WhichOneof("header_match_specifier")
+    fields: dict[str, Any] = {}
+    if kind is None:
+        raise context.error(path, "one of string_match, exact_match, prefix_match, "
+                            "suffix_match, contains_match, safe_regex_match, present_match is "
+                            "required")
+    if kind == "present_match":
+        fields["present"] = message.present_match
+    elif kind == "safe_regex_match":
+        fields["regex"] = regex_field(message.safe_regex_match, f"{path}.safe_regex_match",
+                                      context)
+    elif kind == "string_match":
+        matcher = message.string_match
+        where = f"{path}.string_match"
+        if matcher.ignore_case:
+            raise context.error(where, "ignore_case is not implemented for header matchers",
+                                "ignore_case")
+        which = matcher.WhichOneof("match_pattern")
+        if which is None:
+            raise context.error(where, "one of exact, prefix, suffix, contains, safe_regex is "
+                                "required")
+        if which == "safe_regex":
+            fields["regex"] = regex_field(matcher.safe_regex, f"{where}.safe_regex", context)
+        elif which in ("exact", "prefix", "suffix", "contains"):
+            fields[which] = getattr(matcher, which)
+        else:
+            raise context.error(where, f"{which} is not supported", which)
+    elif kind in ("exact_match", "prefix_match", "suffix_match", "contains_match"):
+        fields[kind[: -len("_match")]] = getattr(message, kind)
+    else:
+        raise context.error(path, f"{kind} is not supported", kind)
+    return HeaderMatcher(message.name.lower(), invert=message.invert_match, **fields)

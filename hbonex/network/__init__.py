@@ -1,0 +1,1 @@
+"""Connections: listeners and filter chains, internal listeners, relays, the overload manager."""

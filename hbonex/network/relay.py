@@ -1,0 +1,222 @@
+"""
+Splicing two byte-stream transports together, as ``twisted.protocols.portforward`` does, with
+half-close and producers wired back to back: each transport is the producer of the other, so a
+slow reader on one side pauses the socket (or HTTP/2 stream) on the other.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet import error as ierror
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IPushProducer,
+    IReactorTime,
+)
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from hbonex.tls.fasttls import tune_tcp, writer_for
+
+#: RST_STREAM CANCEL (RFC 9113 §7), for HTTP/2 stream transports.
+CANCEL = 0x8
+
+
+@implementer(IHalfCloseableProtocol, IPushProducer)
+class RelayEnd(Protocol):
+    """
+    One side of a relay.  Bytes it receives are written to the other side's transport.
+
+    It is also the producer registered on the other side's transport, passing pause and
+    resume on to its own transport.  A transport that goes away calls ``stopProducing`` first
+    and says why only in ``connectionLost``: the relay acts on the reason there (a FIN is
+    passed on as EOF, a reset as a reset, CONNECT_ERROR on an HTTP/2 stream).
+    """
+
+    def __init__(self, relay: Relay, name: str) -> None:
+        self.relay = relay
+        self.name = name
+        self.peer: RelayEnd | None = None
+        self.bytes_in = 0
+        #: How often this end's transport was paused (its reader is the slower side).
+        self.pauses = 0
+        self.eof_received = False
+        self.eof_sent = False
+        self.lost = False
+        self.reason: Failure | None = None
+        #: Bytes that arrived before the other side was connected (bounded by the pause).
+        self._early: list[bytes] | None = []
+
+    def connectionMade(self) -> None:
+        tune_tcp(self.transport)
+        self.write = writer_for(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.relay.last_activity = self.relay.reactor.seconds()
+        peer = self.peer
+        if peer is None or peer.transport is None:
+            if self._early is not None:
+                self._early.append(data)
+            return
+        peer.write(data)
+
+    def readConnectionLost(self) -> None:
+        self.eof_received = True
+        peer = self.peer
+        if peer is not None and peer.transport is not None:
+            peer.send_eof()
+        self._maybe_close()
+
+    def writeConnectionLost(self) -> None:
+        self._maybe_close()
+
+    def send_eof(self) -> None:
+        if self.eof_sent or self.lost:
+            return
+        self.eof_sent = True
+        transport = self.transport
+        # No more data will come from the peer: drop it as producer first, or Twisted's TCP
+        # transport resumes it instead of shutting down the write side.
+        transport.unregisterProducer()  # type: ignore[union-attr]
+        lose_write = getattr(transport, "loseWriteConnection", None)
+        if lose_write is not None:
+            lose_write()
+        # A transport that cannot half-close stays open: closing it would cut the other
+        # direction, which may still have bytes to deliver.  It closes once that direction
+        # ends too (_maybe_close), or at the idle timeout.
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self.eof_received and self.eof_sent and not self.lost:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    # -- IPushProducer, for the other side's transport ------------------------------------------
+
+    def pauseProducing(self) -> None:
+        if self.transport is not None and not self.lost:
+            self.pauses += 1
+            stats = self.relay.stats
+            if stats is not None:
+                stats.count_pause(self.name)
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        # The other side's connectionLost follows with the reason; Relay._end_lost acts on it.
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        self.reason = reason
+        self.relay._end_lost(self, reason)
+
+
+class Relay:
+    """
+    A pair of RelayEnds.  ``a`` is usually the downstream (accepting) side.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        idle_timeout: float = 0,
+        on_done: Callable[[Relay], None] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.a = RelayEnd(self, "downstream")
+        self.b = RelayEnd(self, "upstream")
+        self.a.peer = self.b
+        self.b.peer = self.a
+        self.idle_timeout = idle_timeout
+        self.on_done = on_done
+        self.last_activity = reactor.seconds()
+        self.started = reactor.seconds()
+        self._idle_call: IDelayedCall | None = None
+        self.done = False
+        #: A tunnel's next periodic access record (TunnelLog), cancelled when it ends.
+        self.flush_call: Any = None
+        #: Who counts flow-control pauses (``count_pause(end name)``), e.g. tcp_proxy's stats.
+        self.stats: Any = None
+        self.close_reason = ""
+        #: The end that was lost first: its reason is the tunnel's.
+        self.first_lost: RelayEnd | None = None
+
+    def start(self) -> None:
+        """
+        Both ends are connected: wire the producers and flush early bytes.
+        """
+        a, b = self.a, self.b
+        assert a.transport is not None and b.transport is not None
+        for src, dst in ((a, b), (b, a)):
+            early, src._early = src._early or [], None
+            for data in early:
+                dst.transport.write(data)  # type: ignore[union-attr]
+        if not a.eof_received:
+            b.transport.registerProducer(a, True)  # type: ignore[union-attr,attr-defined]
+        else:
+            b.send_eof()
+        if not b.eof_received:
+            a.transport.registerProducer(b, True)  # type: ignore[union-attr,attr-defined]
+        else:
+            a.send_eof()
+        if self.idle_timeout > 0:
+            self._idle_call = self.reactor.callLater(self.idle_timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._idle_call = None
+        if self.done:
+            return
+        idle = self.reactor.seconds() - self.last_activity
+        if idle >= self.idle_timeout:
+            self.close_reason = f"idle timeout ({self.idle_timeout:g}s)"
+            self.abort()
+            return
+        self._idle_call = self.reactor.callLater(self.idle_timeout - idle, self._check_idle)
+
+    def abort(self) -> None:
+        """
+        Cut both ends (the idle timeout): an HTTP/2 stream is reset with CANCEL, not with the
+        CONNECT_ERROR its abortConnection means for a failed TCP connection.
+        """
+        for end in (self.a, self.b):
+            if end.transport is not None and not end.lost:
+                reset = getattr(end.transport, "reset", None)
+                if reset is not None:
+                    reset(CANCEL)
+                else:
+                    end.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _end_lost(self, end: RelayEnd, reason: Failure) -> None:
+        if self.first_lost is None:
+            self.first_lost = end
+        other = end.peer
+        assert other is not None
+        if other.transport is not None and not other.lost:
+            if reason.check(ierror.ConnectionDone) is not None:
+                # Nothing more can be written to the lost side: finish the other one after
+                # what is already queued for it.
+                other.send_eof()
+                other.transport.loseConnection()  # type: ignore[union-attr]
+            else:
+                other.transport.abortConnection()  # type: ignore[attr-defined]
+        if self.a.lost and self.b.lost or other.transport is None:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        if self.on_done is not None:
+            self.on_done(self)

@@ -1,0 +1,4 @@
+"""
+HBONE tunnels: CONNECT parsing and policy, the tunnel client (origination) and the tunnel server
+(termination).
+"""
