@@ -289,12 +289,17 @@ def unsent_bytes(local_port: int, remote_port: int) -> int:
 
 
 def start_yaml_twistd(
-    test: Any, plugin: str, name: str, yaml_text: str, listeners: int = 1
+    test: Any, plugin: str, name: str, yaml_text: str, listeners: int = 1,
+    env: dict[str, str] | None = None,
 ) -> defer.Deferred[Any]:
-    """``twistd -n <plugin> --config FILE`` for ``yaml_text`` (written to a temp file)."""
+    """
+    ``twistd -n <plugin> --config FILE`` for ``yaml_text`` (written to a temp file);
+    ``env``: extra environment variables (a PYTHONPATH with third-party dropins...).
+    """
     from tests.support import start_twistd
 
     path = Path(test.mktemp()).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml_text)
-    return start_twistd(test, plugin, ["--config", str(path)], listeners=listeners, name=name)
+    return start_twistd(test, plugin, ["--config", str(path)], listeners=listeners, name=name,
+                        env=env or {})

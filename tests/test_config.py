@@ -449,6 +449,37 @@ static_resources:
         )
         self.assertIn("typed_config.http_filters: must not be empty", self.error(text))
 
+    def test_filter_state_object_factories(self) -> None:
+        def with_value(value: str) -> str:
+            return config_text("seed-terminate-h2-connect.yaml").replace(
+                "          http_filters:\n",
+                "          http_filters:\n"
+                "          - name: envoy.filters.http.set_filter_state\n"
+                "            typed_config:\n"
+                "              \"@type\": type.googleapis.com/envoy.extensions.filters.http."
+                "set_filter_state.v3.Config\n"
+                "              on_request_headers:\n"
+                f"              - {value}\n",
+            )
+
+        where = ("static_resources.listeners[0].filter_chains[0].filters[0].typed_config."
+                 "http_filters[0].typed_config.on_request_headers[0]")
+        # As in Envoy: a key without a factory of its own needs factory_key.
+        message = self.error(with_value(
+            '{object_key: my.key, format_string: {text_format: "%REQ(:AUTHORITY)%"}}'))
+        self.assertTrue(message.startswith(
+            f"{where}.object_key: 'my.key' does not have an object factory"), message)
+        self.assertIn("set factory_key: envoy.string", message)
+        message = self.error(with_value(
+            '{object_key: my.key, factory_key: envoy.strung, format_string: {text_format: x}}'))
+        self.assertTrue(message.startswith(
+            f"{where}.factory_key: 'envoy.strung' does not have an object factory"), message)
+        for value in ('{object_key: my.key, factory_key: envoy.string, '
+                      'format_string: {text_format: x}}',
+                      '{object_key: envoy.filters.listener.original_dst.local_ip, '
+                      'format_string: {text_format: "%REQ(:AUTHORITY)%"}}'):
+            self.load(with_value(value))
+
     def test_unknown_substitution_operator(self) -> None:
         text = config_text("hbone-client.yaml").replace("%DOWNSTREAM_REMOTE_ADDRESS%",
                                                         "%DOWNSTREAM_REMOTE_ADRESS%")

@@ -1032,6 +1032,7 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.set_filter_state.v3.Config
           on_new_connection:
           - object_key: test.client
+            factory_key: envoy.string
             format_string: {{text_format: "from %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"}}
       - name: envoy.filters.network.tcp_proxy
         typed_config:
@@ -1191,9 +1192,11 @@ http_filters:
       format_string: {text_format_source: {inline_string: "%REQ(:AUTHORITY)%"}}
       shared_with_upstream: ONCE
     - object_key: io.istio.peer_principal
+      factory_key: envoy.string
       format_string: {text_format_source: {inline_string: "%DOWNSTREAM_PEER_URI_SAN%"}}
       skip_if_empty: true
     - object_key: test.agent
+      factory_key: envoy.string
       format_string: {text_format: "agent=%REQ(USER-AGENT)%"}
       read_only: true
 - name: envoy.filters.http.router
@@ -1239,11 +1242,14 @@ def _hop(name: str, cluster: str, log: Path, first: bool = False) -> str:
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.set_filter_state.v3.Config
           on_new_connection:
-          - {object_key: here.only, format_string: {text_format: "local"}}
+          - {object_key: here.only, factory_key: envoy.string,
+             format_string: {text_format: "local"}}
           - object_key: next.hop
+            factory_key: envoy.string
             format_string: {text_format: "once"}
             shared_with_upstream: ONCE
           - object_key: every.hop
+            factory_key: envoy.string
             format_string: {text_format: "transitive"}
             shared_with_upstream: TRANSITIVE
 """ if first else ""

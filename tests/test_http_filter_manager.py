@@ -375,9 +375,53 @@ class RouteAndStateTests(unittest.TestCase):
         with self.assertRaises(FilterStateError):
             state.set_data("io.istio.peer_principal", "other")
         hop = state.shared_with_upstream()
+        assert hop is not None
         self.assertEqual(hop.keys(), ["everywhere", "io.istio.peer_principal"])
         second_hop = hop.shared_with_upstream()
+        assert second_hop is not None
         self.assertEqual(second_hop.keys(), ["everywhere"])  # ONCE arrived as NONE
+        # Nothing shared: no state at all for the next hop (no copy per tunnel).
+        self.assertIsNone(FilterState().shared_with_upstream(FilterState()))
+        only_local = FilterState()
+        only_local.set_data("local", 1)
+        self.assertIsNone(only_local.shared_with_upstream())
+        # A request's state is shared over its connection's.
+        request = FilterState()
+        request.set_data("everywhere", 3, SharedWithUpstream.ONCE)
+        merged = state.shared_with_upstream(None, request)
+        assert merged is not None
+        self.assertEqual(merged.get_data("everywhere"), 3)
+        self.assertEqual(merged.get_data("io.istio.peer_principal"), "spiffe://td/ns/a/sa/b")
+
+
+class ObjectFactoryTests(unittest.TestCase):
+    def test_addresses_are_checked_strings_are_not(self) -> None:
+        from hbonex.filters.http.set_filter_state import OBJECT_FACTORIES
+
+        local_ip = OBJECT_FACTORIES["envoy.filters.listener.original_dst.local_ip"]
+        for good in ("10.1.2.3:8080", "[fd00::1]:443"):
+            self.assertEqual(local_ip(good), good)
+        for bad in ("10.1.2.3", "host.example:80", "10.1.2.3:99999", "fd00::1:443", "-"):
+            self.assertIsNone(local_ip(bad), bad)
+        self.assertEqual(OBJECT_FACTORIES["envoy.string"]("anything: at all"),
+                         "anything: at all")
+
+    def test_an_invalid_address_is_not_stored(self) -> None:
+        from hbonex.filters.http.set_filter_state import OBJECT_FACTORIES, FilterStateValue, store
+        from hbonex.observability.formatter import Template
+
+        values = (
+            FilterStateValue("envoy.filters.listener.original_dst.local_ip",
+                             Template("%REQ(:AUTHORITY)%"),
+                             factory=OBJECT_FACTORIES["envoy.filters.listener.original_dst.local_ip"]),
+            FilterStateValue("plain", Template("%REQ(:AUTHORITY)%")),
+        )
+        state = FilterState()
+        store(values, {"req::authority": "not-an-address:80"}, state)
+        self.assertEqual(state.keys(), ["plain"])
+        store(values, {"req::authority": "10.0.0.1:80"}, state)
+        self.assertEqual(state.get_data("envoy.filters.listener.original_dst.local_ip"),
+                         "10.0.0.1:80")
 
 
 class HeadersTests(unittest.TestCase):

@@ -519,6 +519,7 @@ def _http_providers() -> dict[str, Callable[[], Any]]:
     from hbonex.http.connection_manager import StandardHeaders
     from hbonex.http.filter_manager import FilterManager
     from hbonex.tunnel.client import H2TunnelClient
+    from hbonex.tunnel.filter_chain import ConnectAdmission, TunnelResponseSink
     from hbonex.upstream.http1_client import Http1ClientCodec
 
     def manager() -> FilterManager:
@@ -533,6 +534,10 @@ def _http_providers() -> dict[str, Callable[[], Any]]:
             lambda: manager().decoding.sides[0].callbacks,
         "hbonex.http.filter_manager._EncoderCallbacks": lambda: _encoder_callbacks(),
         "hbonex.http.codec1._Sink": h1_sink,
+        "hbonex.tunnel.filter_chain.ConnectAdmission": lambda: ConnectAdmission(print),
+        "hbonex.tunnel.filter_chain.TunnelResponseSink": lambda: TunnelResponseSink(
+            lambda h, e: None, lambda d, e: None, lambda: None
+        ),
         "hbonex.http.codec1.Http1ServerCodec":
             lambda: codec1.Http1ServerCodec(lambda sink: None, Clock()),
         "hbonex.filters.http.set_filter_state.SetFilterStateFilter":

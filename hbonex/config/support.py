@@ -267,8 +267,7 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
     "envoy.extensions.filters.http.set_filter_state.v3.Config": _m("on_request_headers"),
     "envoy.extensions.filters.network.set_filter_state.v3.Config": _m("on_new_connection"),
     "envoy.extensions.filters.common.set_filter_state.v3.FilterStateValue": _m(
-        "object_key format_string read_only shared_with_upstream skip_if_empty",
-        error={"factory_key": "values are stored as strings"}),
+        "object_key factory_key format_string read_only shared_with_upstream skip_if_empty"),
     f"{_ROUTES}.RetryPolicy": _m(
         "retry_on num_retries per_try_timeout retriable_status_codes retry_back_off",
         error={"retry_priority": "no retry priorities",

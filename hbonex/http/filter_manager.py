@@ -449,6 +449,14 @@ class FilterManager:
         self.sink.reset()
         self._destroy()
 
+    def finish(self) -> None:
+        """
+        The stream ended where the filters do not see it (a CONNECT's relay closed after its
+        200): the request is complete, and the chain is destroyed.
+        """
+        if not self._destroyed:
+            self._response_complete()
+
     # -- the response, from the router (or a filter acting as the upstream) ---------------------
 
     def encode_headers(self, headers: Headers, end_stream: bool) -> None:

@@ -66,18 +66,26 @@ class FilterState:
     def keys(self) -> list[str]:
         return sorted(self._entries)
 
-    def shared_with_upstream(self) -> FilterState:
+    def shared_with_upstream(self, *more: FilterState | None) -> FilterState | None:
         """
         What the next hop's connection starts with: ONCE objects arrive as NONE, TRANSITIVE
-        ones stay TRANSITIVE.
+        ones stay TRANSITIVE; None when nothing is shared (most tunnels: no copy per tunnel).
+        ``more`` are narrower scopes shared too, each over the ones before it (a request's
+        state over its connection's, as Envoy's stream filter state sits on its
+        connection's).
         """
-        upstream = FilterState()
-        for key, entry in self._entries.items():
-            if entry.shared is SharedWithUpstream.ONCE:
-                upstream._entries[key] = _Entry(entry.value, SharedWithUpstream.NONE,
-                                                entry.read_only)
-            elif entry.shared is SharedWithUpstream.TRANSITIVE:
-                upstream._entries[key] = _Entry(entry.value, entry.shared, entry.read_only)
+        upstream: FilterState | None = None
+        for state in (self, *more):
+            if state is None:
+                continue
+            for key, entry in state._entries.items():
+                if entry.shared is SharedWithUpstream.NONE:
+                    continue
+                if upstream is None:
+                    upstream = FilterState()
+                shared = (SharedWithUpstream.NONE if entry.shared is SharedWithUpstream.ONCE
+                          else entry.shared)
+                upstream._entries[key] = _Entry(entry.value, shared, entry.read_only)
         return upstream
 
 

@@ -22,11 +22,15 @@ from zope.interface import implementer
 from hbonex.errors import UpstreamError, status_and_reason
 from hbonex.h2.connection import ErrorCodes, H2Stream, H2TunnelConnection
 from hbonex.h2.settings import H2Settings
+from hbonex.http.filter_manager import FilterManager
+from hbonex.http.headers import Headers
 from hbonex.http.routing import RouteDecision
+from hbonex.http.stream_info import FilterState
 from hbonex.network.relay import Relay
 from hbonex.observability import istio_metrics
 from hbonex.tunnel.client import H1TunnelTransport
 from hbonex.tunnel.connect import ConnectRequest, MalformedRequest, parse_h2_request
+from hbonex.tunnel.filter_chain import TunnelResponseSink, connect_filter_chain
 from hbonex.upstream.cluster import UpstreamRequest
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -60,7 +64,7 @@ class TunnelLog:
 
     def refused_tunnel(
         self, info: Any, authority: str, status: int, reason: str, flags: str = "-",
-        cluster: str = "", failure: str = "",
+        cluster: str = "", failure: str = "", state: FilterState | None = None,
     ) -> None:
         self.refused += 1
         # The line is formatted here, once: Twisted's formatter re-parses a format string
@@ -75,11 +79,12 @@ class TunnelLog:
             status=status, reason=reason,
         )
         self.record(info, authority, status, reason, 0, 0, 0.0, "", {
-            "response_flags": flags, "upstream_cluster": cluster, "upstream_failure": failure})
+            "response_flags": flags, "upstream_cluster": cluster, "upstream_failure": failure},
+            state)
 
     def established(
         self, reactor: Any, info: Any, authority: str, relay: Relay, started: float,
-        upstream_host: str, cluster: str,
+        upstream_host: str, cluster: str, state: FilterState | None = None,
     ) -> None:
         """
         The tunnel is up: its access records while it lasts (Envoy's
@@ -92,7 +97,7 @@ class TunnelLog:
             self.record(info, authority, 200, relay.close_reason or "", relay.a.bytes_in,
                         relay.b.bytes_in, time.monotonic() - started, upstream_host,
                         {"response_flags": "-", "upstream_cluster": cluster,
-                         "access_log_type": kind})
+                         "access_log_type": kind}, state)
 
         if self.flush_on_established:
             record("DownstreamTunnelSuccessfullyEstablished")
@@ -106,7 +111,7 @@ class TunnelLog:
 
     def finished(
         self, info: Any, authority: str, relay: Relay, started: float, upstream_host: str = "",
-        cluster: str = "",
+        cluster: str = "", state: FilterState | None = None,
     ) -> None:
         call = relay.flush_call
         if call is not None and call.active():
@@ -129,11 +134,12 @@ class TunnelLog:
         istio_metrics.tcp_closed(info, sent=down, received=up, flags=flags)
         self.record(info, authority, 200, reason, up, down, duration, upstream_host,
                     {"response_flags": flags, "upstream_cluster": cluster,
-                     "access_log_type": "DownstreamEnd"})
+                     "access_log_type": "DownstreamEnd"}, state)
 
     def record(
         self, info: Any, authority: str, status: int, reason: str, up: int, down: int,
         duration: float, upstream_host: str, extra: dict[str, str] | None = None,
+        state: FilterState | None = None,
     ) -> None:
         if not self.access_log:
             return
@@ -141,6 +147,9 @@ class TunnelLog:
         record["access_log_type"] = "DownstreamEnd"
         if extra:
             record.update(extra)
+        if state is not None:
+            # %FILTER_STATE%: what the CONNECT's HTTP filters stored, over the connection's.
+            record.update((f"fs:{key}", str(state.get_data(key))) for key in state.keys())
         record["req::authority"] = authority  # %REQ(:AUTHORITY)%: the CONNECT's target
         record.update(
             authority=authority,
@@ -184,15 +193,23 @@ def _reason(relay: Relay) -> str:
 
 
 def connect_upstream(
-    decision: RouteDecision, relay: Relay, request: ConnectRequest, info: Any
+    decision: RouteDecision, relay: Relay, request: ConnectRequest, info: Any,
+    request_state: FilterState | None = None,
 ) -> defer.Deferred[Any]:
+    """
+    Connect the relay's upstream end to the route's cluster. What the connection's and the
+    request's filter state share with upstream goes along (an internal listener's connection
+    starts with it).
+    """
+    state = getattr(info, "filter_state", None)
     upstream = UpstreamRequest(
         original_destination=decision.original_destination,
         downstream_remote=info.remoteAddress,
         downstream_local=info.localAddress,
         peer_identity=info.peerIdentity,
-        filter_state=(info.filter_state.shared_with_upstream()
-                      if getattr(info, "filter_state", None) is not None else None),
+        filter_state=(state.shared_with_upstream(request_state) if state is not None
+                      else request_state.shared_with_upstream()
+                      if request_state is not None else None),
     )
     return decision.cluster.connect_stream(relay.b, upstream)  # type: ignore[no-any-return]
 
@@ -268,15 +285,53 @@ class H2TunnelServer(H2TunnelConnection):
             )
             self.conn.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
             return
+        chain = None
+        if self.http is not None and self.http.filter_factories:
+            sink = TunnelResponseSink(
+                lambda headers, end: self._chain_headers(sid, list(headers), end),
+                lambda data, end: self._chain_data(sid, data, end),
+                lambda: self._chain_reset(sid),
+            )
+            chain = connect_filter_chain(
+                self.http, sink, lambda headers: self._filtered_tunnel(sid, headers, chain)
+            )
+        if chain is None:
+            self._tunnel(sid, request, None)
+        else:
+            chain.decodeHeaders(Headers(event.headers), False)
+
+    def _filtered_tunnel(self, sid: int, headers: Headers, chain: Any) -> None:
+        """A CONNECT's headers passed the HTTP filters (which may have changed them)."""
+        h2_stream = self.conn.streams.get(sid)
+        if h2_stream is None or h2_stream.closed or not self.may_send:
+            chain.reset()  # the client gave up while a filter held its CONNECT
+            return
+        try:
+            request = parse_h2_request(list(headers))
+        except MalformedRequest as e:
+            chain.send_local_reply(400, details=f"filters left a malformed request: {e}")
+            chain.finish()
+            return
+        self._tunnel(sid, request, chain)
+
+    def _tunnel(self, sid: int, request: ConnectRequest, chain: FilterManager | None) -> None:
+        """Route a CONNECT, connect upstream, answer; then relay (``chain``: its filters)."""
         decision = self.router.route(request, self.info)
         if decision.status == 200 and decision.cluster is not None and decision.kind == "http":
             # Only an HCM (with its filter chain) proxies ordinary requests.
             decision = RouteDecision(405, f"method {request.method} not allowed, only CONNECT")
+        state = chain.stream_info.filter_state if chain is not None else None
         # No cluster: a direct_response (which may well be a 200), not a tunnel.
         if decision.status != 200 or decision.cluster is None:
             self.tunnels.refused_tunnel(self.info, request.authority, decision.status,
-                                        decision.reason, route_flags(decision))
-            self._respond(sid, decision.status, decision.body)
+                                        decision.reason, route_flags(decision), state=state)
+            if chain is None:
+                self._respond(sid, decision.status, decision.body)
+            else:
+                chain.send_local_reply(decision.status, decision.body,
+                                       details=decision.reason, response_flag=route_flags(
+                                           decision).strip("-"))
+                chain.finish()
             return
         cluster_name = decision.cluster.name
         stream = H2Stream(self, sid)
@@ -284,7 +339,7 @@ class H2TunnelServer(H2TunnelConnection):
         authority = request.authority  # keep only this for the tunnel's lifetime
         relay = Relay(self.reactor, decision.idle_timeout)
         started = time.monotonic()
-        d = connect_upstream(decision, relay, request, self.info)
+        d = connect_upstream(decision, relay, request, self.info, state)
         stream.on_closed = lambda reason: d.cancel()
 
         def connected(address: Any) -> None:
@@ -301,32 +356,63 @@ class H2TunnelServer(H2TunnelConnection):
                 refuse_early(400, "data before the CONNECT response (early data refused)")
                 return
             try:
-                self.conn.send_headers(sid, [(b":status", b"200")])
+                if chain is None:
+                    self.conn.send_headers(sid, [(b":status", b"200")])
+                else:
+                    # Through the encoder filters (the sink sends it).
+                    chain.encode_headers(Headers([(b":status", b"200")]), False)
+                    if chain.sink.status != 200:
+                        # A filter answered otherwise, or held the 200 (a tunnel cannot
+                        # wait for it): no tunnel.
+                        relay.b.transport.abortConnection()  # type: ignore[union-attr]
+                        reason = ("an HTTP filter held the CONNECT's 200"
+                                  if chain.sink.status is None else
+                                  f"an HTTP filter answered {chain.sink.status}")
+                        self.tunnels.refused_tunnel(
+                            self.info, request.authority, chain.sink.status or 500, reason,
+                            "-", cluster_name, state=state)
+                        if chain.sink.status is None:
+                            chain.send_local_reply(500, details=reason, through_filters=False)
+                        chain.finish()
+                        stream._finish(Failure(ierror.ConnectionDone("tunnel refused")))
+                        return
             except h2.exceptions.ProtocolError as e:  # StreamClosedError included
                 self.log.debug("{conn}: stream {sid} gone before its 200: {e}",
                                conn=self.describe(), sid=sid, e=e)
                 relay.b.transport.abortConnection()  # type: ignore[union-attr]
                 stream._finish(Failure(ierror.ConnectionLost(f"stream gone: {e}")))
+                if chain is not None:
+                    chain.finish()
                 return
             self._flush()
             self.tunnels.opened += 1
             istio_metrics.tcp_opened(self.info)
             self.tunnels.active += 1
-            relay.on_done = lambda r: self.tunnels.finished(
-                self.info, authority, r, started, str(address), cluster_name
-            )
+
+            def done(r: Relay) -> None:
+                self.tunnels.finished(self.info, authority, r, started, str(address),
+                                      cluster_name, state=state)
+                if chain is not None:
+                    chain.finish()
+
+            relay.on_done = done
             stream.attach(relay.a)
             relay.start()
             self.tunnels.established(self.reactor, self.info, authority, relay, started,
-                                     str(address), cluster_name)
+                                     str(address), cluster_name, state=state)
 
         def refuse_early(status: int, reason: str, flags: str = "-", failure: str = "") -> None:
             self.tunnels.refused_tunnel(self.info, request.authority, status, reason, flags,
-                                        cluster_name, failure)
+                                        cluster_name, failure, state=state)
             stream.on_closed = None
             if not stream._closed:
-                self._respond(sid, status)
+                if chain is None:
+                    self._respond(sid, status)
+                else:
+                    chain.send_local_reply(status, details=reason, response_flag=flags.strip("-"))
                 stream._finish(Failure(ierror.ConnectionDone("tunnel refused")))
+            if chain is not None:
+                chain.finish()
 
         def failed(f: Failure) -> None:
             if f.check(defer.CancelledError):
@@ -335,6 +421,39 @@ class H2TunnelServer(H2TunnelConnection):
             refuse_early(status, reason, upstream_flags(f.value), reason)
 
         d.addCallbacks(connected, failed)
+
+    def _chain_headers(self, sid: int, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+        """A CONNECT's response headers, from its HTTP filters."""
+        if not self.may_send:
+            return
+        try:
+            self.conn.send_headers(sid, headers, end_stream=end)
+            if end:
+                self._stop_request_body(sid)
+        except h2.exceptions.ProtocolError:  # the stream (StreamClosedError) or connection
+            pass
+        self._flush()
+
+    def _chain_data(self, sid: int, data: bytes, end: bool) -> None:
+        """A refused CONNECT's response body, from its HTTP filters."""
+        if not self.may_send:
+            return
+        try:
+            self.conn.send_data(sid, data, end_stream=end)
+            if end:
+                self._stop_request_body(sid)
+        except h2.exceptions.ProtocolError:
+            pass
+        self._flush()
+
+    def _chain_reset(self, sid: int) -> None:
+        if not self.may_send:
+            return
+        try:
+            self.conn.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
+        except h2.exceptions.ProtocolError:
+            pass
+        self._flush()
 
     def _respond(self, sid: int, status: int, body: bytes = b"") -> None:
         """
@@ -492,11 +611,68 @@ class H1TunnelServer(Protocol):
             self.tunnels.refused_tunnel(self.info, target, 405, f"method {method}")
             self._reply(405, close=True, extra="Allow: CONNECT\r\n")
             return
+        chain = None
+        if self.http is not None and self.http.filter_factories:
+            sink = TunnelResponseSink(self._chain_head, self._chain_body,
+                                      self.transport.abortConnection)  # type: ignore[union-attr]
+            chain = self._chain = connect_filter_chain(
+                self.http, sink, lambda headers: self._filtered_tunnel(headers, chain))
+        if chain is None:
+            self._tunnel(request, None)
+            return
+        # The tunnel's first bytes wait (one read at most) while the filters decide.
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        chain.decodeHeaders(Headers([
+            (b":method", b"CONNECT"), (b":authority", target.encode("latin-1")),
+            *((n.encode("latin-1"), v.encode("latin-1")) for n, v in headers),
+        ]), False)
+
+    _chain: FilterManager | None = None
+    _lost = False
+
+    def _filtered_tunnel(self, headers: Headers, chain: Any) -> None:
+        """A CONNECT's headers passed the HTTP filters (which may have changed them)."""
+        if self._lost:
+            chain.reset()  # the client gave up while a filter held its CONNECT
+            return
+        target = (headers.get(b":authority") or b"").decode("latin-1")
+        request = ConnectRequest(
+            method="CONNECT", authority=target, path=None, scheme=None,
+            headers=tuple((n.decode("latin-1"), v.decode("latin-1"))
+                          for n, v in headers if not n.startswith(b":")),
+        )
+        self._tunnel(request, chain)
+
+    def _chain_head(self, headers: Headers, end: bool) -> None:
+        """A CONNECT's response head, from its HTTP filters."""
+        status = int(headers.get(b":status") or b"500")
+        lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}"]
+        lines += [f"{n.decode('latin-1')}: {v.decode('latin-1')}"
+                  for n, v in headers if not n.startswith(b":")]
+        if status != 200:
+            if headers.get(b"content-length") is None:
+                lines.append("Content-Length: 0")
+            lines.append("Connection: close")
+        self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))  # type: ignore[union-attr]
+        if end and status != 200:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _chain_body(self, data: bytes, end: bool) -> None:
+        """A refused CONNECT's response body (the connection closes after it)."""
+        if data:
+            self.transport.write(data)  # type: ignore[union-attr]
+        if end:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _tunnel(self, request: ConnectRequest, chain: FilterManager | None) -> None:
+        """Route a CONNECT, connect upstream, answer; then relay (``chain``: its filters)."""
+        target = request.authority
         decision = self.router.route(request, self.info)
+        state = chain.stream_info.filter_state if chain is not None else None
         if decision.status != 200 or decision.cluster is None:  # None: a direct_response
             self.tunnels.refused_tunnel(self.info, target, decision.status, decision.reason,
-                                        route_flags(decision))
-            self._reply(decision.status, close=True)
+                                        route_flags(decision), state=state)
+            self._refuse(chain, decision.status, route_flags(decision), decision.reason)
             return
         self.transport.pauseProducing()  # type: ignore[union-attr]
         self._target = target
@@ -507,17 +683,37 @@ class H1TunnelServer(Protocol):
         cluster_name = decision.cluster.name
         relay = Relay(self.reactor, decision.idle_timeout)
         started = time.monotonic()
-        d = self._pending = connect_upstream(decision, relay, request, self.info)
+        d = self._pending = connect_upstream(decision, relay, request, self.info, state)
 
         def connected(address: Any) -> None:
             self._pending = None
-            self.transport.write(b"HTTP/1.1 200 OK\r\n\r\n")  # type: ignore[union-attr]
+            if chain is None:
+                self.transport.write(b"HTTP/1.1 200 OK\r\n\r\n")  # type: ignore[union-attr]
+            else:
+                chain.encode_headers(Headers([(b":status", b"200")]), False)
+                status = chain.sink.status
+                if status != 200:
+                    # A filter answered otherwise, or held the 200 (a tunnel cannot wait).
+                    relay.b.transport.abortConnection()  # type: ignore[union-attr]
+                    reason = ("an HTTP filter held the CONNECT's 200" if status is None
+                              else f"an HTTP filter answered {status}")
+                    self.tunnels.refused_tunnel(self.info, target, status or 500, reason, "-",
+                                                cluster_name, state=state)
+                    if status is None:
+                        self._refuse(chain, 500, "-", reason)
+                    chain.finish()
+                    return
             self.tunnels.opened += 1
             istio_metrics.tcp_opened(self.info)
             self.tunnels.active += 1
-            relay.on_done = lambda r: self.tunnels.finished(
-                self.info, target, r, started, str(address), cluster_name
-            )
+
+            def done(r: Relay) -> None:
+                self.tunnels.finished(self.info, target, r, started, str(address),
+                                      cluster_name, state=state)
+                if chain is not None:
+                    chain.finish()
+
+            relay.on_done = done
             self._relay = relay
             relay.a.makeConnection(H1TunnelTransport(self.transport))
             early, self._buffer = self._buffer, b""
@@ -527,7 +723,7 @@ class H1TunnelServer(Protocol):
                 relay.a.readConnectionLost()
             relay.start()
             self.tunnels.established(self.reactor, self.info, target, relay, started,
-                                     str(address), cluster_name)
+                                     str(address), cluster_name, state=state)
             if not relay.a.lost:
                 self.transport.resumeProducing()  # type: ignore[union-attr]
 
@@ -538,10 +734,18 @@ class H1TunnelServer(Protocol):
             error = f.value
             status, reason = status_and_reason(error)
             self.tunnels.refused_tunnel(self.info, target, status, reason,
-                                        upstream_flags(error), cluster_name, reason)
-            self._reply(status, close=True)
+                                        upstream_flags(error), cluster_name, reason, state=state)
+            self._refuse(chain, status, upstream_flags(error), reason)
 
         d.addCallbacks(connected, failed)
+
+    def _refuse(self, chain: FilterManager | None, status: int, flags: str, reason: str) -> None:
+        """Answer a CONNECT we do not tunnel, and close the connection."""
+        if chain is None:
+            self._reply(status, close=True)
+            return
+        chain.send_local_reply(status, details=reason, response_flag=flags.strip("-"))
+        chain.finish()
 
     _reject_early_data = False
     _target = ""
@@ -559,6 +763,8 @@ class H1TunnelServer(Protocol):
         reason = "data before the CONNECT response (early data refused)"
         self.tunnels.refused_tunnel(self.info, self._target, 400, reason)
         self._reply(400, close=True)
+        if self._chain is not None:
+            self._chain.finish()
 
     def readConnectionLost(self) -> None:
         relay = self._relay
@@ -615,6 +821,7 @@ class H1TunnelServer(Protocol):
         self.transport.abortConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
         if self.connections is not None:
             self.connections.discard(self)
         if self._channel is not None:
@@ -623,6 +830,9 @@ class H1TunnelServer(Protocol):
             self._pending.cancel()
         if self._relay is not None:
             self._relay.a.connectionLost(reason)
+        if self._chain is not None:
+            # A filter may still hold the CONNECT (an asynchronous check): it stops now.
+            self._chain.reset()
 
 
 @implementer(IHalfCloseableProtocol)

@@ -1,13 +1,15 @@
 """
 ``envoy.filters.http.set_filter_state``: on each request's headers, store values built from
 substitution formats in the request's filter state (Envoy's FilterStateValue: ``object_key``,
-``format_string``, ``read_only``, ``shared_with_upstream``, ``skip_if_empty``).  Istio's
+``factory_key``, ``format_string``, ``read_only``, ``shared_with_upstream``,
+``skip_if_empty``).  Istio's
 ``connect_terminate`` listener stores the CONNECT's ``%REQ(:AUTHORITY)%`` and the peer's
 ``%DOWNSTREAM_PEER_URI_SAN%`` this way for the filters and logs after it.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, Callable
 
 import attrs
@@ -31,6 +33,38 @@ TYPE_URL = "type.googleapis.com/envoy.extensions.filters.http.set_filter_state.v
 log = Logger()
 
 
+def _address(text: str) -> str | None:
+    """An ``IP:PORT`` object (IPv6 in brackets), or None when the text is not one."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        return None
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        ip = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        return None
+    # IPv6 with a port takes brackets (fd00::1:443 would be ambiguous).
+    return text if bracketed == (ip.version == 6) else None
+
+
+def _string(text: str) -> str | None:
+    return text
+
+
+#: Envoy's object factories (by ``factory_key``, else by ``object_key``): what a value is
+#: made into. Objects are kept as their text; an address that does not parse is not stored.
+OBJECT_FACTORIES: dict[str, Callable[[str], str | None]] = {
+    "envoy.string": _string,
+    "envoy.filters.listener.original_dst.local_ip": _address,
+    "envoy.filters.listener.original_dst.remote_ip": _address,
+    "envoy.network.transport_socket.original_dst_address": _address,
+    "envoy.network.upstream_server_name": _string,
+    "envoy.network.application_protocols": _string,
+    "envoy.network.upstream_subject_alt_names": _string,
+    "envoy.tcp_proxy.cluster": _string,
+}
+
+
 @attrs.frozen
 class FilterStateValue:
     key: str
@@ -38,6 +72,7 @@ class FilterStateValue:
     read_only: bool = False
     shared: SharedWithUpstream = SharedWithUpstream.NONE
     skip_if_empty: bool = False
+    factory: Callable[[str], str | None] = _string
 
 
 def substitutions(connection: Any, headers: Headers) -> dict[str, str]:
@@ -57,8 +92,13 @@ def store(values: tuple[FilterStateValue, ...], record: dict[str, str], state: A
         text = value.template.render(record)
         if value.skip_if_empty and text in ("", "-"):
             continue
+        made = value.factory(text)
+        if made is None:
+            log.debug("set_filter_state: {key}: {text!r} is not a valid value",
+                      key=value.key, text=text)
+            continue
         try:
-            state.set_data(value.key, text, value.shared, value.read_only)
+            state.set_data(value.key, made, value.shared, value.read_only)
         except FilterStateError as e:
             # Envoy leaves a read-only object as it is.
             log.debug("set_filter_state: {error}", error=e)
@@ -100,9 +140,14 @@ def parse_values(values: Any, path: str, context: Any) -> tuple[FilterStateValue
         item = f"{path}[{index}]"
         if not value.object_key:
             raise context.error(item, "missing required field 'object_key'")
-        if value.factory_key:
-            raise context.error(item, "factory_key is not implemented: values are stored as "
-                                "strings", "factory_key")
+        factory_key = value.factory_key or value.object_key
+        factory = OBJECT_FACTORIES.get(factory_key)
+        if factory is None:
+            where = f"{item}.factory_key" if value.factory_key else f"{item}.object_key"
+            raise context.error(
+                where, f"{factory_key!r} does not have an object factory (Envoy's message); "
+                "set factory_key: envoy.string to store the value as a string, or use one of "
+                + ", ".join(sorted(OBJECT_FACTORIES)))
         if not value.HasField("format_string"):
             raise context.error(item, "missing required field 'format_string'")
         fmt = value.format_string
@@ -123,6 +168,7 @@ def parse_values(values: Any, path: str, context: Any) -> tuple[FilterStateValue
             read_only=value.read_only,
             shared=SharedWithUpstream(shared_names.Name(value.shared_with_upstream)),
             skip_if_empty=value.skip_if_empty,
+            factory=factory,
         ))
     return tuple(parsed)
 
