@@ -452,7 +452,7 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
     from hbonex.network.internal import InternalEndpointAddress, internal_pair
     from hbonex.network.listener import ConnectionInfo
     from hbonex.network.relay import RelayEnd
-    from hbonex.observability.process_log import JSONLineObserver
+    from hbonex.observability.process_log import JSONLineObserver, TextLineObserver
     from hbonex.tls.context import ClientTLS, ServerTLS
     from hbonex.tunnel.client import H1TunnelClient, H1TunnelTransport, H2TunnelClient
     from hbonex.tunnel.server import H1TunnelServer, SniffingCodec, TunnelLog
@@ -505,6 +505,9 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
         "hbonex.tunnel.server.SniffingCodec": lambda: SniffingCodec(Protocol, Protocol),
         "hbonex.observability.process_log.JSONLineObserver": lambda: (
             JSONLineObserver(io.StringIO())
+        ),
+        "hbonex.observability.process_log.TextLineObserver": lambda: (
+            TextLineObserver(io.StringIO())
         ),
     }
 

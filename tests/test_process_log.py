@@ -138,3 +138,29 @@ class JSONProcessLogTests(E2ETestCase):
         await server.wait_for(r"tunnel from .* closed after", start=mark)
         # Admin requests (the stats polled above) are not process log lines.
         self.assertFalse([r for r in records() if "/stats/prometheus" in r["message"]])
+
+
+class TextLineObserverTests(unittest.TestCase):
+    def test_same_lines_as_twisted_text_observer(self) -> None:
+        """
+        The fast text observer writes exactly what twisted.logger's textFileLogObserver
+        writes: one-field messages (its fast path), other formats, failures, log_system.
+        """
+        from twisted.logger import textFileLogObserver
+
+        theirs, ours = io.StringIO(), io.StringIO()
+        publisher = LogPublisher(textFileLogObserver(theirs),
+                                 process_log.TextLineObserver(ours))
+        log = Logger(namespace="hbonex.tunnel", observer=publisher)
+        log.info("{tunnel}", tunnel="tunnel from 1.2.3.4:5 (-) to x:1 closed\nsecond line")
+        log.warn("{conn}: bad stream {sid}", conn="h2 from 1.2.3.4:5", sid=3)
+        log.info("{tunnel}", tunnel=5)  # not a string: the general path
+        log.debug("{a}", a="non-ASCII é")
+        try:
+            raise ValueError("broken")
+        except ValueError:
+            log.failure("failed {x}", x=1)
+        publisher({"log_format": "{a}", "a": "legacy", "log_system": "sys", "log_time": 1.5})
+        self.assertEqual(ours.getvalue(), theirs.getvalue())
+        self.assertEqual(len(ours.getvalue().splitlines()[0].split(" ", 2)), 3)
+        self.assertIn("ValueError: broken", ours.getvalue())

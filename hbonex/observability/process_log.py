@@ -11,6 +11,7 @@ application, so ``--log-format`` needs nothing from twistd's own flags.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from typing import IO, Any
@@ -21,7 +22,8 @@ from twisted.logger import (
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
-    textFileLogObserver,
+    formatEventAsClassicLogText,
+    formatTime,
 )
 from zope.interface import implementer
 
@@ -71,6 +73,48 @@ class JSONLineObserver:
             pass  # a full disk or a closed stream must not take the process down
 
 
+_ONE_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@implementer(ILogObserver)
+class TextLineObserver:
+    """
+    twistd's text log, line for line as twisted.logger's ``textFileLogObserver`` writes it
+    (``TIME [SYSTEM] MESSAGE``), for less: the time text is made once per second, and a
+    message that is one field (``"{tunnel}"``: the line per tunnel, formatted by its
+    emitter) is taken as it is instead of re-parsing the format. Anything else (failures,
+    other formats) goes through twisted.logger's own formatter.
+    """
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+        self._second = -1
+        self._stamp = ""
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        fmt = event.get("log_format")
+        when = event.get("log_time")
+        match = _ONE_FIELD.fullmatch(fmt) if isinstance(fmt, str) else None
+        value = event.get(match.group(1)) if match is not None else None
+        if (not isinstance(value, str) or when is None or "log_failure" in event
+                or "log_system" in event):
+            text = formatEventAsClassicLogText(event)
+            if text is None:
+                return  # nothing to say (as textFileLogObserver)
+        else:
+            second = int(when)
+            if second != self._second:
+                self._second, self._stamp = second, formatTime(when)
+            level = event.get("log_level")
+            system = f"{event.get('log_namespace', '-')}#{level.name if level else '-'}"
+            text = f"{self._stamp} [{system}] {value.replace(chr(10), chr(10) + chr(9))}\n"
+        try:
+            self.out.write(text)
+            self.out.flush()
+        except (OSError, ValueError):
+            pass  # a full disk or a closed stream must not take the process down
+
+
 class LogControl:
     """
     The levels: one predicate in front of the process's observer, per namespace (a namespace
@@ -105,4 +149,4 @@ def output_for(twistd_options: Any) -> IO[str]:
 def make_observer(log_format: str, out: IO[str], control: LogControl) -> ILogObserver:
     if log_format == "json":
         return control.wrap(JSONLineObserver(out))
-    return control.wrap(textFileLogObserver(out))
+    return control.wrap(TextLineObserver(out))
