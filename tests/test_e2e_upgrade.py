@@ -23,6 +23,7 @@ from tests.support import (
     start_twistd,
     wait_until,
 )
+from tests.test_e2e_hcm import HCM_TYPE
 from tests.test_e2e_tunnel import E2ETestCase
 from tests.test_interop_node import NodeProcess, node_binary
 
@@ -39,7 +40,7 @@ static_resources:
     - filters:
       - name: envoy.filters.network.http_connection_manager
         typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          "@type": {hcm_type}
           stat_prefix: ingress
           upgrade_configs:
           - upgrade_type: WebSocket
@@ -106,7 +107,7 @@ class UpgradeE2E(E2ETestCase):
         workdir.mkdir()
         log = workdir / "access.json"
         config = workdir / "hcm.yaml"
-        config.write_text(CONFIG.format(backend=ready["port"], log=log))
+        config.write_text(CONFIG.format(backend=ready["port"], log=log, hcm_type=HCM_TYPE))
         proxy = await start_twistd(self, "hbone-server",
                                    ["--config", str(config), "--admin", "127.0.0.1:0"],
                                    name="hcm")
