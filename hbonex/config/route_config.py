@@ -276,7 +276,8 @@ def upgrade_configs(configs: Any, path: str, context: Any) -> list[tuple[Any, st
         if not TOKEN.match(upgrade.upgrade_type):
             raise context.error(
                 upgrade_path, f"upgrade_type {upgrade.upgrade_type!r} is not an HTTP token "
-                "(an Upgrade header value such as websocket, or CONNECT)", "upgrade_type")
+                "nor token/version (an Upgrade protocol such as websocket, or CONNECT)",
+                "upgrade_type")
         kind = upgrade.upgrade_type.lower()
         if kind in seen:
             raise context.error(upgrade_path, f"duplicate upgrade_type {upgrade.upgrade_type!r} "

@@ -16,8 +16,9 @@ from typing import Iterable
 
 from hbonex.http.headers import Headers
 
-#: RFC 9110 token: what an upgrade_type must be to ever match an Upgrade header.
-TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+#: RFC 9110 §7.8 protocol (a token, and maybe "/" a version token): what an upgrade_type
+#: must be to ever match an Upgrade header.
+TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+(/[!#$%&'*+\-.^_`|~0-9A-Za-z]+)?$")
 
 #: The Upgrade value HTTP/2 over cleartext asks for: Envoy ignores it (the request is served
 #: as an ordinary one, its upgrade headers removed); so does hbonex.
