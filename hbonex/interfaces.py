@@ -10,7 +10,7 @@ Envoy name or ``@type`` URL through ``getPlugins``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.interfaces import (
     IConsumer,
@@ -262,6 +262,20 @@ class IStreamDecoderFilterCallbacks(IStreamFilterCallbacks):
     def requestBodyProducer() -> object:
         """
         An IPushProducer whose pause stops reading the request body from the client.
+        """
+
+    def switchProtocols(protocol: object, onSwitched: Callable[[bool], None]) -> None:
+        """
+        An upgrade the upstream accepted (101): once the 101 has left the encoder filters
+        for the client, the downstream connection (or stream) is handed to ``protocol`` (an
+        IProtocol, e.g. a relay end) and ``onSwitched(True)`` is called; ``onSwitched(False)``
+        if it cannot be (another response went instead, or the client is gone).
+        """
+
+    def upgradeFinished(bytesReceived: int, bytesSent: int) -> None:
+        """
+        The upgraded connection ended (the relay is done): the request is over, with the
+        bytes relayed each way counted in its stream info (the access log's).
         """
 
 

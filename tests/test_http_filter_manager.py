@@ -61,6 +61,10 @@ class Sink:
     def requestProducer(self) -> Any:
         return self.request_source
 
+    def switchProtocols(self, protocol: Any) -> bool:
+        self.events.append(("switched", protocol))
+        return True
+
     @property
     def body(self) -> bytes:
         return b"".join(e[1] for e in self.events if e[0] == "data")

@@ -17,14 +17,15 @@ from hbonex.http.routing import (
     RouteConfig,
     VirtualHost,
 )
+from hbonex.http.upgrade import TOKEN, UpgradeMap
 from hbonex.tls.transport_sockets import regex_field
 
-__all__ = ["parse_route_config"]
+__all__ = ["parse_route_config", "upgrade_configs"]
 
 
 def parse_route_config(message: Any, path: str, context: Any, *,
-                       connect_enabled: bool = False, reject_early_data: bool = False
-                       ) -> RouteConfig:
+                       connect_enabled: bool = False, reject_early_data: bool = False,
+                       upgrades: UpgradeMap = ()) -> RouteConfig:
     vhosts = []
     names: dict[str, str] = {}
     domains: dict[str, str] = {}
@@ -46,8 +47,9 @@ def parse_route_config(message: Any, path: str, context: Any, *,
         vhosts.append(vhost)
     request, response = header_mutations(message, path, context)
     return RouteConfig(message.name, tuple(vhosts), connect_enabled=connect_enabled,
-                       reject_early_data=reject_early_data, request_headers=request,
-                       response_headers=response, clusters=context.runtime.clusters)
+                       upgrades=upgrades, reject_early_data=reject_early_data,
+                       request_headers=request, response_headers=response,
+                       clusters=context.runtime.clusters)
 
 
 _APPEND_ACTIONS = ("APPEND_IF_EXISTS_OR_ADD", "ADD_IF_ABSENT", "OVERWRITE_IF_EXISTS_OR_ADD",
@@ -241,23 +243,53 @@ def _route(message: Any, path: str, context: Any) -> Route:
         elif host is not None:
             raise context.error(config_path, f"{host} is not supported; use "
                                 "host_rewrite_literal or auto_host_rewrite", host)
-        for index, upgrade in enumerate(config.upgrade_configs):
-            upgrade_path = f"{config_path}.upgrade_configs[{index}]"
-            if not upgrade.upgrade_type:
-                raise context.error(upgrade_path, "missing required field 'upgrade_type'")
-            if upgrade.upgrade_type.upper() != "CONNECT":
-                raise context.error(
-                    upgrade_path, f"upgrade_type {upgrade.upgrade_type!r} is not supported; "
-                    "accepted: CONNECT", "upgrade_type")
-            fields["connect_enabled"] = (upgrade.enabled.value if upgrade.HasField("enabled")
-                                         else True)
-            fields["allow_post"] = upgrade.connect_config.allow_post
+        upgrades = []
+        for upgrade, kind, enabled in upgrade_configs(config.upgrade_configs,
+                                                      f"{config_path}.upgrade_configs", context):
+            if kind == "connect":
+                fields["connect_enabled"] = enabled
+                fields["allow_post"] = upgrade.connect_config.allow_post
+            else:
+                upgrades.append((kind, enabled))
+        fields["upgrades"] = tuple(upgrades)
+        fields["idle_timeout_set"] = config.HasField("idle_timeout")
         fields["idle_timeout"] = _seconds(config, "idle_timeout", 3600.0)
         fields["timeout"] = _seconds(config, "timeout", None)
         if config.HasField("retry_policy"):
             fields["retry_policy"] = retry_policy(config.retry_policy,
                                                   f"{config_path}.retry_policy", context)
     return Route(**fields)
+
+
+def upgrade_configs(configs: Any, path: str, context: Any) -> list[tuple[Any, str, bool]]:
+    """
+    An ``upgrade_configs`` list (the HCM's or a route's): each entry with its lower-cased
+    type and whether it is enabled (Envoy's default: yes).  Any RFC 9110 token is a type, as
+    in Envoy; CONNECT is the tunnel, every other type an HTTP/1.1 Upgrade (e.g. websocket).
+    """
+    result = []
+    seen: dict[str, str] = {}
+    for index, upgrade in enumerate(configs):
+        upgrade_path = f"{path}[{index}]"
+        if not upgrade.upgrade_type:
+            raise context.error(upgrade_path, "missing required field 'upgrade_type'")
+        if not TOKEN.match(upgrade.upgrade_type):
+            raise context.error(
+                upgrade_path, f"upgrade_type {upgrade.upgrade_type!r} is not an HTTP token "
+                "nor token/version (an Upgrade protocol such as websocket, or CONNECT)",
+                "upgrade_type")
+        kind = upgrade.upgrade_type.lower()
+        if kind in seen:
+            raise context.error(upgrade_path, f"duplicate upgrade_type {upgrade.upgrade_type!r} "
+                                f"(also {seen[kind]}); name each type once", "upgrade_type")
+        seen[kind] = upgrade_path
+        if (kind != "connect" and "connect_config" in upgrade.DESCRIPTOR.fields_by_name
+                and upgrade.HasField("connect_config")):
+            raise context.error(upgrade_path, "connect_config is only for upgrade_type "
+                                "CONNECT", "connect_config")
+        enabled = upgrade.enabled.value if upgrade.HasField("enabled") else True
+        result.append((upgrade, kind, enabled))
+    return result
 
 
 _REDIRECT_CODES = {"MOVED_PERMANENTLY": 301, "FOUND": 302, "SEE_OTHER": 303,

@@ -196,7 +196,9 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
                "forward_client_cert_details": "security: no XFCC header handling",
                "set_current_client_cert_details": "security: no XFCC header handling"},
     ),
-    f"{_HCM}.HttpConnectionManager.UpgradeConfig": _m("upgrade_type enabled"),
+    f"{_HCM}.HttpConnectionManager.UpgradeConfig": _m(
+        "upgrade_type enabled",
+        error={"filters": "upgrades run the HCM's http_filters (no filter chain of their own)"}),
     f"{_HCM}.HttpFilter": _m("name typed_config"),
     "envoy.extensions.filters.http.router.v3.Router": _m(
         warn={"dynamic_stats": _STATS, "start_child_span": "no tracing",

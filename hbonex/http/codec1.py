@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from hbonex.http.filter_manager import REASONS, IResponseSink
 from hbonex.http.headers import Headers
+from hbonex.http.upgrade import upgrade_type
 
 #: RFC 9110 token characters (method and header names).
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -69,6 +70,9 @@ class _Stream:
         self.remaining: int | None = None
         self.response_done = False
         self.request_done = False
+        #: An Upgrade request (not h2c): what follows its head is upgrade payload, passed on
+        #: unparsed (as Envoy), whatever Content-Length or Transfer-Encoding it names.
+        self.upgrade = False
 
 
 @implementer(IResponseSink)
@@ -107,6 +111,9 @@ class _Sink:
 
     def requestProducer(self) -> Any:
         return _RequestSource(self._codec)
+
+    def switchProtocols(self, protocol: Any) -> bool:
+        return self._codec._switch(self._stream, protocol)
 
 
 @implementer(IPushProducer)
@@ -160,6 +167,10 @@ class Http1ServerCodec(Protocol):
         #: and/or "upstream" (the upstream cannot take the request body yet).
         self._pause_reasons: set[str] = set()
         self.requests = 0
+        #: After a 101 to an upgrade: the protocol the connection's bytes now go to.
+        self._switched: Any = None
+        #: The client's EOF arrived while its upgrade request waited for the upstream.
+        self._upgrade_eof = False
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -188,6 +199,9 @@ class Http1ServerCodec(Protocol):
             self.transport.loseConnection()  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
+        if self._switched is not None:
+            self._switched.dataReceived(data)
+            return
         if self._closing:
             return
         self._buffer += data
@@ -197,7 +211,16 @@ class Http1ServerCodec(Protocol):
             self._error(e.status, e.reason)
 
     def readConnectionLost(self) -> None:
+        if self._switched is not None:
+            self._switched.readConnectionLost()
+            return
         stream = self._stream
+        if stream is not None and stream.upgrade and not stream.response_done:
+            # Kept for the relay if the upstream switches protocols; any other answer ends
+            # the connection after it.
+            self._upgrade_eof = True
+            self._close_after_response = True
+            return
         if stream is not None and not stream.request_done:
             # The client stopped sending mid-request: the request is truncated.
             self._abort_stream(stream)
@@ -207,11 +230,15 @@ class Http1ServerCodec(Protocol):
             self._close_after_response = True
 
     def writeConnectionLost(self) -> None:
-        pass
+        if self._switched is not None:
+            self._switched.writeConnectionLost()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel(self._head_timer)
         self._cancel(self._idle_timer)
+        if self._switched is not None:
+            self._switched.connectionLost(reason)
+            return
         stream = self._stream
         if stream is not None and not (stream.request_done and stream.response_done):
             self._abort_stream(stream)
@@ -276,6 +303,17 @@ class Http1ServerCodec(Protocol):
             elif state == "trailers":
                 if not self._parse_trailers():
                     return
+            elif state == "upgrade":
+                # Upgrade payload before the upstream answered: to the router as it comes
+                # (it reads one buffer at most ahead while the upstream connects).
+                if not self._buffer:
+                    return
+                chunk = bytes(self._buffer)
+                self._buffer.clear()
+                stream = self._stream
+                if stream is not None and stream.handler is not None:
+                    stream.handler.decodeData(chunk, False)
+                return
             else:  # "wait": the response to this request is still going out
                 return
 
@@ -376,6 +414,7 @@ class Http1ServerCodec(Protocol):
             b"keep-alive" in connection
         )
         expect = regular.get(b"expect")
+        upgrade = upgrade_type(regular) if method != b"CONNECT" else None
         for name, value in regular:
             if name == b"te":
                 if value.lower() == b"trailers":  # the one TE value HTTP/2 keeps
@@ -386,13 +425,25 @@ class Http1ServerCodec(Protocol):
             if name == b"expect" and value.lower() == b"100-continue":
                 continue  # answered here
             headers.add(name, value)
+        if upgrade is not None:
+            # Envoy forwards an upgrade's Upgrade and Connection, and its body framing with
+            # the body itself, untouched: the upstream reads them as the client sent them.
+            headers.add(b"upgrade", regular.get(b"upgrade") or b"")
+            headers.add(b"connection", b"upgrade")
+            if te:
+                headers.add(b"transfer-encoding", b", ".join(te))
         stream = _Stream(method, version, keep_alive)
+        stream.upgrade = upgrade is not None
         self._stream = stream
         self.requests += 1
         has_body = chunked or length > 0
         if expect is not None and expect.lower() == b"100-continue" and has_body:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
         stream.handler = self.new_stream(_Sink(self, stream))
+        if stream.upgrade:
+            self._state = "upgrade"
+            stream.handler.decodeHeaders(headers, False)
+            return
         if chunked:
             self._state = "chunk-size"
         elif length:
@@ -524,6 +575,14 @@ class Http1ServerCodec(Protocol):
         status_text = headers.get(b":status", b"200") or b"200"
         status = int(status_text) if status_text.isdigit() else 502
         lines = [b"HTTP/1.1 %d %s" % (status, REASONS.get(status, _reason(status)).encode())]
+        if status == 101 and stream.upgrade:
+            # Switching protocols: no body framing; the connection becomes the upgraded
+            # protocol's once the router switches it (switchProtocols).
+            lines += [n + b": " + v for n, v in headers
+                      if not n.startswith(b":") and n not in HOP_BY_HOP]
+            lines += [b"upgrade: " + (headers.get(b"upgrade") or b""), b"connection: upgrade"]
+            self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")  # type: ignore[union-attr]
+            return
         has_length = False
         for name, value in headers:
             if name.startswith(b":") or name in HOP_BY_HOP:
@@ -581,6 +640,27 @@ class Http1ServerCodec(Protocol):
             stream.request_done = True
             stream.handler = None
         self._maybe_next()
+
+    def _switch(self, stream: _Stream, protocol: Any) -> bool:
+        """
+        After the 101: the connection's bytes go to ``protocol`` (the relay's downstream end)
+        both ways, half-close included; this codec only passes events on.
+        """
+        if stream is not self._stream or self.transport is None or self._closing:
+            return False  # the connection went while the 101 was on its way
+        self._switched = protocol
+        self._state = "switched"
+        stream.handler = None
+        stream.request_done = stream.response_done = True
+        self._cancel(self._head_timer)
+        self._cancel(self._idle_timer)
+        if self._pause_reasons:
+            self._pause_reasons.clear()
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+        protocol.makeConnection(self.transport)
+        if self._upgrade_eof:
+            protocol.readConnectionLost()
+        return True
 
     _answering_error = False
 

@@ -97,6 +97,9 @@ class H2ResponseSink:
         # Pausing the stream stops delivery, and so the window updates: the client waits.
         return self.stream
 
+    def switchProtocols(self, protocol: Any) -> bool:
+        return False  # no upgrade arrives over HTTP/2 (extended CONNECT is a tunnel)
+
 
 @implementer(IHalfCloseableProtocol)
 class H2RequestBody(Protocol):

@@ -22,6 +22,7 @@ from hbonex.filters.http.router import HttpRoute, RouterFilter
 from hbonex.http.filter_manager import FilterHeadersStatus, FilterManager
 from hbonex.http.headers import Headers
 from hbonex.http.path import EscapedSlashes, PathRedirect, PathRejected, normalize
+from hbonex.http.upgrade import upgrade_allowed, upgrade_type
 from hbonex.interfaces import IStreamFilter
 from hbonex.observability import istio_metrics
 from hbonex.observability.stats import STATS
@@ -116,7 +117,8 @@ def _location(redirect: Any, headers: Headers, prefix: str | None) -> bytes:
     return f"{scheme}://{hostport}{path}{sep}{query}".encode("latin-1")
 
 
-def route_resolver(router: Any) -> Callable[[Headers, Any], HttpRoute | None]:
+def route_resolver(router: Any, stream_idle_timeout: float = 300.0
+                   ) -> Callable[[Headers, Any], HttpRoute | None]:
     """
     Envoy's route table as the filter chain asks it: None for "no route" (404 NR), a direct
     response or redirect, or a cluster with the route's timeout, rewrites and header changes.
@@ -128,18 +130,25 @@ def route_resolver(router: Any) -> Callable[[Headers, Any], HttpRoute | None]:
         levels = [route, getattr(decision, "virtual_host", None),
                   getattr(decision, "route_config", None)]
         responses = _mutations(levels, info, request=False)
+        fields: dict[str, Any] = {}
+        kind = upgrade_type(headers)
+        if kind is not None:
+            # Envoy's createUpgradeFilterChain: the route's entry, else the HCM's.
+            fields["upgrade_rejected"] = not upgrade_allowed(
+                getattr(router, "upgrades", ()), getattr(route, "upgrades", ()), kind)
         if decision.kind == "redirect" and route is not None:
             return HttpRoute(direct_status=decision.status,
                              location=_location(route.redirect, headers, route.matched_prefix),
-                             response_mutations=responses)
+                             response_mutations=responses, **fields)
         if decision.cluster is None:
             if decision.status == 404:
                 return None
             return HttpRoute(direct_status=decision.status,
                              direct_body=decision.body or f"{decision.reason}\n".encode(),
-                             response_mutations=responses)
+                             response_mutations=responses, **fields)
         timeout = getattr(decision, "timeout", None)
-        fields: dict[str, Any] = {}
+        fields["idle_timeout"] = (route.idle_timeout if route is not None
+                                  and route.idle_timeout_set else stream_idle_timeout)
         if route is not None:
             if route.prefix_rewrite is not None and route.matched_prefix is not None:
                 fields["prefix_rewrite"] = (route.matched_prefix.encode("latin-1"),
@@ -205,9 +214,12 @@ class StandardHeaders:
     ``server`` header.
     """
 
-    def __init__(self, info: Any, options: HttpOptions = DEFAULT_OPTIONS) -> None:
+    def __init__(self, info: Any, options: HttpOptions = DEFAULT_OPTIONS,
+                 upgrade_refused: Any = None) -> None:
         self.info = info
         self.options = options
+        #: Counts upgrades a route refused (Envoy's downstream_rq_ws_on_non_ws_route).
+        self.upgrade_refused = upgrade_refused
         self.decoder: Any = None
         self.request_id: bytes | None = None
 
@@ -260,6 +272,16 @@ class StandardHeaders:
                             (forwarded + b", " if forwarded else b"") + peer.encode())
         if b"x-forwarded-proto" not in headers or o.use_remote_address:
             headers.set(b"x-forwarded-proto", headers.get(b":scheme") or b"http")
+        if upgrade_type(headers) is not None:
+            # Envoy decides an upgrade once the route is known, before any configured filter
+            # runs: 403 when neither the route nor the HCM enables it (no route: the router's
+            # 404).  The connection closes after the answer (the request never ends).
+            route = self.decoder.route()
+            if route is not None and route.upgrade_rejected:
+                if self.upgrade_refused is not None:
+                    self.upgrade_refused.inc()
+                self.decoder.sendLocalReply(403, b"", None, "upgrade_failed", "")
+                return FilterHeadersStatus.StopIteration
         return FilterHeadersStatus.Continue
 
     def decodeData(self, data: bytes, endStream: bool) -> Any:
@@ -305,9 +327,14 @@ class HttpStreamFactory:
         options: HttpOptions = DEFAULT_OPTIONS,
         max_request_headers: int = 60 * 1024,
         stat_prefix: str = "",
+        stream_idle_timeout: float = 300.0,
+        upgrades: Any = None,
     ) -> None:
         self.reactor = reactor
-        self.resolve = route_resolver(router)
+        self.resolve = route_resolver(router, stream_idle_timeout)
+        #: Counts upgraded connections (``opened``/``active``: the HCM's
+        #: downstream_cx_upgrades_total/_active), shared with CONNECT tunnels.
+        self.upgrades = upgrades
         self.pool_for = pool_for
         self.info = info
         self.filter_factories = tuple(filter_factories)
@@ -320,15 +347,16 @@ class HttpStreamFactory:
         self.protocol = "HTTP/1.1"
         prefix = f"http.{stat_prefix or 'hcm'}"
         self._rq_total = STATS.counter(f"{prefix}.downstream_rq_total")
+        self._ws_refused = STATS.counter(f"{prefix}.downstream_rq_ws_on_non_ws_route")
         self._rq_active = STATS.gauge(f"{prefix}.downstream_rq_active")
         self._rq_class = {c: STATS.counter(f"{prefix}.downstream_rq_{c}xx") for c in "12345"}
         self._rq_time = STATS.family(f"{prefix}.downstream_rq_time", "histogram", (),
                                      istio_metrics.DURATION_BUCKETS)
 
     def __call__(self, sink: Any) -> FilterManager:
-        filters: list[Any] = [StandardHeaders(self.info, self.options)]
+        filters: list[Any] = [StandardHeaders(self.info, self.options, self._ws_refused)]
         filters += [make() for make in self.filter_factories]
-        filters.append(RouterFilter(self.reactor, self.pool_for))
+        filters.append(RouterFilter(self.reactor, self.pool_for, self.upgrades))
         manager = FilterManager(filters, sink, connection_info=self.info,
                                 route_resolver=self.resolve, buffer_limit=self.buffer_limit)
         started = time.monotonic()

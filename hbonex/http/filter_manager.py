@@ -89,6 +89,12 @@ class IResponseSink(Interface):
         An IPushProducer for the request body: pausing it stops reading from the client.
         """
 
+    def switchProtocols(protocol: Any) -> bool:
+        """
+        After a 101 to an upgrade request: the downstream connection (or stream) is handed to
+        ``protocol`` (makeConnection, then its bytes, EOF and loss); False if it is gone.
+        """
+
 
 #: Envoy's local reply texts for the statuses it generates.
 REASONS = {
@@ -351,6 +357,12 @@ class _DecoderCallbacks(_StreamCallbacks):
     def requestBodyProducer(self) -> Any:
         return self._manager.sink.requestProducer()
 
+    def switchProtocols(self, protocol: Any, onSwitched: Callable[[bool], None]) -> None:
+        self._manager.switch_protocols(protocol, onSwitched)
+
+    def upgradeFinished(self, bytesReceived: int, bytesSent: int) -> None:
+        self._manager.upgrade_finished(bytesReceived, bytesSent)
+
 
 @implementer(IStreamEncoderFilterCallbacks)
 class _EncoderCallbacks(_StreamCallbacks):
@@ -413,6 +425,10 @@ class FilterManager:
         self._in_local_reply = False
         self.complete = False
         self._destroyed = False
+        #: A switch waiting for its 101 to reach the codec: (protocol, onSwitched).
+        self._switch: tuple[Any, Callable[[bool], None]] | None = None
+        #: The downstream connection went to the upgraded protocol.
+        self.switched = False
 
     # -- the request, from the codec ------------------------------------------------------------
 
@@ -559,6 +575,36 @@ class FilterManager:
         self._route = None
         self._route_cached = False
 
+    # -- upgrades -------------------------------------------------------------------------------
+
+    def switch_protocols(self, protocol: Any, on_switched: Callable[[bool], None]) -> None:
+        """
+        Hand the downstream to ``protocol`` once the 101 went out (an encoder filter may
+        still hold it); a different response, or none, refuses the switch.
+        """
+        if self._destroyed:
+            on_switched(False)
+            return
+        self._switch = (protocol, on_switched)
+        if self.encoding.delivered_headers:
+            self._do_switch(self.encoding.headers)
+
+    def _do_switch(self, headers: Headers | None) -> None:
+        pending, self._switch = self._switch, None
+        if pending is None:
+            return
+        protocol, on_switched = pending
+        ok = (headers is not None and headers.get(b":status") == b"101"
+              and not self._destroyed and bool(self.sink.switchProtocols(protocol)))
+        self.switched = ok
+        on_switched(ok)
+
+    def upgrade_finished(self, bytes_received: int, bytes_sent: int) -> None:
+        """The upgraded connection ended: the request is over (one access-log record)."""
+        self.stream_info.bytes_received += bytes_received
+        self.stream_info.bytes_sent += bytes_sent
+        self._response_complete()
+
     # -- to the codec ---------------------------------------------------------------------------
 
     def _send_headers(self, headers: Headers, end_stream: bool) -> None:
@@ -566,6 +612,8 @@ class FilterManager:
         self.sink.sendHeaders(headers, end_stream)
         if end_stream:
             self._response_complete()
+        if self._switch is not None:
+            self._do_switch(headers)
 
     def _send_data(self, data: bytes, end_stream: bool) -> None:
         self.stream_info.bytes_sent += len(data)
@@ -587,6 +635,9 @@ class FilterManager:
         if self._destroyed:
             return
         self._destroyed = True
+        pending, self._switch = self._switch, None
+        if pending is not None:
+            pending[1](False)
         if self.on_destroy is not None:
             self.on_destroy(self)
         seen: set[int] = set()

@@ -192,9 +192,14 @@ class Route:
     cluster: Any = None
     connect_enabled: bool = False  # route-level upgrade_configs CONNECT
     allow_post: bool = False
+    #: Route-level upgrade_configs other than CONNECT: (lower-cased type, enabled).
+    upgrades: tuple[tuple[str, bool], ...] = ()
     direct_status: int | None = None
     direct_body: bytes = b""
     idle_timeout: float = 3600.0
+    #: idle_timeout was configured (an upgrade's relay then uses it, not the HCM's
+    #: stream_idle_timeout).
+    idle_timeout_set: bool = False
     original_destination_header: str | None = None
     timeout: float | None = None  # Envoy's route timeout (None: the default)
     # more matching
@@ -283,6 +288,8 @@ class RouteConfig:
     name: str
     virtual_hosts: tuple[VirtualHost, ...]
     connect_enabled: bool = False  # HCM-level upgrade_configs CONNECT
+    #: HCM-level upgrade_configs other than CONNECT: (lower-cased type, enabled).
+    upgrades: tuple[tuple[str, bool], ...] = ()
     #: Refuse CONNECTs with data before our 200 (runtime envoy.reloadable_features.
     #: reject_early_connect_data).
     reject_early_data: bool = False

@@ -105,6 +105,10 @@ class TunnelResponseSink:
     def requestProducer(self) -> Any:
         return None
 
+    def switchProtocols(self, protocol: Any) -> bool:
+        # A CONNECT is already a tunnel: nothing upgrades it further.
+        return False
+
 
 def connect_filter_chain(
     http: Any, sink: TunnelResponseSink, on_headers: Callable[[Headers], None]

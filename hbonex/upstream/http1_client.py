@@ -23,9 +23,14 @@ from zope.interface import implementer
 
 from hbonex.http.codec1 import HOP_BY_HOP
 from hbonex.http.headers import Headers
+from hbonex.http.upgrade import upgrade_type
 
 _CHUNK_SIZE = re.compile(rb"^[0-9A-Fa-f]{1,16}$")
 MAX_RESPONSE_HEAD = 64 * 1024
+
+
+#: Hop-by-hop headers an upgrade request keeps: the upgrade itself and its body framing.
+_UPGRADE_KEPT = frozenset({b"upgrade", b"connection", b"transfer-encoding"})
 
 
 class UpstreamProtocolError(Exception):
@@ -40,6 +45,8 @@ class _Request:
         self.request_done = False
         self.response_done = False
         self.keep_alive = True
+        #: An Upgrade request: its head and then raw bytes, as the client sent them.
+        self.upgrade = False
 
 
 @implementer(IHalfCloseableProtocol)
@@ -66,6 +73,10 @@ class Http1ClientCodec(Protocol):
         self._remaining = 0
         self.lost = False
         self.connected = False
+        #: After a 101 to an upgrade: the protocol the connection now belongs to (take_over).
+        self._owner: Any = None
+        self._switching = False
+        self._eof = False
 
     @property
     def busy(self) -> bool:
@@ -84,6 +95,7 @@ class Http1ClientCodec(Protocol):
             raise RuntimeError("connection busy or gone")
         method = headers.get(b":method") or b"GET"
         request = _Request(method, response)
+        request.upgrade = upgrade_type(headers) is not None
         self._request = request
         target = headers.get(b":path") or b"/"
         if method == b"CONNECT":
@@ -94,12 +106,18 @@ class Http1ClientCodec(Protocol):
             lines.append(b"host: " + authority)
         has_length = False
         for name, value in headers:
-            if name.startswith(b":") or name in HOP_BY_HOP or name == b"host":
+            if name.startswith(b":") or name == b"host":
+                continue
+            if name in HOP_BY_HOP and not (request.upgrade and name in _UPGRADE_KEPT):
                 continue
             if name == b"content-length":
                 has_length = True
             lines.append(name + b": " + value)
-        if not end_stream and not has_length:
+        if request.upgrade:
+            # What follows is the client's, byte for byte (its framing included): no
+            # chunking, no content-length of ours; the connection is never reused.
+            request.keep_alive = False
+        elif not end_stream and not has_length:
             lines.append(b"transfer-encoding: chunked")
             request.chunked = True
         elif end_stream and not has_length and method in (b"POST", b"PUT", b"PATCH"):
@@ -115,6 +133,10 @@ class Http1ClientCodec(Protocol):
         request = self._request
         if request is None or request.request_done or self.lost:
             return
+        if request.upgrade:
+            if data:
+                self.transport.write(data)  # type: ignore[union-attr]
+            return  # an upgrade's request side ends with the relay, never here
         if request.chunked:
             parts = [b"%x\r\n" % len(data), data, b"\r\n"] if data else []
             if end_stream:
@@ -147,6 +169,13 @@ class Http1ClientCodec(Protocol):
     # -- the response -------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self._owner is not None:
+            self._owner.dataReceived(data)
+            return
+        if self._switching:
+            # Upgraded, not yet taken over: held (the transport is paused: one read at most).
+            self._buffer += data
+            return
         if self._request is None:
             if data:
                 # Bytes nobody asked for: the connection is no longer in a known state.
@@ -256,6 +285,9 @@ class Http1ClientCodec(Protocol):
         status = int(parts[1])
         if 100 <= status < 200 and status != 101:
             return  # interim (100 Continue): the final response follows
+        if status == 101 and request.upgrade:
+            self._switch(request, lines)
+            return
         headers = Headers([(b":status", parts[1])])
         regular = Headers()
         for line in lines[1:]:
@@ -269,6 +301,8 @@ class Http1ClientCodec(Protocol):
             request.keep_alive = b"keep-alive" in connection
         else:
             request.keep_alive = b"close" not in connection
+        if request.upgrade:
+            request.keep_alive = False  # upgrade bytes may have gone: never reused
         te = regular.get_all(b"transfer-encoding")
         lengths = regular.get_all(b"content-length")
         no_body = request.method == b"HEAD" or status in (204, 304)
@@ -308,6 +342,43 @@ class Http1ClientCodec(Protocol):
         request.keep_alive = False
         request.response.decodeHeaders(headers, False)
 
+    def _switch(self, request: _Request, lines: list[bytes]) -> None:
+        """
+        101 to our upgrade: the rest of the connection is the upgraded protocol's, held here
+        until the router hands it over (take_over).
+        """
+        headers = Headers([(b":status", b"101")])
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep or not name or line[:1] in (b" ", b"\t"):
+                raise UpstreamProtocolError("malformed header field")
+            name = name.strip().lower()
+            if name not in HOP_BY_HOP or name == b"upgrade":
+                headers.add(name, value.strip(b" \t"))
+        headers.add(b"connection", b"upgrade")
+        self._switching = True
+        self._state = "switched"
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        request.response.decodeHeaders(headers, False)
+
+    def take_over(self, protocol: Any) -> None:
+        """
+        The upgraded connection goes to ``protocol`` (the relay's upstream end): what arrived
+        after the 101, then everything, EOF and loss included.  The pool never gets it back.
+        """
+        self._request = None
+        self._switching = False
+        self._owner = protocol
+        protocol.makeConnection(self.transport)
+        early, self._buffer = bytes(self._buffer), bytearray()
+        if early:
+            protocol.dataReceived(early)
+        if self._eof:
+            protocol.readConnectionLost()
+        if self.lost:
+            return
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
     def _response_done(self) -> None:
         request = self._request
         if request is None:
@@ -337,6 +408,12 @@ class Http1ClientCodec(Protocol):
     # -- the connection -----------------------------------------------------------------------
 
     def readConnectionLost(self) -> None:
+        if self._owner is not None:
+            self._owner.readConnectionLost()
+            return
+        if self._switching:
+            self._eof = True
+            return
         if self._state == "until-close" and self._request is not None:
             request = self._request
             self._state = "done"
@@ -346,10 +423,16 @@ class Http1ClientCodec(Protocol):
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     def writeConnectionLost(self) -> None:
-        pass
+        if self._owner is not None:
+            self._owner.writeConnectionLost()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
+        if self._owner is not None:
+            self._owner.connectionLost(reason)
+            if self.on_closed is not None:
+                self.on_closed(self)
+            return
         request, self._request = self._request, None
         if request is not None and not request.response_done:
             if self._state == "until-close" and reason.check(connectionDone.type):

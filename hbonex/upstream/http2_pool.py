@@ -54,6 +54,9 @@ class H2Exchange:
 class H2RequestPool:
     """``acquire()`` an exchange on a connection of the cluster with a free stream."""
 
+    #: HTTP/1.1 upgrades (websocket) are not converted to extended CONNECT upstream.
+    carries_upgrades = False
+
     def __init__(self, cluster: Any) -> None:
         self.cluster = cluster
 

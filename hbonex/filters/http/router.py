@@ -26,9 +26,11 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from zope.interface import implementer
 
 from hbonex.errors import UpstreamError
+from hbonex.filters.http.upgrade_relay import UpgradeRelay
 from hbonex.http.filter_manager import FilterDataStatus, FilterHeadersStatus
 from hbonex.http.headers import Headers
 from hbonex.http.retry_policy import NO_RETRIES, RetryPolicy
+from hbonex.http.upgrade import upgrade_type
 from hbonex.interfaces import IStreamDecoderFilter
 from hbonex.upstream.http1_pool import Http1Pool, Overflow
 
@@ -57,6 +59,11 @@ class HttpRoute:
     response_mutations: tuple[Any, ...] = ()
     name: str = ""
     retry_policy: RetryPolicy = NO_RETRIES
+    #: The request asks for an upgrade this route does not allow (403 upgrade_failed).
+    upgrade_rejected: bool = False
+    #: An upgrade's stream idle timeout: the route's idle_timeout if set, else the HCM's
+    #: stream_idle_timeout (0: none).
+    idle_timeout: float = 300.0
 
 
 @implementer(IStreamDecoderFilter)
@@ -65,9 +72,15 @@ class RouterFilter:
     One request's trip upstream.  ``pool_for(cluster)`` gives the cluster's HTTP/1.1 pool.
     """
 
-    def __init__(self, reactor: Any, pool_for: Callable[[Any], Http1Pool]) -> None:
+    def __init__(self, reactor: Any, pool_for: Callable[[Any], Http1Pool],
+                 upgrades: Any = None) -> None:
         self.reactor = reactor
         self.pool_for = pool_for
+        #: Upgraded connections' counters (opened, active, bytes_in, bytes_out).
+        self.upgrades = upgrades
+        #: The request's upgrade type (websocket...), or None.
+        self._upgrade: str | None = None
+        self._upgrade_relay: UpgradeRelay | None = None
         self.callbacks: Any = None
         self._codec: Any = None
         self._pending: list[tuple[str, Any, bool]] = []
@@ -123,6 +136,9 @@ class RouterFilter:
         info = cb.streamInfo()
         info.upstream_cluster = getattr(route.cluster, "name", "")
         info.route_name = route.name
+        self._upgrade = upgrade_type(headers)
+        if self._upgrade is not None:
+            return self._start_upgrade(headers, route)
         if route.timeout > 0:
             self._timer = self.reactor.callLater(route.timeout, self._timed_out, route.timeout)
         self._started = time.monotonic()
@@ -132,6 +148,70 @@ class RouterFilter:
             self._replay = []
         self._start_attempt(headers, endStream)
         return FilterHeadersStatus.StopIteration
+
+    # -- upgrades (websocket) ------------------------------------------------------------------
+
+    def _start_upgrade(self, headers: Headers, route: HttpRoute) -> Any:
+        """
+        An upgrade request: one attempt (no retries) on an upstream HTTP/1.1 connection of
+        its own.  Envoy starts the route timeout only once the request has ended, which an
+        upgrade never does: the stream idle timeout bounds the wait for the answer instead.
+        """
+        cb = self.callbacks
+        if not getattr(self.pool_for(route.cluster), "carries_upgrades", True):
+            cb.sendLocalReply(503, b"", None, "upgrade_failed: HTTP/2 upstream", "")
+            return FilterHeadersStatus.StopIteration
+        if route.idle_timeout > 0:
+            self._timer = self.reactor.callLater(route.idle_timeout, self._upgrade_idle,
+                                                 route.idle_timeout)
+        self._started = time.monotonic()
+        # Read no further ahead than one buffer while the upstream connects.
+        self._request_source = cb.requestBodyProducer()
+        self._request_source.pauseProducing()
+        self._start_attempt(headers, False)
+        return FilterHeadersStatus.StopIteration
+
+    def _upgrade_idle(self, timeout: float) -> None:
+        self._timer = None
+        if self._done or self._response_started:
+            return
+        self._abandon_upstream()
+        if self._acquiring is not None:
+            self._acquiring.cancel()
+        self._local_reply(408, "stream_idle_timeout", "SI")
+
+    def _switch_protocols(self, headers: Headers) -> None:
+        """101: the 101 goes through the encoder filters, then both connections relay bytes."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._response_started = True
+        self._unwire_request()
+        self._unwire_response()
+        route = self._route
+        assert route is not None
+        relay = self._upgrade_relay = UpgradeRelay(
+            self.reactor, route.idle_timeout, self.callbacks, self.upgrades,
+            self._upgrade or "", self.callbacks.streamInfo())
+        for mutate in route.response_mutations:
+            mutate(headers)
+        elapsed = int((time.monotonic() - self._started) * 1000)
+        headers.set(b"x-envoy-upstream-service-time", str(elapsed).encode())
+        self.callbacks.switchProtocols(relay.relay.a, self._switched)
+        if not self._done:
+            self.callbacks.encodeHeaders(headers, False)
+
+    def _switched(self, ok: bool) -> None:
+        codec, self._codec = self._codec, None
+        relay = self._upgrade_relay
+        if relay is None:
+            return
+        if not ok:
+            self._upgrade_relay = None
+            if codec is not None:
+                codec.abort()
+            return
+        relay.start(codec)
 
     def _start_attempt(self, headers: Headers, end_stream: bool) -> None:
         assert self._route is not None
@@ -275,6 +355,8 @@ class RouterFilter:
                 else:
                     codec.send_trailers(value)
             return
+        held = self._request_source  # an upgrade's client, paused while we connected
+        self._request_source = None
         codec.start_request(headers, end_stream, response)
         self._wire_backpressure(codec, end_stream)
         pending, self._pending = self._pending, []
@@ -283,6 +365,8 @@ class RouterFilter:
                 codec.send_data(value, end)
             else:
                 codec.send_trailers(value)
+        if held is not None:
+            held.resumeProducing()
 
     def _wire_backpressure(self, codec: Any, request_ended: bool) -> None:
         """
@@ -305,7 +389,8 @@ class RouterFilter:
     def _unwire_request(self) -> None:
         source, self._request_source = self._request_source, None
         if source is not None:
-            self._upstream_transport.unregisterProducer()
+            if self._upstream_transport is not None:
+                self._upstream_transport.unregisterProducer()
             source.resumeProducing()  # whatever a full upstream paused, the end must pass
 
     def _unwire_response(self) -> None:
@@ -358,6 +443,9 @@ class RouterFilter:
 
     def _response_headers(self, headers: Headers, end_stream: bool) -> None:
         status = headers.get(b":status") or b""
+        if self._upgrade is not None and status == b"101" and not end_stream:
+            self._switch_protocols(headers)
+            return
         if (self._replay is not None and status.isdigit()
                 and self._retry.on_status(int(status))):
             if self._can_retry():

@@ -11,7 +11,7 @@ import attrs
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from hbonex.config.route_config import parse_route_config
+from hbonex.config.route_config import parse_route_config, upgrade_configs
 from hbonex.filters.network.http_connection_manager import (
     HttpConnectionManagerConfig,
     HttpConnectionManagerFilter,
@@ -46,15 +46,13 @@ def parse_http_connection_manager(message: Any, path: str, context: Any
     if codec not in CODECS:
         raise context.error(path, f"codec_type {codec} is not supported", "codec_type")
     connect_enabled = False
-    for index, upgrade in enumerate(message.upgrade_configs):
-        upgrade_path = f"{path}.upgrade_configs[{index}]"
-        if not upgrade.upgrade_type:
-            raise context.error(upgrade_path, "missing required field 'upgrade_type'")
-        if upgrade.upgrade_type.upper() != "CONNECT":
-            raise context.error(
-                upgrade_path, f"upgrade_type {upgrade.upgrade_type!r} is not supported; "
-                "accepted: CONNECT", "upgrade_type")
-        connect_enabled = upgrade.enabled.value if upgrade.HasField("enabled") else True
+    upgrades = []
+    for _, upgrade_kind, enabled in upgrade_configs(message.upgrade_configs,
+                                                    f"{path}.upgrade_configs", context):
+        if upgrade_kind == "connect":
+            connect_enabled = enabled
+        else:
+            upgrades.append((upgrade_kind, enabled))
     kind = message.WhichOneof("route_specifier")
     if kind is None:
         raise context.error(path, "one of route_config, rds, scoped_routes is required")
@@ -65,7 +63,8 @@ def parse_http_connection_manager(message: Any, path: str, context: Any
 
     reject_early = bool(getattr(context, "runtime_values", {}).get(REJECT_EARLY_CONNECT_DATA))
     router = parse_route_config(message.route_config, f"{path}.route_config", context,
-                                connect_enabled=connect_enabled, reject_early_data=reject_early)
+                                connect_enabled=connect_enabled, reject_early_data=reject_early,
+                                upgrades=tuple(upgrades))
     filters = message.http_filters
     if not filters:
         raise context.error(f"{path}.http_filters" if context.has(f"{path}.http_filters")
@@ -199,7 +198,9 @@ class HttpConnectionManagerExtension:
     def describe(self, parsed: HttpConnectionManagerConfig) -> list[str]:
         router = parsed.router
         lines = [f"codec {parsed.codec_type}"
-                 + (", CONNECT enabled" if getattr(router, "connect_enabled", False) else "")]
+                 + (", CONNECT enabled" if getattr(router, "connect_enabled", False) else "")
+                 + "".join(f", upgrade {kind} {'enabled' if on else 'disabled'}"
+                           for kind, on in getattr(router, "upgrades", ()))]
         for vhost in getattr(router, "virtual_hosts", ()):
             lines.append(f"virtual host {vhost.name} [{', '.join(vhost.domains)}]")
             for route in vhost.routes:
@@ -221,6 +222,8 @@ def _describe_route(route: Any) -> str:
     if route.direct_status is not None:
         return f"{match} -> direct response {route.direct_status}"
     extra = " (upgrade CONNECT)" if route.connect_enabled else ""
+    extra += "".join(f" (upgrade {kind}{'' if on else ' disabled'})"
+                     for kind, on in route.upgrades)
     return f"{match} -> cluster {route.cluster.name}{extra}"
 
 

@@ -78,6 +78,8 @@ class HttpConnectionManagerFilter:
             options=config.http_options,
             max_request_headers=config.h2_settings.max_header_list_size,
             stat_prefix=config.stat_prefix,
+            stream_idle_timeout=config.stream_idle_timeout,
+            upgrades=config.tunnels,
         )
 
         def h2() -> H2TunnelServer:
