@@ -290,6 +290,10 @@ class TcpProxyFilter:
 
 
 def _original_destination(info: Any) -> str | None:
+    if getattr(info, "localAddressRestored", False):
+        # A listener filter (original_dst) restored where the client meant to go: Envoy's
+        # ORIGINAL_DST uses that over anything an earlier hop knew.
+        return info.localAddress  # type: ignore[no-any-return]
     upstream = getattr(info, "upstream_request", None)
     if upstream is not None and upstream.original_destination:
         return upstream.original_destination  # type: ignore[no-any-return]
