@@ -461,6 +461,7 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
     from hbonex.tls.context import ClientTLS, ServerTLS
     from hbonex.tunnel.client import H1TunnelClient, H1TunnelTransport, H2TunnelClient
     from hbonex.tunnel.server import H1TunnelServer, SniffingCodec, TunnelLog
+    from hbonex.upstream.auto_pool import AlpnSwitch
 
     def tcp_proxy() -> Any:
         return TcpProxyFilter(TcpProxyConfig("p", [WeightedCluster("c", 1)], runtime=None))
@@ -487,6 +488,7 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
             HttpConnectionManagerFilter(HttpConnectionManagerConfig("h", None, None))
         ),
         "hbonex.filters.listener.original_dst.OriginalDstFilter": OriginalDstFilter,
+        "hbonex.upstream.auto_pool.AlpnSwitch": lambda: AlpnSwitch(lambda negotiated: None),
         "hbonex.tls.context.ServerTLS": lambda: ServerTLS(_tls_settings(test)),
         "hbonex.tls.context.ClientTLS": lambda: ClientTLS(_tls_settings(test)),
         "hbonex.network.internal.InternalTransport": lambda: (

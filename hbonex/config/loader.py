@@ -42,6 +42,7 @@ from hbonex.interfaces import (
 from hbonex.network.listener import FilterChain, FilterChainMatch, Listener
 from hbonex.observability.formatter import Template
 from hbonex.tls.context import ClientTLS, ServerTLS, TLSSettings
+from hbonex.upstream.auto_pool import AUTO_ALPN
 from hbonex.upstream.cluster import (
     Address,
     CircuitBreakers,
@@ -463,11 +464,17 @@ class ConfigContext:
                              key)
         return cluster
 
-    def use_for_tunneling(self, cluster: Cluster) -> None:
+    def use_for_tunneling(self, cluster: Cluster, path: str = "") -> None:
         """
         ``cluster`` carries CONNECT tunnels: without HTTP protocol options it speaks HTTP/1.1,
         as Envoy does, and its TLS (unless configured) offers ALPN http/1.1.
         """
+        if cluster.upstream_protocol == "auto":
+            info = self.loaded.clusters.get(cluster.name)
+            raise self.error(
+                path, f"cluster {cluster.name!r} has auto_config ({info.path if info else ''}"
+                "): hbonex tunnels with one protocol per cluster; give it explicit_http_config "
+                "(http2_protocol_options or http_protocol_options)")
         if cluster.upstream_protocol is not None:
             return
         cluster.upstream_protocol = "http1"
@@ -1006,12 +1013,20 @@ def _build_cluster(message: Any, path: str, context: ConfigContext) -> None:
         if tls is not None:
             alpn_explicit = bool(getattr(parsed, "alpn_explicit", True))
             if not alpn_explicit:
-                default = {"http2": (b"h2",), "http1": (b"http/1.1",)}.get(protocol or "", ())
+                default = {"http2": (b"h2",), "http1": (b"http/1.1",),
+                           "auto": AUTO_ALPN}.get(protocol or "", ())
                 tls = attrs.evolve(tls, alpn=default)
             common["tls"] = tls
         passthrough = getattr(parsed, "passthrough_metadata", ())
         if passthrough:
             common["passthrough_metadata"] = passthrough
+    if protocol == "auto" and "tls" not in common:
+        raise context.error(
+            child_path(f"{path}.typed_extension_protocol_options", HTTP_OPTIONS)
+            + ".auto_config",
+            "auto_config chooses HTTP/2 or HTTP/1.1 by ALPN, so the cluster needs an "
+            "envoy.transport_sockets.tls transport_socket (Envoy refuses it without one "
+            "too); for plain text use explicit_http_config")
     targets = _hbonex_metadata(message, path, context)
     if targets is not None:
         common["target_policy"] = targets
@@ -1063,9 +1078,22 @@ def _protocol_options(
         if kind is None:
             raise context.error(value_path, "one of explicit_http_config, "
                                 "use_downstream_protocol_config, auto_config is required")
+        if kind == "auto_config":
+            # Chosen per connection by ALPN (hbonex.upstream.auto_pool).
+            protocol = "auto"
+            auto = value.auto_config
+            auto_path = f"{value_path}.auto_config"
+            h2, streams = context.h2_settings(
+                auto.http2_protocol_options if auto.HasField("http2_protocol_options")
+                else None, f"{auto_path}.http2_protocol_options", server=False)
+            common = value.common_http_protocol_options
+            if value.HasField("common_http_protocol_options") and common.HasField(
+                    "idle_timeout"):
+                idle = seconds(common.idle_timeout)
+            continue
         if kind != "explicit_http_config":
             raise context.error(value_path, f"{kind} is not supported; use "
-                                "explicit_http_config", kind)
+                                "explicit_http_config or auto_config", kind)
         config = value.explicit_http_config
         config_path = f"{value_path}.explicit_http_config"
         which = config.WhichOneof("protocol_config")

@@ -105,6 +105,10 @@ class Runtime:
         HTTP/2 protocol options) or a pool of kept-alive HTTP/1.1 connections.
         """
         pool = self._http_pools.get(cluster.name)
+        if pool is None and cluster.upstream_protocol == "auto":
+            from hbonex.upstream.auto_pool import AutoHttpPool
+
+            pool = self._http_pools[cluster.name] = AutoHttpPool(cluster)
         if pool is None and cluster.upstream_protocol == "http2":
             from hbonex.upstream.http2_pool import H2RequestPool
 
@@ -158,7 +162,8 @@ class Cluster:
         endpoints: tuple[Address, ...] = (),
         lb_policy: str = "ROUND_ROBIN",
         connect_timeout: float = 5.0,
-        upstream_protocol: str | None = None,  # None: raw TCP; "http1"/"http2": tunnels
+        # None: raw TCP; "http1"/"http2": tunnels and requests; "auto": requests, by ALPN
+        upstream_protocol: str | None = None,
         tls: TLSSettings | None = None,
         h2_settings: H2Settings = DEFAULT_H2_SETTINGS,
         max_streams_per_connection: int = 100,

@@ -347,7 +347,7 @@ def parse_tcp_proxy(message: Any, path: str, context: Any) -> TcpProxyConfig:
         tunneling = _tunneling_config(message.tunneling_config, f"{path}.tunneling_config",
                                       context)
         for cluster in used:
-            context.use_for_tunneling(cluster)
+            context.use_for_tunneling(cluster, f"{path}.tunneling_config")
     from hbonex.observability.access_log import parse_access_logs
 
     attempts = message.max_connect_attempts.value if message.HasField(
