@@ -11,7 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.faults_support import start_yaml_twistd
-from tests.support import exchange, pseudorandom, sha256, start_echo, wait_until
+from tests.support import (
+    exchange,
+    pseudorandom,
+    sha256,
+    start_echo,
+    unused_port,
+    wait_until,
+)
 from tests.test_e2e_configs import INTERNAL_LISTENER_EXTENSION
 from tests.test_e2e_hcm import HCM_TYPE, json_records
 from tests.test_e2e_tunnel import E2ETestCase
@@ -145,6 +152,69 @@ static_resources:
 """ + PASSTHROUGH_CLUSTER
 
 
+#: Istio's connect_originate: the inner listener opens an HBONE (HTTP/2 CONNECT) tunnel to
+#: its restored local address; a CONNECT-terminating listener of the same process ends it.
+CONNECT_ORIGINATE_CONFIG = METADATA_CONFIG.replace("""\
+          stat_prefix: inner
+          cluster: passthrough
+""", """\
+          stat_prefix: inner
+          cluster: hbone
+          tunneling_config: {{hostname: "%DOWNSTREAM_LOCAL_ADDRESS%"}}
+""").replace("""\
+  clusters:
+""", """\
+  - name: tunnels
+    address:
+      socket_address: {{address: 127.0.0.1, port_value: {tunnels}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": """ + HCM_TYPE + """
+          stat_prefix: tunnels
+          codec_type: HTTP2
+          http2_protocol_options: {{allow_connect: true}}
+          upgrade_configs: [{{upgrade_type: CONNECT}}]
+          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: {tunnel_log}
+              log_format:
+                json_format: {{authority: "%REQ(:AUTHORITY)%", code: "%RESPONSE_CODE%"}}
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{connect_matcher: {{}}}}
+                route:
+                  cluster: passthrough
+                  upgrade_configs: [{{upgrade_type: CONNECT, connect_config: {{}}}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: hbone
+    connect_timeout: 2s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: hbone
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{address: 127.0.0.1, port_value: {tunnels}}}
+""") + """\
+    original_dst_lb_config: {{use_http_header: true, http_header_name: ":authority"}}
+"""
+
+
 class OriginalDstAcrossInternalListenersTests(E2ETestCase):
     async def test_host_metadata_passed_through_restores_the_target(self) -> None:
         """
@@ -192,3 +262,27 @@ class OriginalDstAcrossInternalListenersTests(E2ETestCase):
         target = f"127.0.0.1:{echo.port}"
         self.assertEqual((record["local"], record["upstream"], record["up"], record["down"]),
                          (target, target, 200_000, 200_000))
+
+    async def test_connect_originate_tunnels_to_the_restored_address(self) -> None:
+        """
+        Istio's connect_originate: behind the internal listener, tcp_proxy tunnels (HTTP/2
+        CONNECT) with hostname %DOWNSTREAM_LOCAL_ADDRESS%; the tunnel's :authority is the
+        target the host metadata carried, and the bytes reach the echo server through it.
+        """
+        echo = await start_echo(self)
+        log, tunnel_log = Path(self.mktemp()).resolve(), Path(self.mktemp()).resolve()
+        tunnels = await unused_port(self)
+        proxy = await start_yaml_twistd(
+            self, "hbone-server", "waypoint", CONNECT_ORIGINATE_CONFIG.format(
+                echo=echo.port, log=log, listener_filters=ORIGINAL_DST_FILTER,
+                tunnels=tunnels, tunnel_log=tunnel_log), listeners=2)
+        payload = pseudorandom(250_000, seed=13)
+        client = await exchange(proxy.ports["outbound"], payload)
+        self.assertEqual(sha256(client.data), sha256(payload))
+        await wait_until(lambda: len(json_records(tunnel_log)) >= 1, "the tunnel record")
+        target = f"127.0.0.1:{echo.port}"
+        self.assertEqual(json_records(tunnel_log), [{"authority": target, "code": 200}])
+        await wait_until(lambda: len(json_records(log)) >= 1, "the inner access record")
+        [record] = json_records(log)
+        self.assertEqual((record["local"], record["upstream"]),
+                         (target, f"127.0.0.1:{tunnels}"))
