@@ -169,6 +169,42 @@ class ITransportSocketExtension(IExtension):
         """
 
 
+class IListenerFilterCallbacks(Interface):
+    """
+    What a listener filter sees of a connection just accepted (Envoy's
+    ListenerFilterCallbacks): the transport and the connection's facts, which it may change.
+    """
+
+    transport = Attribute("the accepted connection's transport (TCP, TLS or internal)")
+    info = Attribute(
+        "the connection's hbonex.network.listener.ConnectionInfo: addresses (restorable), "
+        "filter state, dynamic metadata"
+    )
+
+
+class IListenerFilter(Interface):
+    """
+    One listener filter instance per accepted connection; it runs before the network filters.
+    """
+
+    def onAccept(callbacks: IListenerFilterCallbacks) -> None:
+        """
+        The connection was accepted: read or change its facts (synchronously).
+        """
+
+
+class IListenerFilterExtension(IExtension):
+    """
+    A listener filter type (``listener_filters``: tls_inspector, original_dst).
+    """
+
+    def listenerFilterFactory(parsed: object, context: object) -> object:
+        """
+        Return a zero-argument callable making one IListenerFilter per connection, or None
+        when the filter's work is done by the listener itself (the TLS inspector).
+        """
+
+
 # -- HTTP filters (Envoy's StreamDecoderFilter / StreamEncoderFilter model) ----------------------
 
 

@@ -23,6 +23,7 @@ from hbonex.http.routing import RouteConfig
 from hbonex.interfaces import (
     IClusterTypeExtension,
     IHTTPFilterExtension,
+    IListenerFilterExtension,
     INetworkFilterExtension,
     ITransportSocketExtension,
 )
@@ -842,8 +843,11 @@ class PluginTests(unittest.TestCase):
             IHTTPFilterExtension: ["envoy.filters.http.router",
                                    "envoy.filters.http.set_filter_state"],
             IClusterTypeExtension: ["LOGICAL_DNS", "ORIGINAL_DST", "STATIC", "STRICT_DNS"],
-            ITransportSocketExtension: ["envoy.transport_sockets.raw_buffer",
+            ITransportSocketExtension: ["envoy.transport_sockets.internal_upstream",
+                                        "envoy.transport_sockets.raw_buffer",
                                         "envoy.transport_sockets.tls"],
+            IListenerFilterExtension: ["envoy.filters.listener.original_dst",
+                                       "envoy.filters.listener.tls_inspector"],
         }
         for interface, names in expected.items():
             plugins = extensions.extensions(interface)

@@ -75,11 +75,15 @@ class ExtensionDiscoveryTests(unittest.TestCase):
         from hbonex.interfaces import (
             IClusterTypeExtension,
             IHTTPFilterExtension,
+            IListenerFilterExtension,
             INetworkFilterExtension,
             ITransportSocketExtension,
         )
 
         expected = {
+            "envoy.filters.listener.tls_inspector": IListenerFilterExtension,
+            "envoy.filters.listener.original_dst": IListenerFilterExtension,
+            "envoy.transport_sockets.internal_upstream": ITransportSocketExtension,
             "envoy.filters.network.tcp_proxy": INetworkFilterExtension,
             "envoy.filters.network.connection_limit": INetworkFilterExtension,
             "envoy.filters.network.http_connection_manager": INetworkFilterExtension,
@@ -442,6 +446,7 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
     ``module.Class``.
     """
     from hbonex.cli import demo
+    from hbonex.filters.listener.original_dst import OriginalDstFilter
     from hbonex.filters.network.connection_limit import ConnectionLimitConfig, ConnectionLimitFilter
     from hbonex.filters.network.http_connection_manager import (
         HttpConnectionManagerConfig,
@@ -456,6 +461,7 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
     from hbonex.tls.context import ClientTLS, ServerTLS
     from hbonex.tunnel.client import H1TunnelClient, H1TunnelTransport, H2TunnelClient
     from hbonex.tunnel.server import H1TunnelServer, SniffingCodec, TunnelLog
+    from hbonex.upstream.auto_pool import AlpnSwitch
 
     def tcp_proxy() -> Any:
         return TcpProxyFilter(TcpProxyConfig("p", [WeightedCluster("c", 1)], runtime=None))
@@ -481,6 +487,8 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
         "hbonex.filters.network.http_connection_manager.HttpConnectionManagerFilter": lambda: (
             HttpConnectionManagerFilter(HttpConnectionManagerConfig("h", None, None))
         ),
+        "hbonex.filters.listener.original_dst.OriginalDstFilter": OriginalDstFilter,
+        "hbonex.upstream.auto_pool.AlpnSwitch": lambda: AlpnSwitch(lambda negotiated: None),
         "hbonex.tls.context.ServerTLS": lambda: ServerTLS(_tls_settings(test)),
         "hbonex.tls.context.ClientTLS": lambda: ClientTLS(_tls_settings(test)),
         "hbonex.network.internal.InternalTransport": lambda: (

@@ -104,8 +104,12 @@ def describe(loaded: LoadedConfig) -> list[str]:
         else:
             parts.append("endpoints " + (", ".join(str(e) for e in c.endpoints) or "none"))
             parts.append(f"lb {c.lb_policy}")
-        parts.append("protocol " + {"http1": "HTTP/1.1 CONNECT", "http2": "HTTP/2 CONNECT"}.get(
+        parts.append("protocol " + {"http1": "HTTP/1.1 CONNECT", "http2": "HTTP/2 CONNECT",
+                                    "auto": "HTTP/2 or HTTP/1.1 by ALPN"}.get(
             c.upstream_protocol or "", "TCP"))
+        if c.passthrough_metadata:
+            parts.append("passes metadata " + ", ".join(
+                f"{kind}:{namespace}" for kind, namespace in c.passthrough_metadata))
         parts.append(f"connect_timeout {c.connect_timeout:g}s")
         parts.append(_tls_summary(c.tls, upstream=True))
         lines.append(f"  {name}: {', '.join(parts)}")

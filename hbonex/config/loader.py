@@ -35,12 +35,14 @@ from hbonex.h2.settings import H2Settings
 from hbonex.interfaces import (
     IClusterTypeExtension,
     IHTTPFilterExtension,
+    IListenerFilterExtension,
     INetworkFilterExtension,
     ITransportSocketExtension,
 )
 from hbonex.network.listener import FilterChain, FilterChainMatch, Listener
 from hbonex.observability.formatter import Template
 from hbonex.tls.context import ClientTLS, ServerTLS, TLSSettings
+from hbonex.upstream.auto_pool import AUTO_ALPN
 from hbonex.upstream.cluster import (
     Address,
     CircuitBreakers,
@@ -64,10 +66,6 @@ INTERNAL_LISTENER = "envoy.bootstrap.internal_listener"
 INTERNAL_LISTENER_TYPE = (
     "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener"
 )
-TLS_INSPECTOR = "envoy.filters.listener.tls_inspector"
-TLS_INSPECTOR_TYPE = (
-    "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
-)
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 HTTP_OPTIONS_TYPE = f"type.googleapis.com/{HTTP_OPTIONS}"
 TYPED_STRUCTS = ("xds.type.v3.TypedStruct", "udpa.type.v1.TypedStruct")
@@ -87,6 +85,7 @@ LB_POLICIES = ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "CLUSTER_PROVIDED")
 #: Where an Any is an extension of a kind hbonex finds as plugins: (interface, what).
 SLOTS: dict[str, tuple[Any, str]] = {
     "envoy.config.listener.v3.Filter": (INetworkFilterExtension, "network filter"),
+    "envoy.config.listener.v3.ListenerFilter": (IListenerFilterExtension, "listener filter"),
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter": (
         IHTTPFilterExtension, "HTTP filter"),
     "envoy.config.core.v3.TransportSocket": (ITransportSocketExtension, "transport socket"),
@@ -465,11 +464,17 @@ class ConfigContext:
                              key)
         return cluster
 
-    def use_for_tunneling(self, cluster: Cluster) -> None:
+    def use_for_tunneling(self, cluster: Cluster, path: str = "") -> None:
         """
         ``cluster`` carries CONNECT tunnels: without HTTP protocol options it speaks HTTP/1.1,
         as Envoy does, and its TLS (unless configured) offers ALPN http/1.1.
         """
+        if cluster.upstream_protocol == "auto":
+            info = self.loaded.clusters.get(cluster.name)
+            raise self.error(
+                path, f"cluster {cluster.name!r} has auto_config ({info.path if info else ''}"
+                "): hbonex tunnels with one protocol per cluster; give it explicit_http_config "
+                "(http2_protocol_options or http_protocol_options)")
         if cluster.upstream_protocol is not None:
             return
         cluster.upstream_protocol = "http1"
@@ -495,8 +500,11 @@ class ConfigContext:
                 endpoint_path = f"{lb_path}.endpoint"
                 if not lb.endpoint.HasField("address"):
                     raise self.error(endpoint_path, "missing required field 'address'")
-                result.append(self.address(lb.endpoint.address, f"{endpoint_path}.address",
-                                           hostnames=hostnames))
+                address = self.address(lb.endpoint.address, f"{endpoint_path}.address",
+                                       hostnames=hostnames)
+                if lb.HasField("metadata") and lb.metadata.filter_metadata:
+                    address = attrs.evolve(address, metadata=filter_metadata(lb.metadata))
+                result.append(address)
         return tuple(result)
 
     def address(self, address: Any, path: str, *, hostnames: bool) -> Address:
@@ -533,6 +541,14 @@ class ConfigContext:
 
         self.later(check)
         return InternalAddress(name, address.endpoint_id)
+
+
+def filter_metadata(metadata: Any) -> dict[str, dict[str, Any]]:
+    """
+    An envoy.config.core.v3.Metadata's ``filter_metadata`` as plain values by namespace.
+    """
+    return {namespace: json_format.MessageToDict(value)
+            for namespace, value in metadata.filter_metadata.items()}
 
 
 def plugin_default(plugin: Any) -> Any:
@@ -846,8 +862,14 @@ def _build_listener(message: Any, path: str, context: ConfigContext) -> Listener
                        ("tcp_backlog_size", backlog)):
         if value < 1:
             raise context.error(f"{path}.{key}", f"must be at least 1, got {value}")
+    listener_filters = []
     for index, item in enumerate(message.listener_filters):
-        _listener_filter(item, f"{path}.listener_filters[{index}]", context)
+        plugin, parsed, _ = context.parse_extension(
+            item, f"{path}.listener_filters[{index}]", IListenerFilterExtension,
+            "listener filter")
+        make = plugin.listenerFilterFactory(parsed, context)
+        if make is not None:
+            listener_filters.append(make)
     if not message.filter_chains:
         raise context.error(path, "missing required field 'filter_chains'")
     chains: list[ChainInfo] = []
@@ -868,21 +890,8 @@ def _build_listener(message: Any, path: str, context: ConfigContext) -> Listener
         internal=internal, per_connection_buffer_limit_bytes=limit, backlog=backlog,
     )
     listener.ignore_global_conn_limit = message.ignore_global_conn_limit
+    listener.listener_filters = listener_filters
     return ListenerInfo(listener, chains, path, address)
-
-
-def _listener_filter(item: Any, path: str, context: ConfigContext) -> None:
-    if item.HasField("typed_config"):
-        type_url = item.typed_config.type_url
-        if type_url != TLS_INSPECTOR_TYPE:
-            raise context.error(
-                f"{path}.typed_config",
-                f"unknown listener filter type {type_url!r}; known: {TLS_INSPECTOR_TYPE}",
-                "@type",
-            )
-    elif item.name != TLS_INSPECTOR:
-        raise context.error(path, f"unknown listener filter {item.name!r}; known: "
-                            f"{TLS_INSPECTOR}", "name")
 
 
 def _build_filter_chain(message: Any, path: str, context: ConfigContext) -> ChainInfo:
@@ -1004,12 +1013,25 @@ def _build_cluster(message: Any, path: str, context: ConfigContext) -> None:
         if tls is not None:
             alpn_explicit = bool(getattr(parsed, "alpn_explicit", True))
             if not alpn_explicit:
-                default = {"http2": (b"h2",), "http1": (b"http/1.1",)}.get(protocol or "", ())
+                default = {"http2": (b"h2",), "http1": (b"http/1.1",),
+                           "auto": AUTO_ALPN}.get(protocol or "", ())
                 tls = attrs.evolve(tls, alpn=default)
             common["tls"] = tls
+        passthrough = getattr(parsed, "passthrough_metadata", ())
+        if passthrough:
+            common["passthrough_metadata"] = passthrough
+    if protocol == "auto" and "tls" not in common:
+        raise context.error(
+            child_path(f"{path}.typed_extension_protocol_options", HTTP_OPTIONS)
+            + ".auto_config",
+            "auto_config chooses HTTP/2 or HTTP/1.1 by ALPN, so the cluster needs an "
+            "envoy.transport_sockets.tls transport_socket (Envoy refuses it without one "
+            "too); for plain text use explicit_http_config")
     targets = _hbonex_metadata(message, path, context)
     if targets is not None:
         common["target_policy"] = targets
+    if message.HasField("metadata") and message.metadata.filter_metadata:
+        common["metadata"] = filter_metadata(message.metadata)
     try:
         cluster = plugin.buildCluster(common, message, path, context)
     except ConfigError as e:
@@ -1056,9 +1078,22 @@ def _protocol_options(
         if kind is None:
             raise context.error(value_path, "one of explicit_http_config, "
                                 "use_downstream_protocol_config, auto_config is required")
+        if kind == "auto_config":
+            # Chosen per connection by ALPN (hbonex.upstream.auto_pool).
+            protocol = "auto"
+            auto = value.auto_config
+            auto_path = f"{value_path}.auto_config"
+            h2, streams = context.h2_settings(
+                auto.http2_protocol_options if auto.HasField("http2_protocol_options")
+                else None, f"{auto_path}.http2_protocol_options", server=False)
+            common = value.common_http_protocol_options
+            if value.HasField("common_http_protocol_options") and common.HasField(
+                    "idle_timeout"):
+                idle = seconds(common.idle_timeout)
+            continue
         if kind != "explicit_http_config":
             raise context.error(value_path, f"{kind} is not supported; use "
-                                "explicit_http_config", kind)
+                                "explicit_http_config or auto_config", kind)
         config = value.explicit_http_config
         config_path = f"{value_path}.explicit_http_config"
         which = config.WhichOneof("protocol_config")

@@ -32,6 +32,8 @@ _DNS = "hbonex resolves with the reactor's resolver"
 _STATS = "hbonex keeps no Envoy stats"
 _LOG = "log output only"
 _H2_TUNING = "HTTP/2 tuning hbonex leaves at h2's behaviour"
+_PASSTHROUGH_KINDS = ("internal_upstream passes host or cluster metadata: use host: {} or "
+                      "cluster: {}")
 _HEADER_MUTATIONS = ("request_headers_to_add request_headers_to_remove "
                      "response_headers_to_add response_headers_to_remove")
 
@@ -104,7 +106,9 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
               "reuse_port": "socket tuning", "connection_balance_config": "one process",
               "max_connections_to_accept_per_socket_event": "accept tuning",
               "bypass_overload_manager": "no overload actions"},
-        error={"use_original_dst": "no iptables redirection",
+        error={"use_original_dst": "deprecated hand-off to the listener of the original "
+                                   "destination; use the envoy.filters.listener.original_dst "
+                                   "listener filter",
                "transparent": "no transparent sockets", "freebind": "no freebind sockets",
                "bind_to_port": "listeners always bind", "default_filter_chain": "routing",
                "filter_chain_matcher": "use filter_chain_match"},
@@ -122,6 +126,7 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
               "initial_read_buffer_size": "read tuning",
               "max_client_hello_size": "read tuning",
               "close_connection_on_client_hello_parsing_errors": "errors always close"}),
+    "envoy.extensions.filters.listener.original_dst.v3.OriginalDst": _m(),
     "envoy.config.listener.v3.FilterChain": _m(
         "filter_chain_match filters transport_socket transport_socket_connect_timeout name",
         warn={"metadata": "no consumer of filter chain metadata"},
@@ -320,17 +325,19 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
     "envoy.config.endpoint.v3.ClusterLoadAssignment": _m("cluster_name endpoints"),
     "envoy.config.endpoint.v3.LocalityLbEndpoints": _m(
         "lb_endpoints", warn={"locality": "no locality-aware balancing"}),
-    "envoy.config.endpoint.v3.LbEndpoint": _m(
-        "endpoint", warn={"metadata": "no consumer of endpoint metadata"}),
+    "envoy.config.endpoint.v3.LbEndpoint": _m("endpoint metadata"),
     "envoy.config.endpoint.v3.Endpoint": _m(
         "address", warn={"hostname": "informational",
                          "health_check_config": "no active health checking"}),
     "envoy.config.core.v3.Metadata": _m(
         "filter_metadata", warn={"typed_filter_metadata": "no consumer of typed metadata"}),
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _m(
-        "explicit_http_config common_http_protocol_options",
-        error={"use_downstream_protocol_config": "use explicit_http_config",
-               "auto_config": "use explicit_http_config"}),
+        "explicit_http_config auto_config common_http_protocol_options",
+        error={"use_downstream_protocol_config": "use explicit_http_config or auto_config"}),
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.AutoHttpConfig": _m(
+        "http_protocol_options http2_protocol_options",
+        error={"http3_protocol_options": "no HTTP/3",
+               "alternate_protocols_cache_options": "no HTTP/3 (Alt-Svc)"}),
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.ExplicitHttpConfig": _m(
         "http_protocol_options http2_protocol_options",
         error={"http3_protocol_options": "no HTTP/3"}),
@@ -368,6 +375,14 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
     f"{_TLS}.CertificateValidationContext": _m("trusted_ca match_typed_subject_alt_names"),
     f"{_TLS}.SubjectAltNameMatcher": _m("san_type matcher"),
     "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer": _m(),
+    "envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport": _m(
+        "passthrough_metadata transport_socket"),
+    "envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport."
+    "MetadataValueSource": _m("kind name"),
+    "envoy.type.metadata.v3.MetadataKind": _m(
+        "host cluster", error={"request": _PASSTHROUGH_KINDS, "route": _PASSTHROUGH_KINDS}),
+    "envoy.type.metadata.v3.MetadataKind.Host": _m(),
+    "envoy.type.metadata.v3.MetadataKind.Cluster": _m(),
     "envoy.config.listener.v3.Listener.InternalListenerConfig": _m(),
 }
 

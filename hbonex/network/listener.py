@@ -34,12 +34,19 @@ from hbonex.filters.listener.tls_inspector import (
     parse_client_hello,
 )
 from hbonex.http.stream_info import FilterState
-from hbonex.interfaces import IConnectionInfo, INetworkFilter, INetworkFilterCallbacks
+from hbonex.interfaces import (
+    IConnectionInfo,
+    IListenerFilter,
+    IListenerFilterCallbacks,
+    INetworkFilter,
+    INetworkFilterCallbacks,
+)
 from hbonex.network.overload import DownstreamLimit
 from hbonex.tls.context import ServerTLS, handshake_failure_reason, peer_identity
 from hbonex.tls.fasttls import FastTLSFactory, tune_tcp
 
 FilterFactory = Callable[[], INetworkFilter]
+ListenerFilterFactory = Callable[[], IListenerFilter]
 
 
 def address_text(address: Any) -> str:
@@ -74,6 +81,12 @@ class ConnectionInfo:
     connectionId: int = attrs.Factory(lambda: next(_CONNECTION_IDS))
     #: The connection's filter state (network filters such as set_filter_state write it).
     filter_state: FilterState = attrs.Factory(FilterState)
+    #: Envoy's localAddressRestored(): a listener filter (original_dst) set localAddress to
+    #: the connection's original destination; ORIGINAL_DST clusters then connect there.
+    localAddressRestored: bool = False
+    #: The connection's dynamic metadata, by namespace (an internal connection starts with
+    #: what its cluster's internal_upstream transport socket passed through).
+    dynamic_metadata: dict[str, dict[str, Any]] = attrs.Factory(dict)
 
     def substitutions(self) -> dict[str, str]:
         record = {f"fs:{key}": str(self.filter_state.get_data(key))
@@ -105,7 +118,8 @@ class FilterChain:
     handshake_timeout: float = 10.0
 
 
-@implementer(IHalfCloseableProtocol, IHandshakeListener, INetworkFilterCallbacks)
+@implementer(IHalfCloseableProtocol, IHandshakeListener, INetworkFilterCallbacks,
+             IListenerFilterCallbacks)
 class ListenerConnection(Protocol):
     """
     One accepted connection running a filter chain.
@@ -144,6 +158,11 @@ class ListenerConnection(Protocol):
         if shared is not None:
             # An internal hop: the connection starts with what the hop's upstream shared.
             self.info.filter_state = shared
+        passed = getattr(self.info.upstream_request, "dynamic_metadata", None)
+        if passed:
+            self.info.dynamic_metadata = {ns: dict(v) for ns, v in passed.items()}
+        for make in self.listener.listener_filters:
+            make().onAccept(self)
         if self.tls:
             self._handshake_call = self.listener.reactor.callLater(
                 self.chain.handshake_timeout, self._handshake_timeout
@@ -458,6 +477,9 @@ class Listener:
         self.ignore_global_conn_limit = False
         #: How long the TLS inspector waits for a ClientHello (Envoy: listener_filters_timeout).
         self.inspection_timeout = 15.0
+        #: Listener filters run on each accepted connection before its network filters
+        #: (the TLS inspector is not among them: choosing a chain runs it when needed).
+        self.listener_filters: list[ListenerFilterFactory] = []
         self.factory = ListenerFactory(self)
         self.tls_factories: dict[int, FastTLSFactory] = {}
         for chain in self.filter_chains:

@@ -59,6 +59,8 @@ def collect(bootstrap: Any) -> dict[str, int]:
             values[f"{prefix}.ssl.handshake"] = s.ssl_handshake
             values[f"{prefix}.ssl.connection_error"] = s.ssl_connection_error
         values[f"{prefix}.upstream_cx_connect_timeout"] = s.upstream_cx_connect_timeout
+        if cluster.passthrough_metadata:
+            values[f"{prefix}.internal_upstream.no_metadata"] = s.internal_upstream_no_metadata
         pools = list(cluster.pools.values())
         values[f"{prefix}.upstream_cx_http2_active"] = sum(len(p.connections) for p in pools)
         # Streams open on the pooled connections, and tunnels waiting for one.

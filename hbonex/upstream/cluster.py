@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 class SocketAddress:
     host: str
     port: int
+    #: The lb_endpoint's ``metadata.filter_metadata`` (namespace -> fields); not part of
+    #: the address's identity.
+    metadata: Any = attrs.field(default=None, eq=False, repr=False)
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -42,6 +45,8 @@ class SocketAddress:
 class InternalAddress:
     server_listener_name: str
     endpoint_id: str = ""
+    #: As SocketAddress.metadata.
+    metadata: Any = attrs.field(default=None, eq=False, repr=False)
 
     def __str__(self) -> str:
         return f"envoy://{self.server_listener_name}/{self.endpoint_id}"
@@ -73,6 +78,8 @@ class ClusterStats:
     #: Envoy's ``cluster.<name>.ssl.handshake`` and ``ssl.connection_error``.
     ssl_handshake: int = 0
     ssl_connection_error: int = 0
+    #: Envoy's ``cluster.<name>.internal_upstream.no_metadata``.
+    internal_upstream_no_metadata: int = 0
 
 
 class Runtime:
@@ -98,6 +105,10 @@ class Runtime:
         HTTP/2 protocol options) or a pool of kept-alive HTTP/1.1 connections.
         """
         pool = self._http_pools.get(cluster.name)
+        if pool is None and cluster.upstream_protocol == "auto":
+            from hbonex.upstream.auto_pool import AutoHttpPool
+
+            pool = self._http_pools[cluster.name] = AutoHttpPool(cluster)
         if pool is None and cluster.upstream_protocol == "http2":
             from hbonex.upstream.http2_pool import H2RequestPool
 
@@ -134,6 +145,9 @@ class UpstreamRequest:
     #: Filter state shared with the upstream (its ONCE and TRANSITIVE objects): the
     #: connection an internal listener accepts for this request starts with it.
     filter_state: Any = None
+    #: Dynamic metadata for the internal listener's connection (namespace -> fields): what
+    #: the cluster's internal_upstream transport socket passes through.
+    dynamic_metadata: dict[str, dict[str, Any]] | None = None
 
 
 class Cluster:
@@ -148,7 +162,8 @@ class Cluster:
         endpoints: tuple[Address, ...] = (),
         lb_policy: str = "ROUND_ROBIN",
         connect_timeout: float = 5.0,
-        upstream_protocol: str | None = None,  # None: raw TCP; "http1"/"http2": tunnels
+        # None: raw TCP; "http1"/"http2": tunnels and requests; "auto": requests, by ALPN
+        upstream_protocol: str | None = None,
         tls: TLSSettings | None = None,
         h2_settings: H2Settings = DEFAULT_H2_SETTINGS,
         max_streams_per_connection: int = 100,
@@ -157,6 +172,8 @@ class Cluster:
         circuit_breakers: CircuitBreakers = DEFAULT_CIRCUIT_BREAKERS,
         tunnel_response_timeout: float = 15.0,
         original_dst_header: str | None = None,
+        metadata: dict[str, dict[str, Any]] | None = None,
+        passthrough_metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.name = name
         self.runtime = runtime
@@ -180,6 +197,11 @@ class Cluster:
         self.tunnel_response_timeout = tunnel_response_timeout
         #: ORIGINAL_DST with ``use_http_header``: the request header naming the destination.
         self.original_dst_header = original_dst_header
+        #: The cluster's ``metadata.filter_metadata`` (namespace -> fields).
+        self.metadata = metadata or {}
+        #: internal_upstream's passthrough_metadata: ("host" | "cluster", namespace) pairs
+        #: copied into an internal listener connection's dynamic metadata.
+        self.passthrough_metadata = passthrough_metadata
         self.pools: dict[PoolKey, H2Pool] = {}
         self.stats = ClusterStats()
         self._rr = 0
@@ -289,6 +311,20 @@ class Cluster:
         d.addErrback(self._count_failure)
         return d
 
+    def _passthrough(self, address: Address) -> dict[str, dict[str, Any]]:
+        """
+        Envoy's InternalUpstreamTransport passthrough_metadata: the named namespaces of the
+        host's or the cluster's metadata (a namespace missing from it is counted and skipped).
+        """
+        passed: dict[str, dict[str, Any]] = {}
+        for kind, namespace in self.passthrough_metadata:
+            source = (address.metadata or {}) if kind == "host" else self.metadata
+            if namespace in source:
+                passed[namespace] = source[namespace]
+            else:
+                self.stats.internal_upstream_no_metadata += 1
+        return passed
+
     def _track(self, address: Address, protocol: IProtocol) -> None:
         """
         Count the connection against ``address`` until ``protocol`` loses it (LEAST_REQUEST
@@ -335,6 +371,8 @@ class Cluster:
         self, address: Address, protocol: IProtocol, request: UpstreamRequest
     ) -> defer.Deferred[Any]:
         if isinstance(address, InternalAddress):
+            if self.passthrough_metadata:
+                request = attrs.evolve(request, dynamic_metadata=self._passthrough(address))
             return self.runtime.internal_listeners.connect(address, protocol, request)
         factory: Any = _OneShotFactory(protocol)
         if self.client_tls is not None:

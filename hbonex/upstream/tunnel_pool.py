@@ -213,6 +213,14 @@ class H2Pool:
         self._serve_waiters()
         self._touch(conn)
 
+    def adopt(self, conn: H2TunnelClient) -> None:
+        """
+        Take a ready connection opened elsewhere (auto_config's ALPN made it HTTP/2).
+        """
+        self._connecting += 1
+        self.stats.connections_opened += 1
+        self._connected(conn)
+
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting -= 1
         self.stats.connections_failed += 1

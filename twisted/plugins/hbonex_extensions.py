@@ -1,13 +1,17 @@
 """
-The built-in hbonex extensions, registered exactly as third-party dropins are: network filters,
-HTTP filters, cluster types and transport sockets, found by hbonex.extensions.
+The built-in hbonex extensions, registered exactly as third-party dropins are: listener
+filters, network filters, HTTP filters, cluster types and transport sockets, found by
+hbonex.extensions.
 """
 
 from hbonex.filters.http.set_filter_state import SetFilterStateExtension
+from hbonex.filters.listener.original_dst import OriginalDstExtension
+from hbonex.filters.listener.tls_inspector import TlsInspectorExtension
 from hbonex.filters.network.connection_limit import ConnectionLimitExtension
 from hbonex.filters.network.hcm_config import HttpConnectionManagerExtension, RouterExtension
 from hbonex.filters.network.set_filter_state import SetFilterStateNetworkExtension
 from hbonex.filters.network.tcp_proxy import TcpProxyExtension
+from hbonex.network.internal_upstream import InternalUpstreamTransportSocket
 from hbonex.tls.transport_sockets import RawBufferTransportSocket, TlsTransportSocket
 from hbonex.upstream.cluster_types import (
     LogicalDnsClusterType,
@@ -16,6 +20,8 @@ from hbonex.upstream.cluster_types import (
     StrictDnsClusterType,
 )
 
+tls_inspector = TlsInspectorExtension()
+original_dst = OriginalDstExtension()
 tcp_proxy = TcpProxyExtension()
 connection_limit = ConnectionLimitExtension()
 http_connection_manager = HttpConnectionManagerExtension()
@@ -28,3 +34,4 @@ logical_dns_cluster = LogicalDnsClusterType()
 original_dst_cluster = OriginalDstClusterType()
 tls_transport_socket = TlsTransportSocket()
 raw_buffer_transport_socket = RawBufferTransportSocket()
+internal_upstream_transport_socket = InternalUpstreamTransportSocket()

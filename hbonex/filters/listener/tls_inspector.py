@@ -7,9 +7,16 @@ a filter chain (and with it the certificate) before the handshake starts.
 from __future__ import annotations
 
 import struct
-from typing import Optional
+from typing import Any, Optional
 
 import attrs
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from hbonex.interfaces import IListenerFilterExtension
+
+NAME = "envoy.filters.listener.tls_inspector"
+TYPE_URL = "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
 
 #: A ClientHello larger than this is not inspected further (Envoy's limit is 64 KiB too).
 MAX_CLIENT_HELLO = 64 * 1024
@@ -112,3 +119,21 @@ def _alpn(ext: bytes) -> tuple[str, ...]:
         protocols.append(ext[pos + 1 : pos + 1 + length].decode("ascii", "replace"))
         pos += 1 + length
     return tuple(protocols)
+
+
+@implementer(IPlugin, IListenerFilterExtension)
+class TlsInspectorExtension:
+    """
+    The ``envoy.filters.listener.tls_inspector`` plugin.  A listener inspects the ClientHello
+    whenever its filter chains need SNI, ALPN or TLS-or-not to choose (listed or not), so
+    there is nothing more to run per connection.
+    """
+
+    name = NAME
+    typeUrls = (TYPE_URL,)
+
+    def parseConfig(self, config: Any, path: str, context: Any) -> None:
+        return None
+
+    def listenerFilterFactory(self, parsed: Any, context: Any) -> None:
+        return None

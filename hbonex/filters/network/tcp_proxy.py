@@ -290,6 +290,10 @@ class TcpProxyFilter:
 
 
 def _original_destination(info: Any) -> str | None:
+    if getattr(info, "localAddressRestored", False):
+        # A listener filter (original_dst) restored where the client meant to go: Envoy's
+        # ORIGINAL_DST uses that over anything an earlier hop knew.
+        return info.localAddress  # type: ignore[no-any-return]
     upstream = getattr(info, "upstream_request", None)
     if upstream is not None and upstream.original_destination:
         return upstream.original_destination  # type: ignore[no-any-return]
@@ -343,7 +347,7 @@ def parse_tcp_proxy(message: Any, path: str, context: Any) -> TcpProxyConfig:
         tunneling = _tunneling_config(message.tunneling_config, f"{path}.tunneling_config",
                                       context)
         for cluster in used:
-            context.use_for_tunneling(cluster)
+            context.use_for_tunneling(cluster, f"{path}.tunneling_config")
     from hbonex.observability.access_log import parse_access_logs
 
     attempts = message.max_connect_attempts.value if message.HasField(
