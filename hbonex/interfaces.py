@@ -145,6 +145,22 @@ class IHTTPFilterExtension(IExtension):
         """
 
 
+class IHTTPFilterPerRouteExtension(IHTTPFilterExtension):
+    """
+    An HTTP filter type that also takes configuration per route (Envoy's
+    ``typed_per_filter_config`` on a route, virtual host or route configuration, keyed by the
+    filter's name in ``http_filters``).
+    """
+
+    perRouteTypeUrls = Attribute("The @type URLs of the per-route configuration it accepts.")
+
+    def parsePerRouteConfig(config: object, path: str, context: object) -> object:
+        """
+        Parse one per-route configuration (the unpacked message, or a TypedStruct's value);
+        the filter reads the result back with its callbacks' ``perFilterConfig()``.
+        """
+
+
 class IClusterTypeExtension(IExtension):
     """
     A cluster type (Envoy's ``type: STATIC`` etc.; ``name`` is the type's name).
@@ -233,6 +249,13 @@ class IStreamFilterCallbacks(Interface):
     def clearRouteCache() -> None:
         """
         Headers changed in a way that may change the route: choose it again on next use.
+        """
+
+    def perFilterConfig() -> object:
+        """
+        This filter's most specific ``typed_per_filter_config`` for the current route (the
+        route's, else its virtual host's, else the route configuration's), as the filter's
+        plugin parsed it (IHTTPFilterPerRouteExtension); None when there is none.
         """
 
     def resetStream() -> None:

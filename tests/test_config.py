@@ -481,6 +481,42 @@ static_resources:
                       'format_string: {text_format: "%REQ(:AUTHORITY)%"}}'):
             self.load(with_value(value))
 
+    def test_typed_per_filter_config(self) -> None:
+        def with_entry(entry: str) -> str:
+            return config_text("seed-terminate-h2-connect.yaml").replace(
+                "            - name: local_service\n",
+                "            - name: local_service\n"
+                "              typed_per_filter_config:\n"
+                f"                {entry}\n",
+            )
+
+        where = ("static_resources.listeners[0].filter_chains[0].filters[0].typed_config."
+                 "route_config.virtual_hosts[0].typed_per_filter_config.some.filter")
+        # A type no HTTP filter takes per route (the router takes none).
+        message = self.error(with_entry(
+            'some.filter: {"@type": type.googleapis.com/envoy.extensions.filters.http.router'
+            '.v3.Router}'))
+        self.assertTrue(message.startswith(
+            f"{where}: no HTTP filter takes per-route configuration of type "
+            "'type.googleapis.com/envoy.extensions.filters.http.router.v3.Router'"), message)
+        # FilterConfig: optional is ignored, disabled stands alone, neither is an error.
+        filter_config = '{"@type": type.googleapis.com/envoy.config.route.v3.FilterConfig, '
+        router = ('config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.'
+                  'v3.Router}')
+        self.assertIn(f"{where}.config: no HTTP filter takes per-route configuration",
+                      self.error(with_entry(f"some.filter: {filter_config}{router}}}")))
+        self.load(with_entry(f"some.filter: {filter_config}{router}, is_optional: true}}"))
+        bootstrap = self.load(with_entry(f"some.filter: {filter_config}disabled: true}}"))
+        [listener] = bootstrap.listeners
+        router = listener.chains[0].filters[0].parsed.router
+        [vhost] = router.virtual_hosts
+        self.assertTrue(vhost.per_filter_config["some.filter"].disabled)
+        # Merged into each route at load time; the chain then looks at routes.
+        self.assertTrue(vhost.routes[0].per_filter_config["some.filter"].disabled)
+        self.assertTrue(router.switches_filters)
+        self.assertIn(f"{where}: a FilterConfig needs config or disabled: true",
+                      self.error(with_entry(f"some.filter: {filter_config[:-2]}}}")))
+
     def test_unknown_substitution_operator(self) -> None:
         text = config_text("hbone-client.yaml").replace("%DOWNSTREAM_REMOTE_ADDRESS%",
                                                         "%DOWNSTREAM_REMOTE_ADRESS%")

@@ -57,6 +57,7 @@ static_resources:
             - name: all
               domains: ["*"]
               routes:
+{extra_routes}
               - match: {{prefix: /direct}}
                 direct_response: {{status: 200, body: {{inline_string: "straight from the proxy"}}}}
               - match: {{prefix: /slow}}
@@ -152,7 +153,8 @@ class HcmCase(E2ETestCase):
     timeout = 90
 
     async def setup_hcm(self, http_filters: str = ROUTER_ONLY, pythonpath: str = "",
-                        hcm_extra: str = "", extra_args: list[str] | None = None) -> Any:
+                        hcm_extra: str = "", extra_args: list[str] | None = None,
+                        extra_routes: str = "") -> Any:
         root = resource.Resource()
         api = self.backend = Echo()
         root.putChild(b"api", api)
@@ -169,8 +171,10 @@ class HcmCase(E2ETestCase):
         filters = "\n".join(" " * 10 + line for line in http_filters.splitlines())
         extra = "\n".join(" " * 10 + line.replace("WORKDIR", str(workdir))
                           for line in hcm_extra.splitlines())
+        routes = "\n".join(" " * 14 + line for line in extra_routes.splitlines())
         config.write_text(CONFIG.format(backend=port.getHost().port, hcm_type=HCM_TYPE,
-                                        http_filters=filters, hcm_extra=extra))
+                                        http_filters=filters, hcm_extra=extra,
+                                        extra_routes=routes))
         self.workdir = workdir
         env = {}
         if pythonpath:
@@ -610,7 +614,10 @@ class HttpFilterPluginTests(HcmCase):
             (plugin_dir / name).write_text(files[name])
         [snippet] = re.findall(r"^```yaml\n(http_filters:\n.*?)^```", text,
                                re.MULTILINE | re.DOTALL)
-        proxy = await self.setup_hcm(http_filters=snippet, pythonpath=str(plugin_dir))
+        [routes] = re.findall(r"^```yaml\nroutes:\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+        routes = routes.replace("cluster: backend", "cluster: backend, prefix_rewrite: /api")
+        proxy = await self.setup_hcm(http_filters=snippet, pythonpath=str(plugin_dir),
+                                     extra_routes=routes)
         base = f"http://127.0.0.1:{proxy.port}"
         headers_file = self.workdir / "h"
         out = await self.curl("-D", str(headers_file), "-w", " %{http_code}", "-H",
@@ -623,6 +630,20 @@ class HttpFilterPluginTests(HcmCase):
         head = headers_file.read_text().lower()
         self.assertIn("x-tag: blue", head)
         self.assertIn("x-tag-seen: blue", head)  # the upstream got the request header
+        # The route's typed_per_filter_config: another tag, both ways.
+        out = await self.curl("-D", str(headers_file), "-o", os.devnull, "-w", "%{http_code}",
+                              f"{base}/green/n?size=10")
+        self.assertEqual(out, "200")
+        head = headers_file.read_text().lower()
+        self.assertIn("x-tag: green", head)
+        self.assertIn("x-tag-seen: green", head)
+        # FilterConfig disabled: the filter is not in this route's chain at all.
+        out = await self.curl("-D", str(headers_file), "-o", os.devnull, "-w", "%{http_code}",
+                              "-H", "x-deny: 1", f"{base}/plain/n?size=10")
+        self.assertEqual(out, "200")
+        head = headers_file.read_text().lower()
+        self.assertNotIn("x-tag:", head)
+        self.assertIn("x-tag-seen: -", head)
 
 
 ADMIN_LINE = r"admin listening on 127\.0\.0\.1:(?P<port>\d+)"

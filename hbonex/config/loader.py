@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from hbonex import extensions
 from hbonex.bootstrap import Bootstrap
 from hbonex.config import support
-from hbonex.config.schema import Positions, message_class, to_message, type_name
+from hbonex.config.schema import TYPED_STRUCTS, Positions, message_class, to_message, type_name
 from hbonex.config.yamlpath import MarkedDict, Node, child_path, load_yaml
 from hbonex.errors import ConfigError
 from hbonex.h2.settings import H2Settings
@@ -68,7 +68,6 @@ INTERNAL_LISTENER_TYPE = (
 )
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 HTTP_OPTIONS_TYPE = f"type.googleapis.com/{HTTP_OPTIONS}"
-TYPED_STRUCTS = ("xds.type.v3.TypedStruct", "udpa.type.v1.TypedStruct")
 DOWNSTREAM_CONNECTIONS = "envoy.resource_monitors.global_downstream_max_connections"
 DOWNSTREAM_CONNECTIONS_TYPE = (
     "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3."

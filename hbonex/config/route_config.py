@@ -7,10 +7,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
+from google.protobuf import json_format
+
+from hbonex import extensions
+from hbonex.config.schema import TYPED_STRUCTS, message_class, type_name
+from hbonex.config.yamlpath import MarkedDict
+from hbonex.errors import ConfigError
 from hbonex.http.routing import (
     HeaderMatcher,
     HeaderMutation,
     HeaderMutations,
+    PerFilterConfig,
     QueryMatcher,
     Redirect,
     Route,
@@ -18,6 +26,7 @@ from hbonex.http.routing import (
     VirtualHost,
 )
 from hbonex.http.upgrade import TOKEN, UpgradeMap
+from hbonex.interfaces import IHTTPFilterPerRouteExtension
 from hbonex.tls.transport_sockets import regex_field
 
 __all__ = ["parse_route_config", "upgrade_configs"]
@@ -46,10 +55,91 @@ def parse_route_config(message: Any, path: str, context: Any, *,
             domains[domain.lower()] = vhost_path
         vhosts.append(vhost)
     request, response = header_mutations(message, path, context)
+    # typed_per_filter_config: the most specific level wins, per filter (Envoy's
+    # mostSpecificPerFilterConfig), merged here once instead of per request.
+    top = per_filter_configs(message, path, context)
+    vhosts = [attrs.evolve(vhost, routes=tuple(
+        attrs.evolve(route, per_filter_config={**top, **vhost.per_filter_config,
+                                               **route.per_filter_config})
+        for route in vhost.routes)) if top or vhost.per_filter_config else vhost
+        for vhost in vhosts]
     return RouteConfig(message.name, tuple(vhosts), connect_enabled=connect_enabled,
                        upgrades=upgrades, reject_early_data=reject_early_data,
                        request_headers=request, response_headers=response,
-                       clusters=context.runtime.clusters)
+                       clusters=context.runtime.clusters, per_filter_config=top,
+                       switches_filters=any(
+                           entry.disabled
+                           for vhost in vhosts for route in vhost.routes
+                           for entry in route.per_filter_config.values()))
+
+
+_FILTER_CONFIG = "envoy.config.route.v3.FilterConfig"
+
+
+def per_filter_configs(message: Any, path: str, context: Any) -> dict[str, PerFilterConfig]:
+    """
+    A route's, virtual host's or route configuration's ``typed_per_filter_config``: each
+    entry, keyed by a filter's name in ``http_filters``, is parsed by the HTTP filter plugin
+    that takes its @type as per-route configuration (IHTTPFilterPerRouteExtension), or is
+    Envoy's FilterConfig wrapper around one (``config``, ``is_optional``, ``disabled``).
+    """
+    result: dict[str, PerFilterConfig] = {}
+    for name in sorted(message.typed_per_filter_config):
+        any_ = message.typed_per_filter_config[name]
+        where = f"{path}.typed_per_filter_config.{name}"
+        if type_name(any_.type_url) != _FILTER_CONFIG:
+            result[name] = PerFilterConfig(_per_route(any_, where, context))
+            continue
+        cls = message_class(_FILTER_CONFIG)
+        assert cls is not None
+        wrapper: Any = cls()
+        any_.Unpack(wrapper)
+        if not wrapper.HasField("config"):
+            if not wrapper.disabled:
+                raise context.error(where, "a FilterConfig needs config or disabled: true")
+            result[name] = PerFilterConfig(disabled=True)
+            continue
+        try:
+            config = _per_route(wrapper.config, f"{where}.config", context)
+        except ConfigError:
+            if wrapper.is_optional:
+                continue  # Envoy: an optional config no filter takes is ignored
+            raise
+        result[name] = PerFilterConfig(config, disabled=wrapper.disabled)
+    return result
+
+
+def _per_route(any_: Any, path: str, context: Any) -> Any:
+    """One per-route configuration, parsed by the plugin whose perRouteTypeUrls has its type."""
+    type_url = any_.type_url
+    config: Any
+    cls = message_class(type_name(type_url))
+    if cls is None:
+        raise context.error(path, f"unknown type {type_url!r}")
+    message: Any = cls()
+    any_.Unpack(message)
+    if type_name(type_url) in TYPED_STRUCTS:
+        type_url = message.type_url
+        config_path = f"{path}.value"
+        config = context.positions.raw.get(config_path)
+        if not isinstance(config, dict):
+            config = MarkedDict(json_format.MessageToDict(message.value))
+    else:
+        config_path, config = path, message
+    plugins = extensions.extensions(IHTTPFilterPerRouteExtension)
+    for plugin in plugins:
+        if type_url in plugin.perRouteTypeUrls:
+            try:
+                parsed = plugin.parsePerRouteConfig(config, config_path, context)
+            except ConfigError as e:
+                raise context.wrap(config_path, e) from None
+            if isinstance(config, dict):
+                context.node(config, config_path).finish()
+            return parsed
+    known = sorted(url for p in plugins for url in p.perRouteTypeUrls)
+    raise context.error(
+        path, f"no HTTP filter takes per-route configuration of type {type_url!r}; known: "
+        + (", ".join(known) or "none"))
 
 
 _APPEND_ACTIONS = ("APPEND_IF_EXISTS_OR_ADD", "ADD_IF_ABSENT", "OVERWRITE_IF_EXISTS_OR_ADD",
@@ -116,7 +206,8 @@ def _virtual_host(message: Any, path: str, context: Any) -> VirtualHost:
     retry = (retry_policy(message.retry_policy, f"{path}.retry_policy", context)
              if message.HasField("retry_policy") else None)
     return VirtualHost(message.name, tuple(message.domains), routes, request, response,
-                       retry_policy=retry)
+                       retry_policy=retry,
+                       per_filter_config=per_filter_configs(message, path, context))
 
 
 def retry_policy(message: Any, path: str, context: Any) -> Any:
@@ -258,6 +349,7 @@ def _route(message: Any, path: str, context: Any) -> Route:
         if config.HasField("retry_policy"):
             fields["retry_policy"] = retry_policy(config.retry_policy,
                                                   f"{config_path}.retry_policy", context)
+    fields["per_filter_config"] = per_filter_configs(message, path, context)
     return Route(**fields)
 
 

@@ -125,6 +125,10 @@ _pool = descriptor_pool.Default()
 _imported: set[str] = set()
 
 
+#: Envoy's wrappers for a plugin's own config given as a plain struct.
+TYPED_STRUCTS = ("xds.type.v3.TypedStruct", "udpa.type.v1.TypedStruct")
+
+
 def type_name(type_url: str) -> str:
     return type_url.rsplit("/", 1)[-1]
 

@@ -34,8 +34,9 @@ _LOG = "log output only"
 _H2_TUNING = "HTTP/2 tuning hbonex leaves at h2's behaviour"
 _PASSTHROUGH_KINDS = ("internal_upstream passes host or cluster metadata: use host: {} or "
                       "cluster: {}")
-_HEADER_MUTATIONS = ("request_headers_to_add request_headers_to_remove "
-                     "response_headers_to_add response_headers_to_remove")
+_EVERY_LEVEL = ("request_headers_to_add request_headers_to_remove "
+                     "response_headers_to_add response_headers_to_remove "
+                     "typed_per_filter_config")
 
 
 def _m(yes: str = "", warn: Optional[dict[str, str]] = None,
@@ -204,7 +205,7 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
     f"{_HCM}.HttpConnectionManager.UpgradeConfig": _m(
         "upgrade_type enabled",
         error={"filters": "upgrades run the HCM's http_filters (no filter chain of their own)"}),
-    f"{_HCM}.HttpFilter": _m("name typed_config"),
+    f"{_HCM}.HttpFilter": _m("name typed_config disabled"),
     "envoy.extensions.filters.http.router.v3.Router": _m(
         warn={"dynamic_stats": _STATS, "start_child_span": "no tracing",
               "suppress_envoy_headers": "hbonex adds no x-envoy- headers",
@@ -243,11 +244,12 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
     }),
     # -- routes --
     f"{_ROUTES}.RouteConfiguration": _m(
-        "name virtual_hosts validate_clusters " + _HEADER_MUTATIONS),
-    f"{_ROUTES}.VirtualHost": _m("name domains routes retry_policy " + _HEADER_MUTATIONS),
+        "name virtual_hosts validate_clusters " + _EVERY_LEVEL),
+    f"{_ROUTES}.VirtualHost": _m("name domains routes retry_policy " + _EVERY_LEVEL),
     f"{_ROUTES}.Route": _m(
-        "name match route direct_response redirect " + _HEADER_MUTATIONS,
+        "name match route direct_response redirect " + _EVERY_LEVEL,
         warn={"metadata": "no consumer of route metadata", "decorator": "no tracing"}),
+    f"{_ROUTES}.FilterConfig": _m("config is_optional disabled"),
     f"{_ROUTES}.RouteMatch": _m(
         "prefix path path_separated_prefix safe_regex connect_matcher headers case_sensitive "
         "query_parameters"),

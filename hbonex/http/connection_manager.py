@@ -131,6 +131,9 @@ def route_resolver(router: Any, stream_idle_timeout: float = 300.0
                   getattr(decision, "route_config", None)]
         responses = _mutations(levels, info, request=False)
         fields: dict[str, Any] = {}
+        per_filter = getattr(route, "per_filter_config", None)
+        if per_filter:
+            fields["per_filter_config"] = per_filter
         kind = upgrade_type(headers)
         if kind is not None:
             # Envoy's createUpgradeFilterChain: the route's entry, else the HCM's.
@@ -310,6 +313,22 @@ class StandardHeaders:
         pass
 
 
+@attrs.frozen
+class HttpFilterFactory:
+    """
+    One entry of http_filters: its ``name`` (what typed_per_filter_config is keyed by), what
+    makes the filter for a request, and ``disabled`` (off unless a route's
+    typed_per_filter_config enables it).
+    """
+
+    name: str
+    make: Callable[[], Any]
+    disabled: bool = False
+
+    def __call__(self) -> Any:
+        return self.make()
+
+
 class HttpStreamFactory:
     """
     Makes each request's FilterManager for one downstream connection.
@@ -338,6 +357,13 @@ class HttpStreamFactory:
         self.pool_for = pool_for
         self.info = info
         self.filter_factories = tuple(filter_factories)
+        #: The filters' names in http_filters (for typed_per_filter_config), ours unnamed.
+        self.filter_names = tuple(getattr(f, "name", "") for f in self.filter_factories)
+        off = frozenset(name for f, name in zip(self.filter_factories, self.filter_names,
+                                                strict=True) if getattr(f, "disabled", False))
+        #: Filters off unless a route enables them; None when no route can switch any.
+        self.disabled_filters = (off if off or getattr(router, "switches_filters", False)
+                                 else None)
         self.buffer_limit = buffer_limit
         self.access_log = access_log
         self.options = options
@@ -358,7 +384,9 @@ class HttpStreamFactory:
         filters += [make() for make in self.filter_factories]
         filters.append(RouterFilter(self.reactor, self.pool_for, self.upgrades))
         manager = FilterManager(filters, sink, connection_info=self.info,
-                                route_resolver=self.resolve, buffer_limit=self.buffer_limit)
+                                route_resolver=self.resolve, buffer_limit=self.buffer_limit,
+                                names=("", *self.filter_names, "envoy.filters.http.router"),
+                                disabled=self.disabled_filters)
         started = time.monotonic()
         manager.on_destroy = lambda m: self._done(m, started)
         self._rq_total.inc()
@@ -413,6 +441,7 @@ class HttpStreamFactory:
 
 
 __all__ = [
+    "HttpFilterFactory",
     "HttpOptions",
     "HttpStreamFactory",
     "StandardHeaders",

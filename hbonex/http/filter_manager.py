@@ -108,11 +108,13 @@ REASONS = {
 class _Side:
     """One filter's place on one path: what it holds while iteration is stopped there."""
 
-    __slots__ = ("filter", "callbacks", "headers_passed", "stopped", "stop_all", "buffer",
-                 "trailers_held")
+    __slots__ = ("filter", "name", "callbacks", "headers_passed", "stopped", "stop_all",
+                 "buffer", "trailers_held")
 
-    def __init__(self, filter: Any) -> None:
+    def __init__(self, filter: Any, name: str = "") -> None:
         self.filter = filter
+        #: The filter's name in http_filters (for typed_per_filter_config); "" for our own.
+        self.name = name
         self.callbacks: Any = None
         #: The headers went beyond this filter.
         self.headers_passed = False
@@ -295,6 +297,15 @@ class _StreamCallbacks:
     def clearRouteCache(self) -> None:
         self._manager.clear_route_cache()
 
+    def perFilterConfig(self) -> Any:
+        name = self._path().sides[self._index].name
+        route = self._manager.route()
+        per_filter = getattr(route, "per_filter_config", None)
+        if not name or not per_filter:
+            return None
+        entry = per_filter.get(name)
+        return None if entry is None else entry.config
+
     def resetStream(self) -> None:
         self._manager.reset()
 
@@ -398,6 +409,8 @@ class FilterManager:
         route_resolver: Callable[[Headers, Any], Any] | None = None,
         buffer_limit: int = 1024 * 1024,
         stream_info: StreamInfo | None = None,
+        names: Sequence[str] = (),
+        disabled: frozenset[str] | None = None,
     ) -> None:
         self.filters = list(filters)
         self.sink = sink
@@ -405,9 +418,14 @@ class FilterManager:
         self.route_resolver = route_resolver
         self.buffer_limit = buffer_limit
         self.stream_info = stream_info if stream_info is not None else StreamInfo()
-        decoders = [_Side(f) for f in self.filters if IStreamDecoderFilter.providedBy(f)]
+        #: Filters off unless a route enables them (http_filters' ``disabled``); None: no
+        #: filter can be switched per route, so the route is not looked at for that.
+        self.disabled = disabled
+        named = list(zip(self.filters, [*names, *[""] * (len(self.filters) - len(names))],
+                         strict=True))
+        decoders = [_Side(f, n) for f, n in named if IStreamDecoderFilter.providedBy(f)]
         # Encoding runs the chain backwards: the filter nearest the upstream sees it first.
-        encoders = [_Side(f) for f in reversed(self.filters)
+        encoders = [_Side(f, n) for f, n in reversed(named)
                     if IStreamEncoderFilter.providedBy(f)]
         self.decoding = _Path(self, True, decoders)
         self.encoding = _Path(self, False, encoders)
@@ -436,7 +454,29 @@ class FilterManager:
         path = self.decoding
         path.headers = headers
         path.ended = end_stream
+        if self.disabled is not None:
+            self._drop_disabled()
         path.run_headers(0, end_stream)
+
+    def _drop_disabled(self) -> None:
+        """
+        Filters the route switches off (``typed_per_filter_config`` FilterConfig ``disabled``,
+        or ``disabled`` in http_filters unless the route enables them) leave the chain before
+        any of them runs, as Envoy leaves them out when it builds the chain.
+        """
+        per_filter = getattr(self.route(), "per_filter_config", None) or {}
+        off = set(self.disabled or ())
+        for name, entry in per_filter.items():
+            if entry.disabled:
+                off.add(name)
+            else:
+                off.discard(name)
+        if not off:
+            return
+        for path in (self.decoding, self.encoding):
+            path.sides = [s for s in path.sides if s.name not in off]
+            for index, side in enumerate(path.sides):
+                side.callbacks._index = index
 
     def decodeData(self, data: bytes, end_stream: bool) -> None:
         path = self.decoding
@@ -540,7 +580,7 @@ class FilterManager:
             self.encode_data(body, True)
 
     def _fresh(self, side: _Side) -> _Side:
-        fresh = _Side(side.filter)
+        fresh = _Side(side.filter, side.name)
         fresh.callbacks = side.callbacks
         return fresh
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 from urllib.parse import parse_qsl
 
 import attrs
@@ -181,6 +181,21 @@ def _pseudo(request: ConnectRequest, name: str) -> str | None:
 
 
 @attrs.frozen
+class PerFilterConfig:
+    """
+    One entry of ``typed_per_filter_config``: the filter's per-route configuration as its
+    plugin parsed it (None: none, only ``disabled``), and whether the filter is off here.
+    """
+
+    config: Any = None
+    disabled: bool = False
+
+
+#: Filter name -> its per-route configuration, most specific level merged in.
+PerFilterConfigs = Mapping[str, PerFilterConfig]
+
+
+@attrs.frozen
 class Route:
     # match
     connect_matcher: bool = False
@@ -219,6 +234,9 @@ class Route:
     name: str = ""
     #: hbonex.http.retry_policy.RetryPolicy, or None (the virtual host's, if it has one).
     retry_policy: Any = None
+    #: typed_per_filter_config: the route's own over its virtual host's over the route
+    #: configuration's (merged when the configuration is loaded).
+    per_filter_config: PerFilterConfigs = attrs.Factory(dict)
 
     def matches(self, request: ConnectRequest) -> bool:
         if self.connect_matcher:
@@ -264,6 +282,7 @@ class VirtualHost:
     request_headers: HeaderMutations = NO_MUTATIONS
     response_headers: HeaderMutations = NO_MUTATIONS
     retry_policy: Any = None
+    per_filter_config: PerFilterConfigs = attrs.Factory(dict)
 
     def score(self, host: str) -> int:
         """
@@ -297,6 +316,10 @@ class RouteConfig:
     response_headers: HeaderMutations = NO_MUTATIONS
     #: The clusters by name, for ``cluster_header`` routes.
     clusters: Any = None
+    per_filter_config: PerFilterConfigs = attrs.Factory(dict)
+    #: Some route's typed_per_filter_config switches a filter on or off (the filter chain
+    #: then looks at the route before it runs).
+    switches_filters: bool = False
 
     def route(self, request: ConnectRequest, info: Any) -> RouteDecision:
         host = request.authority.lower()

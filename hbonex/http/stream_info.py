@@ -66,6 +66,10 @@ class FilterState:
     def keys(self) -> list[str]:
         return sorted(self._entries)
 
+    def is_empty(self) -> bool:
+        """Nothing stored (most connections): callers skip work per tunnel."""
+        return not self._entries
+
     def shared_with_upstream(self, *more: FilterState | None) -> FilterState | None:
         """
         What the next hop's connection starts with: ONCE objects arrive as NONE, TRANSITIVE

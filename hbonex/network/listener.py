@@ -89,9 +89,7 @@ class ConnectionInfo:
     dynamic_metadata: dict[str, dict[str, Any]] = attrs.Factory(dict)
 
     def substitutions(self) -> dict[str, str]:
-        record = {f"fs:{key}": str(self.filter_state.get_data(key))
-                  for key in self.filter_state.keys()}
-        return record | {
+        record = {
             "connection_id": str(self.connectionId),
             "remote": self.remoteAddress,
             "local": self.localAddress,
@@ -99,6 +97,10 @@ class ConnectionInfo:
             "peer_uri_san": self.peerIdentity,
             "local_uri_san": self.localIdentity,
         }
+        state = self.filter_state
+        if not state.is_empty():
+            record.update((f"fs:{key}", str(state.get_data(key))) for key in state.keys())
+        return record
 
 
 @attrs.frozen

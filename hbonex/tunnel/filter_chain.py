@@ -123,7 +123,9 @@ def connect_filter_chain(
     filters = [make() for make in http.filter_factories]
     filters.append(ConnectAdmission(on_headers))
     return FilterManager(filters, sink, connection_info=http.info, route_resolver=http.resolve,
-                         buffer_limit=http.buffer_limit)
+                         buffer_limit=http.buffer_limit,
+                         names=getattr(http, "filter_names", ()),
+                         disabled=getattr(http, "disabled_filters", None))
 
 
 __all__ = ["ConnectAdmission", "TunnelResponseSink", "connect_filter_chain"]

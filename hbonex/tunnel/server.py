@@ -202,14 +202,17 @@ def connect_upstream(
     starts with it).
     """
     state = getattr(info, "filter_state", None)
+    shared = None
+    if state is not None and (request_state is not None or not state.is_empty()):
+        shared = state.shared_with_upstream(request_state)
+    elif request_state is not None:
+        shared = request_state.shared_with_upstream()
     upstream = UpstreamRequest(
         original_destination=decision.original_destination,
         downstream_remote=info.remoteAddress,
         downstream_local=info.localAddress,
         peer_identity=info.peerIdentity,
-        filter_state=(state.shared_with_upstream(request_state) if state is not None
-                      else request_state.shared_with_upstream()
-                      if request_state is not None else None),
+        filter_state=shared,
     )
     return decision.cluster.connect_stream(relay.b, upstream)  # type: ignore[no-any-return]
 

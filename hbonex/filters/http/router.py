@@ -59,6 +59,8 @@ class HttpRoute:
     response_mutations: tuple[Any, ...] = ()
     name: str = ""
     retry_policy: RetryPolicy = NO_RETRIES
+    #: typed_per_filter_config for the filters (hbonex.http.routing.PerFilterConfig by name).
+    per_filter_config: Any = None
     #: The request asks for an upgrade this route does not allow (403 upgrade_failed).
     upgrade_rejected: bool = False
     #: An upgrade's stream idle timeout: the route's idle_timeout if set, else the HCM's

@@ -17,7 +17,7 @@ from hbonex.filters.network.http_connection_manager import (
     HttpConnectionManagerFilter,
     http_connection_manager_factory,
 )
-from hbonex.http.connection_manager import HttpOptions
+from hbonex.http.connection_manager import HttpFilterFactory, HttpOptions
 from hbonex.http.path import EscapedSlashes
 from hbonex.interfaces import IHTTPFilterExtension, INetworkFilterExtension
 
@@ -84,7 +84,9 @@ def parse_http_connection_manager(message: Any, path: str, context: Any
             raise context.error(item_path,
                                 f"the last HTTP filter must be {ROUTER}, not {plugin.name}")
         if plugin.name != ROUTER:
-            http_filters.append(plugin.filterFactory(parsed, context))
+            http_filters.append(HttpFilterFactory(
+                item.name or plugin.name, plugin.filterFactory(parsed, context),
+                disabled=item.disabled))
     if http_filters:
         if not _has_field("http_filters"):
             raise context.error(

@@ -117,7 +117,8 @@ class TcpProxyConfig:
 
 def _shared_state(info: Any) -> Any:
     state = getattr(info, "filter_state", None)
-    return state.shared_with_upstream() if state is not None else None
+    return (state.shared_with_upstream() if state is not None and not state.is_empty()
+            else None)
 
 
 def traceparent() -> str:
