@@ -152,6 +152,31 @@ static_resources:
 """ + PASSTHROUGH_CLUSTER
 
 
+#: Istio's own connect_terminate: the HTTP set_filter_state stores the CONNECT's
+#: %REQ(:AUTHORITY)% (it runs on CONNECT requests too), shared ONCE with the internal hop.
+HTTP_FILTER_STATE_CONFIG = FILTER_STATE_CONFIG.replace("""\
+      - name: envoy.filters.network.set_filter_state
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.set_filter_state.v3.Config
+          on_new_connection:
+          - object_key: envoy.filters.listener.original_dst.local_ip
+            format_string: {{text_format: "127.0.0.1:{echo}"}}
+            shared_with_upstream: ONCE
+""", "").replace("""\
+          http_filters:
+          - name: envoy.filters.http.router
+""", """\
+          http_filters:
+          - name: envoy.filters.http.set_filter_state
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.set_filter_state.v3.Config
+              on_request_headers:
+              - object_key: envoy.filters.listener.original_dst.local_ip
+                format_string: {{text_format_source: {{inline_string: "%REQ(:AUTHORITY)%"}}}}
+                shared_with_upstream: ONCE
+          - name: envoy.filters.http.router
+""")
+
 #: Istio's connect_originate: the inner listener opens an HBONE (HTTP/2 CONNECT) tunnel to
 #: its restored local address; a CONNECT-terminating listener of the same process ends it.
 CONNECT_ORIGINATE_CONFIG = METADATA_CONFIG.replace("""\
@@ -262,6 +287,29 @@ class OriginalDstAcrossInternalListenersTests(E2ETestCase):
         target = f"127.0.0.1:{echo.port}"
         self.assertEqual((record["local"], record["upstream"], record["up"], record["down"]),
                          (target, target, 200_000, 200_000))
+
+    async def test_connect_authority_restored_by_http_set_filter_state(self) -> None:
+        """
+        Istio's connect_terminate as Istio writes it: the CONNECT's :authority, stored by the
+        HTTP set_filter_state (shared ONCE), becomes the inner connection's local address
+        (original_dst) and the ORIGINAL_DST cluster's target.
+        """
+        echo = await start_echo(self)
+        log = Path(self.mktemp()).resolve()
+        config = HTTP_FILTER_STATE_CONFIG.format(echo=echo.port, log=log,
+                                                 listener_filters=ORIGINAL_DST_FILTER)
+        self.assertNotIn("envoy.filters.network.set_filter_state", config)
+        proxy = await start_yaml_twistd(self, "hbone-server", "waypoint", config)
+        payload = pseudorandom(150_001, seed=13)
+        target = f"127.0.0.1:{echo.port}"
+        head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode()
+        client = await exchange(proxy.port, head + payload)
+        self.assertEqual(sha256(client.data), sha256(b"HTTP/1.1 200 OK\r\n\r\n" + payload))
+        await wait_until(lambda: len(json_records(log)) >= 1, "the inner access record")
+        [record] = json_records(log)
+        self.assertEqual((record["local"], record["upstream"], record["up"], record["down"]),
+                         (target, target, 150_001, 150_001))
+        self.assertEqual(echo.connections_made, 1)
 
     async def test_connect_originate_tunnels_to_the_restored_address(self) -> None:
         """
