@@ -481,6 +481,20 @@ static_resources:
                       'format_string: {text_format: "%REQ(:AUTHORITY)%"}}'):
             self.load(with_value(value))
 
+    def test_request_timeouts(self) -> None:
+        text = config_text("seed-terminate-h2-connect.yaml").replace(
+            "          codec_type: AUTO\n",
+            "          codec_type: AUTO\n          request_timeout: 30s\n"
+            "          request_headers_timeout: 2.5s\n")
+        [listener] = self.load(text).listeners
+        options = listener.chains[0].filters[0].parsed.http_options
+        self.assertEqual((options.request_timeout, options.request_headers_timeout),
+                         (30.0, 2.5))
+        [listener] = self.load(config_text("seed-terminate-h2-connect.yaml")).listeners
+        options = listener.chains[0].filters[0].parsed.http_options
+        self.assertEqual((options.request_timeout, options.request_headers_timeout),
+                         (0.0, 10.0))
+
     def test_typed_per_filter_config(self) -> None:
         def with_entry(entry: str) -> str:
             return config_text("seed-terminate-h2-connect.yaml").replace(

@@ -136,6 +136,34 @@ class StandardHeadersTests(unittest.TestCase):
             router.decoder.encodeHeaders(response, True)
             self.assertEqual(response.get(b"server"), expected, transformation)
 
+    def test_request_timeout(self) -> None:
+        """Envoy's request_timeout: 408 unless the whole request arrived in time."""
+        from twisted.internet.task import Clock
+
+        for ended_in_time in (False, True):
+            clock = Clock()
+            sink = Sink()
+            standard = StandardHeaders(INFO, HttpOptions(request_timeout=5), reactor=clock)
+            manager = FilterManager([standard, Router([])], sink,
+                                    route_resolver=lambda h, c: None)
+            manager.decodeHeaders(get(), False)  # a body follows
+            clock.advance(4)
+            manager.decodeData(b"x", ended_in_time)
+            clock.advance(2)
+            if ended_in_time:
+                self.assertEqual(clock.getDelayedCalls(), [])
+                self.assertNotIn(("headers", b"408", False), sink.events)
+            else:
+                self.assertEqual(sink.events[0][:2], ("headers", b"408"))
+                self.assertEqual(manager.stream_info.response_code_details,
+                                 "request_overall_timeout")
+        # No limit by default (Envoy's); the request's end or destruction cancels the timer.
+        self.assertEqual(HttpOptions().request_timeout, 0)
+        clock = Clock()
+        standard = StandardHeaders(INFO, HttpOptions(request_timeout=5), reactor=clock)
+        standard.onDestroy()
+        self.assertEqual(clock.getDelayedCalls(), [])
+
     def test_options_are_frozen(self) -> None:
         self.assertRaises(attrs.exceptions.FrozenInstanceError, setattr, HttpOptions(),
                           "server_name", b"x")

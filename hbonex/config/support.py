@@ -187,7 +187,7 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
         "max_request_headers_kb server_name server_header_transformation generate_request_id "
         "always_set_request_id_in_response use_remote_address skip_xff_append normalize_path "
         "merge_slashes path_with_escaped_slashes_action access_log_flush_interval "
-        "access_log_options",
+        "access_log_options request_timeout request_headers_timeout",
         warn={"add_user_agent": "no user agent handling", "tracing": "no tracing",
               "preserve_external_request_id": "an incoming x-request-id is always kept",
               "drain_timeout": "drain is shutdown's --drain-timeout",

@@ -202,6 +202,12 @@ class HttpOptions:
     #: common_http_protocol_options.headers_with_underscores_action: ALLOW, REJECT_REQUEST,
     #: DROP_HEADER.
     headers_with_underscores: str = "ALLOW"
+    #: The whole request must have arrived within this (0: no limit, Envoy's default): 408.
+    request_timeout: float = 0.0
+    #: The request head must have arrived within this (HTTP/1.1; 0: no limit).  Envoy's
+    #: default is no limit; hbonex's is 10 s, so that a slow client cannot hold a
+    #: connection open with an unfinished head unless the configuration says so.
+    request_headers_timeout: float = 10.0
 
 
 DEFAULT_OPTIONS = HttpOptions()
@@ -218,13 +224,28 @@ class StandardHeaders:
     """
 
     def __init__(self, info: Any, options: HttpOptions = DEFAULT_OPTIONS,
-                 upgrade_refused: Any = None) -> None:
+                 upgrade_refused: Any = None, reactor: Any = None) -> None:
         self.info = info
         self.options = options
         #: Counts upgrades a route refused (Envoy's downstream_rq_ws_on_non_ws_route).
         self.upgrade_refused = upgrade_refused
         self.decoder: Any = None
         self.request_id: bytes | None = None
+        self._request_timer: Any = None
+        if options.request_timeout > 0 and reactor is not None:
+            # Envoy's request_timeout: from the stream's start until the request has ended.
+            self._request_timer = reactor.callLater(options.request_timeout,
+                                                    self._request_timed_out)
+
+    def _request_timed_out(self) -> None:
+        self._request_timer = None
+        if self.decoder is not None:
+            self.decoder.sendLocalReply(408, b"", None, "request_overall_timeout", "")
+
+    def _request_ended(self) -> None:
+        if self._request_timer is not None:
+            self._request_timer.cancel()
+            self._request_timer = None
 
     def setDecoderFilterCallbacks(self, callbacks: Any) -> None:
         self.decoder = callbacks
@@ -234,6 +255,8 @@ class StandardHeaders:
 
     def decodeHeaders(self, headers: Headers, endStream: bool) -> Any:
         o = self.options
+        if endStream:
+            self._request_ended()
         if o.headers_with_underscores != "ALLOW":
             underscored = [n for n, _ in headers if b"_" in n and not n.startswith(b":")]
             if underscored and o.headers_with_underscores == "REJECT_REQUEST":
@@ -288,9 +311,12 @@ class StandardHeaders:
         return FilterHeadersStatus.Continue
 
     def decodeData(self, data: bytes, endStream: bool) -> Any:
+        if endStream:
+            self._request_ended()
         return None
 
     def decodeTrailers(self, trailers: Headers) -> Any:
+        self._request_ended()
         return None
 
     def encodeHeaders(self, headers: Headers, endStream: bool) -> Any:
@@ -310,7 +336,7 @@ class StandardHeaders:
         return None
 
     def onDestroy(self) -> None:
-        pass
+        self._request_ended()
 
 
 @attrs.frozen
@@ -380,7 +406,8 @@ class HttpStreamFactory:
                                      istio_metrics.DURATION_BUCKETS)
 
     def __call__(self, sink: Any) -> FilterManager:
-        filters: list[Any] = [StandardHeaders(self.info, self.options, self._ws_refused)]
+        filters: list[Any] = [StandardHeaders(self.info, self.options, self._ws_refused,
+                                              self.reactor)]
         filters += [make() for make in self.filter_factories]
         filters.append(RouterFilter(self.reactor, self.pool_for, self.upgrades))
         manager = FilterManager(filters, sink, connection_info=self.info,

@@ -586,7 +586,8 @@ class H1TunnelServer(Protocol):
             self.http, self.reactor,
             Http1Limits(idle_timeout=self.idle_timeout,
                         max_request_headers=getattr(self.http, "max_request_headers",
-                                                    60 * 1024)),
+                                                    60 * 1024),
+                        request_headers_timeout=self.http.options.request_headers_timeout),
             scheme=b"https" if self.info.peerIdentity else b"http",
         )
         self._channel = channel

@@ -180,6 +180,10 @@ def _http_options(message: Any) -> HttpOptions:
     if message.HasField("common_http_protocol_options"):
         kwargs["headers_with_underscores"] = _enum_name(
             message.common_http_protocol_options, "headers_with_underscores_action")
+    for field in ("request_timeout", "request_headers_timeout"):
+        if message.HasField(field):
+            value = getattr(message, field)
+            kwargs[field] = value.seconds + value.nanos / 1e9
     return HttpOptions(**kwargs)
 
 
