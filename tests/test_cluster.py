@@ -104,6 +104,41 @@ class OriginalDestinationTests(unittest.SynchronousTestCase):
         self.assertEqual(failure.value.status, 400)
 
 
+class OriginalDestinationOverrideTests(unittest.SynchronousTestCase):
+    """Envoy's order: filter state object, metadata_key, header/restored address; then port."""
+
+    def target(self, request: UpstreamRequest, **cluster: Any) -> str:
+        result: list[Any] = []
+        Cluster("odst", Runtime(Clock()), type="ORIGINAL_DST", **cluster).pick(
+            request).addBoth(result.append)
+        return str(result[0] if not hasattr(result[0], "value") else result[0].value)
+
+    def test_precedence_and_port_override(self) -> None:
+        from hbonex.http.stream_info import FilterState
+
+        key = ("envoy.filters.listener.original_dst", ("local",))
+        metadata = {"envoy.filters.listener.original_dst": {"local": "10.0.0.2:8080"}}
+        state = FilterState()
+        state.set_data("envoy.network.transport_socket.original_dst_address", "10.0.0.3:81")
+        plain = UpstreamRequest(original_destination="10.0.0.1:80")
+        self.assertEqual(self.target(plain, original_dst_metadata_key=key), "10.0.0.1:80")
+        with_metadata = UpstreamRequest(original_destination="10.0.0.1:80",
+                                        downstream_metadata=metadata)
+        self.assertEqual(self.target(with_metadata, original_dst_metadata_key=key),
+                         "10.0.0.2:8080")
+        # Without metadata_key the metadata is not looked at.
+        self.assertEqual(self.target(with_metadata), "10.0.0.1:80")
+        both = UpstreamRequest(original_destination="10.0.0.1:80",
+                               downstream_metadata=metadata, downstream_state=state)
+        self.assertEqual(self.target(both, original_dst_metadata_key=key), "10.0.0.3:81")
+        self.assertEqual(self.target(with_metadata, original_dst_metadata_key=key,
+                                     upstream_port_override=15008), "10.0.0.2:15008")
+        # A list takes its first element, as in Envoy.
+        listed = UpstreamRequest(downstream_metadata={
+            "envoy.filters.listener.original_dst": {"local": ["10.0.0.4:90", "x"]}})
+        self.assertEqual(self.target(listed, original_dst_metadata_key=key), "10.0.0.4:90")
+
+
 class ResolveTests(unittest.SynchronousTestCase):
     def test_dns_lookup_is_bounded_by_the_connect_timeout(self) -> None:
         clock = Clock()

@@ -481,6 +481,20 @@ static_resources:
                       'format_string: {text_format: "%REQ(:AUTHORITY)%"}}'):
             self.load(with_value(value))
 
+    def test_original_dst_metadata_key_and_port_override(self) -> None:
+        odst = SIMPLE[:SIMPLE.index("    load_assignment:")] + (
+            "    type: ORIGINAL_DST\n    original_dst_lb_config:\n")
+        where = "static_resources.clusters[0].original_dst_lb_config"
+        cluster = self.load(odst + "      upstream_port_override: 15008\n"
+                            "      metadata_key: {key: ns, path: [{key: a}, {key: b}]}\n"
+                            ).clusters["backend"].cluster
+        self.assertEqual((cluster.original_dst_metadata_key, cluster.upstream_port_override),
+                         (("ns", ("a", "b")), 15008))
+        self.assertIn(f"{where}.upstream_port_override: must be a port (1-65535), got 70000",
+                      self.error(odst + "      upstream_port_override: 70000\n"))
+        self.assertIn(f"{where}.metadata_key: missing required field 'key'",
+                      self.error(odst + "      metadata_key: {path: [{key: a}]}\n"))
+
     def test_request_timeouts(self) -> None:
         text = config_text("seed-terminate-h2-connect.yaml").replace(
             "          codec_type: AUTO\n",

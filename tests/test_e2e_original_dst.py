@@ -240,6 +240,28 @@ CONNECT_ORIGINATE_CONFIG = METADATA_CONFIG.replace("""\
 """
 
 
+#: connect_originate as Istio builds its cluster: ORIGINAL_DST whose target is the pod address
+#: the connection's passed-through metadata carries (metadata_key), on the HBONE port
+#: (upstream_port_override, Istio's 15008; here the tunnels listener's).
+CONNECT_ORIGINATE_ODST_CONFIG = CONNECT_ORIGINATE_CONFIG.replace("""\
+    load_assignment:
+      cluster_name: hbone
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{address: 127.0.0.1, port_value: {tunnels}}}
+""", """\
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    original_dst_lb_config:
+      upstream_port_override: {tunnels}
+      metadata_key:
+        key: envoy.filters.listener.original_dst
+        path: [{{key: local}}]
+""")
+
+
 class OriginalDstAcrossInternalListenersTests(E2ETestCase):
     async def test_host_metadata_passed_through_restores_the_target(self) -> None:
         """
@@ -310,6 +332,32 @@ class OriginalDstAcrossInternalListenersTests(E2ETestCase):
         self.assertEqual((record["local"], record["upstream"], record["up"], record["down"]),
                          (target, target, 150_001, 150_001))
         self.assertEqual(echo.connections_made, 1)
+
+    async def test_connect_originate_cluster_by_metadata_key_and_port_override(self) -> None:
+        """
+        Istio's connect_originate cluster: ORIGINAL_DST takes the target from the
+        connection's dynamic metadata (metadata_key envoy.filters.listener.original_dst /
+        local, passed through by internal_upstream) and connects on upstream_port_override
+        (the HBONE port), while the tunnel's :authority stays the target itself.
+        """
+        echo = await start_echo(self)
+        log, tunnel_log = Path(self.mktemp()).resolve(), Path(self.mktemp()).resolve()
+        tunnels = await unused_port(self)
+        config = CONNECT_ORIGINATE_ODST_CONFIG.format(
+            echo=echo.port, log=log, listener_filters=ORIGINAL_DST_FILTER, tunnels=tunnels,
+            tunnel_log=tunnel_log)
+        self.assertIn("metadata_key", config)
+        proxy = await start_yaml_twistd(self, "hbone-server", "waypoint", config, listeners=2)
+        payload = pseudorandom(120_007, seed=14)
+        client = await exchange(proxy.ports["outbound"], payload)
+        self.assertEqual(sha256(client.data), sha256(payload))
+        await wait_until(lambda: len(json_records(tunnel_log)) >= 1, "the tunnel record")
+        target = f"127.0.0.1:{echo.port}"
+        self.assertEqual(json_records(tunnel_log), [{"authority": target, "code": 200}])
+        await wait_until(lambda: len(json_records(log)) >= 1, "the inner access record")
+        [record] = json_records(log)
+        self.assertEqual((record["local"], record["upstream"]),
+                         (target, f"127.0.0.1:{tunnels}"))
 
     async def test_connect_originate_tunnels_to_the_restored_address(self) -> None:
         """

@@ -317,8 +317,10 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
                "ring_hash_lb_config": "no RING_HASH", "maglev_lb_config": "no MAGLEV"},
     ),
     "envoy.config.cluster.v3.Cluster.CustomClusterType": _m("name typed_config"),
-    "envoy.config.cluster.v3.Cluster.OriginalDstLbConfig": _m("use_http_header "
-                                                              "http_header_name"),
+    "envoy.config.cluster.v3.Cluster.OriginalDstLbConfig": _m(
+        "use_http_header http_header_name metadata_key upstream_port_override"),
+    "envoy.type.metadata.v3.MetadataKey": _m("key path"),
+    "envoy.type.metadata.v3.MetadataKey.PathSegment": _m("key"),
     "envoy.config.cluster.v3.CircuitBreakers": _m("thresholds"),
     "envoy.config.cluster.v3.CircuitBreakers.Thresholds": _m(
         "priority max_connections max_pending_requests max_requests",

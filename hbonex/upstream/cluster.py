@@ -148,6 +148,25 @@ class UpstreamRequest:
     #: Dynamic metadata for the internal listener's connection (namespace -> fields): what
     #: the cluster's internal_upstream transport socket passes through.
     dynamic_metadata: dict[str, dict[str, Any]] | None = None
+    #: The downstream connection's own dynamic metadata and filter state, where an
+    #: ORIGINAL_DST cluster looks for its target (``metadata_key``, and the filter state
+    #: object ``envoy.network.transport_socket.original_dst_address``).
+    downstream_metadata: Any = None
+    downstream_state: Any = None
+
+
+#: The filter state object that overrides an ORIGINAL_DST cluster's target (Envoy's).
+ORIGINAL_DST_ADDRESS_KEY = "envoy.network.transport_socket.original_dst_address"
+
+
+def metadata_value(metadata: Any, namespace: str, path: tuple[str, ...]) -> Any:
+    """Envoy's MetadataKey lookup: a namespace, then keys into nested structs."""
+    value = (metadata or {}).get(namespace)
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    if isinstance(value, list):
+        value = value[0] if value else None  # Envoy takes a list's first element
+    return value
 
 
 class Cluster:
@@ -172,6 +191,8 @@ class Cluster:
         circuit_breakers: CircuitBreakers = DEFAULT_CIRCUIT_BREAKERS,
         tunnel_response_timeout: float = 15.0,
         original_dst_header: str | None = None,
+        original_dst_metadata_key: tuple[str, tuple[str, ...]] | None = None,
+        upstream_port_override: int | None = None,
         metadata: dict[str, dict[str, Any]] | None = None,
         passthrough_metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
@@ -197,6 +218,9 @@ class Cluster:
         self.tunnel_response_timeout = tunnel_response_timeout
         #: ORIGINAL_DST with ``use_http_header``: the request header naming the destination.
         self.original_dst_header = original_dst_header
+        #: original_dst_lb_config.metadata_key: (filter_metadata namespace, path of keys).
+        self.original_dst_metadata_key = original_dst_metadata_key
+        self.upstream_port_override = upstream_port_override
         #: The cluster's ``metadata.filter_metadata`` (namespace -> fields).
         self.metadata = metadata or {}
         #: internal_upstream's passthrough_metadata: ("host" | "cluster", namespace) pairs
@@ -234,13 +258,25 @@ class Cluster:
         return defer.succeed(address)
 
     def _original_destination(self, request: UpstreamRequest) -> defer.Deferred[Address]:
-        if not request.original_destination:
+        # Envoy's order: the filter state object, then metadata_key, then the header or the
+        # restored local address (request.original_destination); then upstream_port_override.
+        target = None
+        state = request.downstream_state
+        if state is not None and state.has_data(ORIGINAL_DST_ADDRESS_KEY):
+            target = str(state.get_data(ORIGINAL_DST_ADDRESS_KEY))
+        if target is None and self.original_dst_metadata_key is not None:
+            value = metadata_value(request.downstream_metadata, *self.original_dst_metadata_key)
+            if isinstance(value, str) and value:
+                target = value
+        target = target or request.original_destination
+        if not target:
             return defer.fail(UpstreamError(400, "no original destination in the request"))
         try:
-            authority = parse_authority(request.original_destination)
+            authority = parse_authority(target)
         except BadAuthority as e:
             return defer.fail(UpstreamError(400, str(e)))
-        d = self._resolve(SocketAddress(authority.host, authority.port))
+        port = self.upstream_port_override or authority.port
+        d = self._resolve(SocketAddress(authority.host, port))
         policy = self.target_policy
 
         def check(address: Address) -> Address:

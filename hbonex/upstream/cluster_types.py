@@ -100,6 +100,8 @@ class OriginalDstClusterType(_ClusterType):
             )
         common = dict(common, lb_policy="CLUSTER_PROVIDED")
         header = None
+        metadata_key = None
+        port_override = None
         if config.HasField("original_dst_lb_config"):
             lb_config = config.original_dst_lb_config
             where = f"{path}.original_dst_lb_config"
@@ -108,4 +110,22 @@ class OriginalDstClusterType(_ClusterType):
             elif lb_config.http_header_name:
                 raise context.error(where, "http_header_name needs use_http_header: true",
                                     "http_header_name")
-        return Cluster(original_dst_header=header, **common)
+            if lb_config.HasField("metadata_key"):
+                key = lb_config.metadata_key
+                if not key.key:
+                    raise context.error(f"{where}.metadata_key", "missing required field "
+                                        "'key' (the filter_metadata namespace)")
+                steps = []
+                for index, segment in enumerate(key.path):
+                    if not segment.key:
+                        raise context.error(f"{where}.metadata_key.path[{index}]",
+                                            "missing required field 'key'")
+                    steps.append(segment.key)
+                metadata_key = (key.key, tuple(steps))
+            if lb_config.HasField("upstream_port_override"):
+                port_override = lb_config.upstream_port_override.value
+                if not 0 < port_override < 65536:
+                    raise context.error(f"{where}.upstream_port_override",
+                                        f"must be a port (1-65535), got {port_override}")
+        return Cluster(original_dst_header=header, original_dst_metadata_key=metadata_key,
+                       upstream_port_override=port_override, **common)

@@ -175,6 +175,8 @@ class TcpProxyFilter:
             downstream_local=info.localAddress,
             peer_identity=info.peerIdentity,
             filter_state=_shared_state(info),
+            downstream_metadata=getattr(info, "dynamic_metadata", None) or None,
+            downstream_state=getattr(info, "filter_state", None),
         )
         tunneling = config.tunneling
         if tunneling is None:
