@@ -904,7 +904,7 @@ class PluginTests(unittest.TestCase):
                                       "envoy.filters.network.http_connection_manager",
                                       "envoy.filters.network.set_filter_state",
                                       "envoy.filters.network.tcp_proxy"],
-            IHTTPFilterExtension: ["envoy.filters.http.router",
+            IHTTPFilterExtension: ["envoy.filters.http.ext_authz", "envoy.filters.http.router",
                                    "envoy.filters.http.set_filter_state"],
             IClusterTypeExtension: ["LOGICAL_DNS", "ORIGINAL_DST", "STATIC", "STRICT_DNS"],
             ITransportSocketExtension: ["envoy.transport_sockets.internal_upstream",

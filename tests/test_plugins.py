@@ -75,6 +75,7 @@ class ExtensionDiscoveryTests(unittest.TestCase):
         from hbonex.interfaces import (
             IClusterTypeExtension,
             IHTTPFilterExtension,
+            IHTTPFilterPerRouteExtension,
             IListenerFilterExtension,
             INetworkFilterExtension,
             ITransportSocketExtension,
@@ -88,6 +89,7 @@ class ExtensionDiscoveryTests(unittest.TestCase):
             "envoy.filters.network.connection_limit": INetworkFilterExtension,
             "envoy.filters.network.http_connection_manager": INetworkFilterExtension,
             "envoy.filters.http.router": IHTTPFilterExtension,
+            "envoy.filters.http.ext_authz": IHTTPFilterPerRouteExtension,
             "STATIC": IClusterTypeExtension,
             "STRICT_DNS": IClusterTypeExtension,
             "LOGICAL_DNS": IClusterTypeExtension,
@@ -566,7 +568,16 @@ def _http_providers() -> dict[str, Callable[[], Any]]:
         "hbonex.upstream.http1_client.Http1ClientCodec": Http1ClientCodec,
         "hbonex.filters.http.router.RouterFilter": lambda: RouterFilter(Clock(), lambda c: None),
         "hbonex.http.connection_manager.StandardHeaders": lambda: StandardHeaders(None),
+        "hbonex.filters.http.ext_authz.ExtAuthzFilter": _ext_authz_filter,
     }
+
+
+def _ext_authz_filter() -> Any:
+    from hbonex.filters.http.ext_authz import ExtAuthzFilter, _Shared
+    from hbonex.filters.http.ext_authz_config import ExtAuthzConfig, ExtAuthzStats
+
+    return ExtAuthzFilter(_Shared(ExtAuthzConfig(None, 1.0), Clock(), lambda c: None,
+                                  ExtAuthzStats("verify.")))
 
 
 def _router_reading() -> Any:

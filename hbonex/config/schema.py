@@ -211,6 +211,10 @@ class _Walker:
         self.resolve_any = resolve_any
         #: The message whose field is being filled (an Any's slot: filter, socket, ...).
         self.parent = ""
+        #: Filling a message that says ``is_optional: true`` (Envoy's HttpFilter,
+        #: FilterConfig): an Any of a type no compiled proto defines is kept as a bare type URL
+        #: for the builder to skip, not refused here.
+        self.optional = False
 
     def error(self, path: str, message: str, *, key: bool = False) -> ConfigError:
         return self.positions.error(path, message) if not key else ConfigError(
@@ -247,6 +251,16 @@ class _Walker:
         if not isinstance(value, dict):
             raise self.error(path, f"expected a mapping, got {_show(value)}")
         target.SetInParent()
+        optional = self.optional
+        self.optional = ("is_optional" in descriptor.fields_by_name
+                         and value.get("is_optional") is True)
+        try:
+            self._fill_fields(target, descriptor, value, path)
+        finally:
+            self.optional = optional
+
+    def _fill_fields(self, target: Message, descriptor: Descriptor, value: Any,
+                     path: str) -> None:
         oneofs: dict[str, str] = {}
         marks = getattr(value, "key_marks", {})
         value_marks = getattr(value, "value_marks", {})
@@ -421,6 +435,9 @@ class _Walker:
             raise self.error(type_path, f"expected a type URL like '{TYPE_PREFIX}"
                              f"envoy...', got {_show(type_url)}")
         cls = message_class(type_name(type_url))
+        if cls is None and self.optional:
+            target.type_url = type_url  # type: ignore[attr-defined]
+            return
         if cls is None:
             error = self.resolve_any(type_path, type_url, self.parent)
             raise self.error(error.path, error.message, key=True)

@@ -51,6 +51,8 @@ _ROUTES = "envoy.config.route.v3"
 _HCM = "envoy.extensions.filters.network.http_connection_manager.v3"
 _TCP = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 _TLS = "envoy.extensions.transport_sockets.tls.v3"
+_AUTHZ = "envoy.extensions.filters.http.ext_authz.v3"
+_GRPC_ONLY = "only a gRPC CheckRequest carries it; hbonex has the http_service"
 
 #: message full name -> field -> (YES | WARN | ERROR, why).  Unlisted fields are errors.
 TABLE: dict[str, dict[str, tuple[str, str]]] = {
@@ -205,7 +207,7 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
     f"{_HCM}.HttpConnectionManager.UpgradeConfig": _m(
         "upgrade_type enabled",
         error={"filters": "upgrades run the HCM's http_filters (no filter chain of their own)"}),
-    f"{_HCM}.HttpFilter": _m("name typed_config disabled"),
+    f"{_HCM}.HttpFilter": _m("name typed_config disabled is_optional"),
     "envoy.extensions.filters.http.router.v3.Router": _m(
         warn={"dynamic_stats": _STATS, "start_child_span": "no tracing",
               "suppress_envoy_headers": "hbonex adds no x-envoy- headers",
@@ -274,6 +276,47 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
         "cluster weighted_clusters cluster_header upgrade_configs idle_timeout timeout "
         "prefix_rewrite regex_rewrite host_rewrite_literal auto_host_rewrite retry_policy"),
     "envoy.extensions.filters.http.set_filter_state.v3.Config": _m("on_request_headers"),
+    # -- ext_authz: the HTTP authorization service --
+    f"{_AUTHZ}.ExtAuthz": _m(
+        "http_service failure_mode_allow failure_mode_allow_header_add with_request_body "
+        "clear_route_cache status_on_error stat_prefix allowed_headers disallowed_headers "
+        "max_denied_response_body_bytes",
+        warn={"transport_api_version": _GRPC_ONLY, "metadata_context_namespaces": _GRPC_ONLY,
+              "typed_metadata_context_namespaces": _GRPC_ONLY,
+              "route_metadata_context_namespaces": _GRPC_ONLY,
+              "route_typed_metadata_context_namespaces": _GRPC_ONLY,
+              "include_peer_certificate": _GRPC_ONLY, "include_tls_session": _GRPC_ONLY,
+              "bootstrap_metadata_labels_key": _GRPC_ONLY, "encode_raw_headers": _GRPC_ONLY,
+              "enable_dynamic_metadata_ingestion": _GRPC_ONLY,
+              "charge_cluster_response_stats": _STATS, "emit_filter_state_stats": _STATS,
+              "filter_metadata": "no ext_authz logging info",
+              "enforce_response_header_limits": "no header count limit"},
+        error={"grpc_service": "use http_service (an HTTP authorization service)",
+               "filter_enabled": "the filter is always enabled (no runtime fraction)",
+               "filter_enabled_metadata": "the filter is always enabled",
+               "deny_at_disable": "the filter is always enabled",
+               "validate_mutations": "security: the service's headers are not validated",
+               "decoder_header_mutation_rules": "security: no header mutation rules"}),
+    f"{_AUTHZ}.HttpService": _m(
+        "server_uri path_prefix authorization_request authorization_response",
+        error={"retry_policy": "a failed check is not retried"}),
+    "envoy.config.core.v3.HttpUri": _m("uri cluster timeout"),
+    f"{_AUTHZ}.AuthorizationRequest": _m("allowed_headers headers_to_add"),
+    f"{_AUTHZ}.AuthorizationResponse": _m(
+        "allowed_upstream_headers allowed_upstream_headers_to_append allowed_client_headers "
+        "allowed_client_headers_on_success",
+        warn={"dynamic_metadata_from_headers": "no consumer of ext_authz dynamic metadata"}),
+    f"{_AUTHZ}.BufferSettings": _m("max_request_bytes allow_partial_message",
+                                   warn={"pack_as_bytes": _GRPC_ONLY}),
+    f"{_AUTHZ}.ExtAuthzPerRoute": _m("disabled check_settings"),
+    f"{_AUTHZ}.CheckSettings": _m(
+        "with_request_body disable_request_body_buffering",
+        warn={"context_extensions": _GRPC_ONLY},
+        error={"grpc_service": "use http_service on the filter",
+               "http_service": "one authorization service per filter (no per-route "
+                               "service)"}),
+    "envoy.type.matcher.v3.ListStringMatcher": _m("patterns"),
+    "envoy.type.v3.HttpStatus": _m("code"),
     "envoy.extensions.filters.network.set_filter_state.v3.Config": _m("on_new_connection"),
     "envoy.extensions.filters.common.set_filter_state.v3.FilterStateValue": _m(
         "object_key factory_key format_string read_only shared_with_upstream skip_if_empty"),

@@ -19,6 +19,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from hbonex.errors import ConfigError
+from hbonex.http.matchers import StringMatcher
 from hbonex.interfaces import ITransportSocketExtension
 from hbonex.tls import pki
 from hbonex.tls.certwatch import CertificateSources, SdsRef
@@ -277,19 +278,26 @@ def _san_matcher(message: Any, path: str, context: Any) -> SanMatcher:
                             "missing required field 'san_type'")
     if not message.HasField("matcher"):
         raise context.error(path, "missing required field 'matcher'")
-    matcher = message.matcher
-    where = f"{path}.matcher"
+    matcher = string_matcher(message.matcher, f"{path}.matcher", context)
+    return SanMatcher(san_type, matcher.kind, matcher.value, matcher.ignore_case)
+
+
+def string_matcher(matcher: Any, path: str, context: Any) -> StringMatcher:
+    """
+    An Envoy StringMatcher (``exact``, ``prefix``, ``suffix``, ``contains``, ``safe_regex``;
+    ``ignore_case``), its regex checked to compile.
+    """
     kind = matcher.WhichOneof("match_pattern")
     if kind is None:
-        raise context.error(where, "one of exact, prefix, suffix, contains, safe_regex is "
+        raise context.error(path, "one of exact, prefix, suffix, contains, safe_regex is "
                             "required")
     if kind == "safe_regex":
-        text = regex_field(matcher.safe_regex, f"{where}.safe_regex", context)
+        text = regex_field(matcher.safe_regex, f"{path}.safe_regex", context)
     elif kind in ("exact", "prefix", "suffix", "contains"):
         text = getattr(matcher, kind)
     else:
-        raise context.error(where, f"{kind} is not supported", kind)
-    return SanMatcher(san_type, kind, text, matcher.ignore_case)
+        raise context.error(path, f"{kind} is not supported", kind)
+    return StringMatcher(kind, text, matcher.ignore_case)
 
 
 def regex_field(message: Any, path: str, context: Any) -> str:

@@ -12,6 +12,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from hbonex.config.route_config import parse_route_config, upgrade_configs
+from hbonex.errors import ConfigError
 from hbonex.filters.network.http_connection_manager import (
     HttpConnectionManagerConfig,
     HttpConnectionManagerFilter,
@@ -73,8 +74,13 @@ def parse_http_connection_manager(message: Any, path: str, context: Any
                             "'http_filters'")
     extra: dict[str, Any] = {}
     http_filters = []
+    # HTTP filters name their stats after the connection manager's (Envoy's http.<prefix>.).
+    previous_prefix = getattr(context, "http_stat_prefix", None)
+    context.http_stat_prefix = message.stat_prefix
     for index, item in enumerate(filters):
         item_path = f"{path}.http_filters[{index}]"
+        if item.is_optional and not _known(item, item_path, context):
+            continue
         plugin, parsed, _ = context.parse_extension(item, item_path, IHTTPFilterExtension,
                                                     "HTTP filter")
         last = index == len(filters) - 1
@@ -87,6 +93,7 @@ def parse_http_connection_manager(message: Any, path: str, context: Any
             http_filters.append(HttpFilterFactory(
                 item.name or plugin.name, plugin.filterFactory(parsed, context),
                 disabled=item.disabled))
+    context.http_stat_prefix = previous_prefix
     if http_filters:
         if not _has_field("http_filters"):
             raise context.error(
@@ -150,6 +157,21 @@ def parse_http_connection_manager(message: Any, path: str, context: Any
         max_requests_per_connection=max_requests,
         **extra,
     )
+
+
+def _known(item: Any, path: str, context: Any) -> bool:
+    """
+    Whether an ``is_optional`` HTTP filter is one hbonex has; if not, Envoy's rule: a proxy
+    without that extension skips it (one warning).
+    """
+    try:
+        context.resolve(item, path, IHTTPFilterExtension, "HTTP filter")
+    except ConfigError:
+        what = item.typed_config.type_url if item.HasField("typed_config") else item.name
+        context.warn(path, f"optional HTTP filter {item.name or what!r} skipped: hbonex has "
+                     f"no HTTP filter {what!r} (is_optional: true)")
+        return False
+    return True
 
 
 def _enum_name(message: Any, field: str) -> str:

@@ -1,0 +1,1 @@
+"""Code HTTP and network filters share (policy, clients of external services)."""
