@@ -10,6 +10,7 @@ import inspect
 import io
 import os
 import pkgutil
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,7 @@ class ExtensionDiscoveryTests(unittest.TestCase):
         from hbonex.interfaces import (
             IClusterTypeExtension,
             IHTTPFilterExtension,
+            IHTTPFilterPerRouteExtension,
             IListenerFilterExtension,
             INetworkFilterExtension,
             ITransportSocketExtension,
@@ -88,6 +90,7 @@ class ExtensionDiscoveryTests(unittest.TestCase):
             "envoy.filters.network.connection_limit": INetworkFilterExtension,
             "envoy.filters.network.http_connection_manager": INetworkFilterExtension,
             "envoy.filters.http.router": IHTTPFilterExtension,
+            "envoy.filters.http.fault": IHTTPFilterPerRouteExtension,
             "STATIC": IClusterTypeExtension,
             "STRICT_DNS": IClusterTypeExtension,
             "LOGICAL_DNS": IClusterTypeExtension,
@@ -522,6 +525,7 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
 
 def _http_providers() -> dict[str, Callable[[], Any]]:
     """The HTTP layer's providers (filter chain callbacks, codecs, sinks, the router)."""
+    from hbonex.filters.http.fault import FaultConfig, FaultFilter, FaultSettings
     from hbonex.filters.http.router import RouterFilter
     from hbonex.filters.http.set_filter_state import SetFilterStateFilter
     from hbonex.filters.network.set_filter_state import SetFilterStateNetworkFilter
@@ -566,6 +570,9 @@ def _http_providers() -> dict[str, Callable[[], Any]]:
         "hbonex.upstream.http1_client.Http1ClientCodec": Http1ClientCodec,
         "hbonex.filters.http.router.RouterFilter": lambda: RouterFilter(Clock(), lambda c: None),
         "hbonex.http.connection_manager.StandardHeaders": lambda: StandardHeaders(None),
+        "hbonex.filters.http.fault.FaultFilter": lambda: FaultFilter(
+            FaultConfig(FaultSettings(), Clock(), random.Random(0), "http.verify.")
+        ),
     }
 
 

@@ -29,7 +29,7 @@ from hbonex.http.upgrade import TOKEN, UpgradeMap
 from hbonex.interfaces import IHTTPFilterPerRouteExtension
 from hbonex.tls.transport_sockets import regex_field
 
-__all__ = ["parse_route_config", "upgrade_configs"]
+__all__ = ["header_matchers", "header_value_options", "parse_route_config", "upgrade_configs"]
 
 
 def parse_route_config(message: Any, path: str, context: Any, *,
@@ -154,36 +154,44 @@ def header_mutations(message: Any, path: str, context: Any
     """
     result = []
     for side in ("request", "response"):
-        adds = []
-        for index, option in enumerate(getattr(message, f"{side}_headers_to_add")):
-            option_path = f"{path}.{side}_headers_to_add[{index}]"
-            if not option.HasField("header"):
-                raise context.error(option_path, "missing required field 'header'")
-            key = option.header.key
-            if not key:
-                raise context.error(f"{option_path}.header", "missing required field 'key'")
-            if key.startswith(":") or key.lower() == "host":
-                raise context.error(f"{option_path}.header",
-                                    f"header {key!r} cannot be changed here", "key")
-            value = context.template(option.header.value, f"{option_path}.header.value")
-            if option.HasField("append") and context.has(f"{option_path}.append_action"):
-                raise context.error(option_path, "only one of append, append_action may be set",
-                                    "append_action")
-            enum = option.DESCRIPTOR.fields_by_name["append_action"].enum_type
-            action = enum.values_by_number[option.append_action].name
-            if option.HasField("append"):
-                action = ("APPEND_IF_EXISTS_OR_ADD" if option.append.value
-                          else "OVERWRITE_IF_EXISTS_OR_ADD")
-            if action not in _APPEND_ACTIONS:  # pragma: no cover - Envoy's enum is closed
-                raise context.error(option_path, f"unknown append_action {action}")
-            adds.append(HeaderMutation(key.lower(), value, action, option.keep_empty_value))
+        adds = header_value_options(getattr(message, f"{side}_headers_to_add"),
+                                    f"{path}.{side}_headers_to_add", context)
         removes = tuple(h.lower() for h in getattr(message, f"{side}_headers_to_remove"))
         for index, name in enumerate(removes):
             if name.startswith(":") or name == "host":
                 raise context.error(f"{path}.{side}_headers_to_remove[{index}]",
                                     f"header {name!r} cannot be removed")
-        result.append(HeaderMutations(tuple(adds), removes))
+        result.append(HeaderMutations(adds, removes))
     return result[0], result[1]
+
+
+def header_value_options(options: Any, path: str, context: Any
+                         ) -> tuple[HeaderMutation, ...]:
+    """A repeated HeaderValueOption (``*_headers_to_add``) at YAML ``path``."""
+    adds = []
+    for index, option in enumerate(options):
+        option_path = f"{path}[{index}]"
+        if not option.HasField("header"):
+            raise context.error(option_path, "missing required field 'header'")
+        key = option.header.key
+        if not key:
+            raise context.error(f"{option_path}.header", "missing required field 'key'")
+        if key.startswith(":") or key.lower() == "host":
+            raise context.error(f"{option_path}.header",
+                                f"header {key!r} cannot be changed here", "key")
+        value = context.template(option.header.value, f"{option_path}.header.value")
+        if option.HasField("append") and context.has(f"{option_path}.append_action"):
+            raise context.error(option_path, "only one of append, append_action may be set",
+                                "append_action")
+        enum = option.DESCRIPTOR.fields_by_name["append_action"].enum_type
+        action = enum.values_by_number[option.append_action].name
+        if option.HasField("append"):
+            action = ("APPEND_IF_EXISTS_OR_ADD" if option.append.value
+                      else "OVERWRITE_IF_EXISTS_OR_ADD")
+        if action not in _APPEND_ACTIONS:  # pragma: no cover - Envoy's enum is closed
+            raise context.error(option_path, f"unknown append_action {action}")
+        adds.append(HeaderMutation(key.lower(), value, action, option.keep_empty_value))
+    return tuple(adds)
 
 
 def _virtual_host(message: Any, path: str, context: Any) -> VirtualHost:
@@ -478,3 +486,8 @@ def _header_matcher(message: Any, path: str, context: Any) -> HeaderMatcher:
     else:
         raise context.error(path, f"{kind} is not supported", kind)
     return HeaderMatcher(message.name.lower(), invert=message.invert_match, **fields)
+
+
+def header_matchers(messages: Any, path: str, context: Any) -> tuple[HeaderMatcher, ...]:
+    """A repeated HeaderMatcher (a route's ``match.headers``, a filter's ``headers``)."""
+    return tuple(_header_matcher(m, f"{path}[{i}]", context) for i, m in enumerate(messages))

@@ -31,6 +31,7 @@ ERROR = "error"
 _DNS = "hbonex resolves with the reactor's resolver"
 _STATS = "hbonex keeps no Envoy stats"
 _LOG = "log output only"
+_RUNTIME_OVERRIDE = "no runtime overrides: the configured values apply"
 _H2_TUNING = "HTTP/2 tuning hbonex leaves at h2's behaviour"
 _PASSTHROUGH_KINDS = ("internal_upstream passes host or cluster metadata: use host: {} or "
                       "cluster: {}")
@@ -273,6 +274,23 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
     f"{_ROUTES}.RouteAction": _m(
         "cluster weighted_clusters cluster_header upgrade_configs idle_timeout timeout "
         "prefix_rewrite regex_rewrite host_rewrite_literal auto_host_rewrite retry_policy"),
+    # -- fault injection (hbonex.filters.http.fault) --
+    "envoy.extensions.filters.http.fault.v3.HTTPFault": _m(
+        "delay abort upstream_cluster headers downstream_nodes max_active_faults "
+        "filter_metadata",
+        warn={**{key: _RUNTIME_OVERRIDE for key in (
+            "delay_percent_runtime", "abort_percent_runtime", "delay_duration_runtime",
+            "abort_http_status_runtime", "max_active_faults_runtime",
+            "response_rate_limit_percent_runtime", "abort_grpc_status_runtime")},
+            "disable_downstream_cluster_stats": "no per-downstream-cluster stats"},
+        error={"response_rate_limit": "no response bandwidth limiting"}),
+    "envoy.extensions.filters.http.fault.v3.FaultAbort": _m(
+        "http_status grpc_status header_abort percentage"),
+    "envoy.extensions.filters.http.fault.v3.FaultAbort.HeaderAbort": _m(),
+    "envoy.extensions.filters.common.fault.v3.FaultDelay": _m(
+        "fixed_delay header_delay percentage"),
+    "envoy.extensions.filters.common.fault.v3.FaultDelay.HeaderDelay": _m(),
+    "envoy.type.v3.FractionalPercent": _m("numerator denominator"),
     "envoy.extensions.filters.http.set_filter_state.v3.Config": _m("on_request_headers"),
     "envoy.extensions.filters.network.set_filter_state.v3.Config": _m("on_new_connection"),
     "envoy.extensions.filters.common.set_filter_state.v3.FilterStateValue": _m(

@@ -90,6 +90,14 @@ def _mutator(mutations: Any, info: Any) -> Callable[[Headers], None]:
     return mutate
 
 
+def header_mutator(mutations: Any, info: Any) -> Callable[[Headers], None]:
+    """
+    Headers to add and remove (hbonex.http.routing.HeaderMutations), as a callable applying
+    them to a header map with ``info``'s substitutions (a filter's ``response_headers_to_add``).
+    """
+    return _mutator(mutations, info)
+
+
 def _location(redirect: Any, headers: Headers, prefix: str | None) -> bytes:
     """A redirect's Location, from the request and Envoy's RedirectAction."""
     old_scheme = (headers.get(b":scheme") or b"http").decode("latin-1")
@@ -445,6 +453,7 @@ __all__ = [
     "HttpOptions",
     "HttpStreamFactory",
     "StandardHeaders",
+    "header_mutator",
     "request_of",
     "route_resolver",
 ]

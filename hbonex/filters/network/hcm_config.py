@@ -41,6 +41,7 @@ def parse_http_connection_manager(message: Any, path: str, context: Any
                                   ) -> HttpConnectionManagerConfig:
     if not message.stat_prefix:
         raise context.error(path, "missing required field 'stat_prefix'")
+    context.http_stat_prefix = f"http.{message.stat_prefix}."
     codec = message.DESCRIPTOR.fields_by_name["codec_type"].enum_type.values_by_number[
         message.codec_type].name
     if codec not in CODECS:

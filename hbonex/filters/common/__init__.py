@@ -1,0 +1,1 @@
+"""Policy code shared by filters (Envoy's extensions/filters/common)."""
