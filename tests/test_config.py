@@ -877,6 +877,7 @@ class PluginTests(unittest.TestCase):
                                       "envoy.filters.network.set_filter_state",
                                       "envoy.filters.network.tcp_proxy"],
             IHTTPFilterExtension: ["envoy.filters.http.fault",
+                                   "envoy.filters.http.local_ratelimit",
                                    "envoy.filters.http.router",
                                    "envoy.filters.http.set_filter_state"],
             IClusterTypeExtension: ["LOGICAL_DNS", "ORIGINAL_DST", "STATIC", "STRICT_DNS"],

@@ -91,6 +91,7 @@ class ExtensionDiscoveryTests(unittest.TestCase):
             "envoy.filters.network.http_connection_manager": INetworkFilterExtension,
             "envoy.filters.http.router": IHTTPFilterExtension,
             "envoy.filters.http.fault": IHTTPFilterPerRouteExtension,
+            "envoy.filters.http.local_ratelimit": IHTTPFilterPerRouteExtension,
             "STATIC": IClusterTypeExtension,
             "STRICT_DNS": IClusterTypeExtension,
             "LOGICAL_DNS": IClusterTypeExtension,
@@ -526,6 +527,7 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
 def _http_providers() -> dict[str, Callable[[], Any]]:
     """The HTTP layer's providers (filter chain callbacks, codecs, sinks, the router)."""
     from hbonex.filters.http.fault import FaultConfig, FaultFilter, FaultSettings
+    from hbonex.filters.http.local_ratelimit import LocalRateLimitConfig, LocalRateLimitFilter
     from hbonex.filters.http.router import RouterFilter
     from hbonex.filters.http.set_filter_state import SetFilterStateFilter
     from hbonex.filters.network.set_filter_state import SetFilterStateNetworkFilter
@@ -572,6 +574,9 @@ def _http_providers() -> dict[str, Callable[[], Any]]:
         "hbonex.http.connection_manager.StandardHeaders": lambda: StandardHeaders(None),
         "hbonex.filters.http.fault.FaultFilter": lambda: FaultFilter(
             FaultConfig(FaultSettings(), Clock(), random.Random(0), "http.verify.")
+        ),
+        "hbonex.filters.http.local_ratelimit.LocalRateLimitFilter": lambda: (
+            LocalRateLimitFilter(LocalRateLimitConfig("verify", Clock(), random.Random(0)))
         ),
     }
 

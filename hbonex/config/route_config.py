@@ -29,7 +29,8 @@ from hbonex.http.upgrade import TOKEN, UpgradeMap
 from hbonex.interfaces import IHTTPFilterPerRouteExtension
 from hbonex.tls.transport_sockets import regex_field
 
-__all__ = ["header_matchers", "header_value_options", "parse_route_config", "upgrade_configs"]
+__all__ = ["header_matchers", "header_value_options", "parse_route_config", "rate_limits",
+           "upgrade_configs"]
 
 
 def parse_route_config(message: Any, path: str, context: Any, *,
@@ -215,6 +216,8 @@ def _virtual_host(message: Any, path: str, context: Any) -> VirtualHost:
              if message.HasField("retry_policy") else None)
     return VirtualHost(message.name, tuple(message.domains), routes, request, response,
                        retry_policy=retry,
+                       rate_limits=rate_limits(message.rate_limits, f"{path}.rate_limits",
+                                               context),
                        per_filter_config=per_filter_configs(message, path, context))
 
 
@@ -327,6 +330,11 @@ def _route(message: Any, path: str, context: Any) -> Route:
         else:
             raise context.error(config_path, f"{kind} is not supported; use cluster, "
                                 "weighted_clusters or cluster_header", kind)
+        if config.rate_limits:
+            fields["rate_limits"] = rate_limits(config.rate_limits, f"{config_path}.rate_limits",
+                                                context)
+        if config.HasField("include_vh_rate_limits"):
+            fields["include_vh_rate_limits"] = config.include_vh_rate_limits.value
         if config.prefix_rewrite:
             fields["prefix_rewrite"] = config.prefix_rewrite
         if config.HasField("regex_rewrite"):
@@ -491,3 +499,69 @@ def _header_matcher(message: Any, path: str, context: Any) -> HeaderMatcher:
 def header_matchers(messages: Any, path: str, context: Any) -> tuple[HeaderMatcher, ...]:
     """A repeated HeaderMatcher (a route's ``match.headers``, a filter's ``headers``)."""
     return tuple(_header_matcher(m, f"{path}[{i}]", context) for i, m in enumerate(messages))
+
+
+_RATE_LIMIT_ACTIONS = ("request_headers", "generic_key", "remote_address", "destination_cluster",
+                       "header_value_match")
+
+
+def rate_limits(messages: Any, path: str, context: Any) -> tuple[Any, ...]:
+    """A repeated RateLimit (a route's, a virtual host's, local_ratelimit's ``rate_limits``)."""
+    from hbonex.http import rate_limit_policy as rl
+
+    policies = []
+    for index, message in enumerate(messages):
+        where = f"{path}[{index}]"
+        for field in ("limit", "hits_addend"):
+            if message.HasField(field):
+                raise context.error(where, f"{field} is not implemented by hbonex (local rate "
+                                    "limits take one token per request)", field)
+        if message.apply_on_stream_done:
+            raise context.error(where, "apply_on_stream_done is not implemented by hbonex "
+                                "(requests are limited when they arrive)",
+                                "apply_on_stream_done")
+        if not message.actions:
+            raise context.error(where, "missing required field 'actions'")
+        actions: list[Any] = []
+        for number, action in enumerate(message.actions):
+            action_path = f"{where}.actions[{number}]"
+            kind = action.WhichOneof("action_specifier")
+            if kind is None:
+                raise context.error(action_path, "one action is required: "
+                                    + ", ".join(_RATE_LIMIT_ACTIONS))
+            if kind not in _RATE_LIMIT_ACTIONS:
+                raise context.error(action_path, f"{kind} is not implemented by hbonex; "
+                                    "accepted: " + ", ".join(_RATE_LIMIT_ACTIONS), kind)
+            config = getattr(action, kind)
+            config_path = f"{action_path}.{kind}"
+            if kind == "request_headers":
+                for field in ("header_name", "descriptor_key"):
+                    if not getattr(config, field):
+                        raise context.error(config_path, f"missing required field '{field}'")
+                actions.append(rl.RequestHeadersAction(config.header_name.lower(),
+                                                       config.descriptor_key,
+                                                       config.skip_if_absent))
+            elif kind == "generic_key":
+                if not config.descriptor_value:
+                    raise context.error(config_path, "missing required field "
+                                        "'descriptor_value'")
+                actions.append(rl.GenericKeyAction(config.descriptor_value,
+                                                   config.descriptor_key or "generic_key"))
+            elif kind == "remote_address":
+                actions.append(rl.RemoteAddressAction())
+            elif kind == "destination_cluster":
+                actions.append(rl.DestinationClusterAction())
+            else:
+                if not config.descriptor_value:
+                    raise context.error(config_path, "missing required field "
+                                        "'descriptor_value'")
+                if not config.headers:
+                    raise context.error(config_path, "missing required field 'headers'")
+                actions.append(rl.HeaderValueMatchAction(
+                    config.descriptor_value,
+                    header_matchers(config.headers, f"{config_path}.headers", context),
+                    config.expect_match.value if config.HasField("expect_match") else True,
+                    config.descriptor_key or "header_match"))
+        stage = message.stage.value if message.HasField("stage") else 0
+        policies.append(rl.RateLimitPolicy(tuple(actions), stage, message.disable_key))
+    return tuple(policies)

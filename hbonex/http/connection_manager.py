@@ -174,6 +174,11 @@ def route_resolver(router: Any, stream_idle_timeout: float = 300.0
                 fields["host_rewrite"] = route.host_rewrite_literal.encode("latin-1")
             fields["auto_host_rewrite"] = route.auto_host_rewrite
             fields["name"] = route.name
+            fields["rate_limits"] = route.rate_limits
+            fields["include_vh_rate_limits"] = route.include_vh_rate_limits
+        vhost = getattr(decision, "virtual_host", None)
+        if vhost is not None:
+            fields["vh_rate_limits"] = getattr(vhost, "rate_limits", ())
         retry = getattr(route, "retry_policy", None) or getattr(
             getattr(decision, "virtual_host", None), "retry_policy", None)
         if retry is not None:
