@@ -262,6 +262,23 @@ class MatchTests(Case):
         self.assertEqual(self.run_request(config, (b"x-fault", b"no"))[1].status, b"200")
         self.assertEqual(self.run_request(config, (b"x-fault", b"yes"))[1].status, b"503")
 
+    def test_upstream_cluster(self) -> None:
+        from types import SimpleNamespace
+
+        config = self.config(abort_status=503, abort_percent=Percent(100),
+                             upstream_cluster="reviews")
+
+        def status(cluster: str | None) -> bytes | None:
+            route = SimpleNamespace(cluster=SimpleNamespace(name=cluster) if cluster else None)
+            sink = Sink()
+            manager = FilterManager([FaultFilter(config), Router([])], sink,
+                                    route_resolver=lambda headers, info: route)
+            manager.decodeHeaders(request(), True)
+            return sink.status
+
+        self.assertEqual([status("reviews"), status("ratings"), status(None)],
+                         [b"503", b"200", b"200"])
+
     def test_downstream_nodes(self) -> None:
         config = self.config(abort_status=503, abort_percent=Percent(100),
                              downstream_nodes=frozenset({"node-a"}))
