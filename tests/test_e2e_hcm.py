@@ -154,7 +154,7 @@ class HcmCase(E2ETestCase):
 
     async def setup_hcm(self, http_filters: str = ROUTER_ONLY, pythonpath: str = "",
                         hcm_extra: str = "", extra_args: list[str] | None = None,
-                        extra_routes: str = "") -> Any:
+                        extra_routes: str = "", env: dict[str, str] | None = None) -> Any:
         root = resource.Resource()
         api = self.backend = Echo()
         root.putChild(b"api", api)
@@ -176,7 +176,7 @@ class HcmCase(E2ETestCase):
                                         http_filters=filters, hcm_extra=extra,
                                         extra_routes=routes))
         self.workdir = workdir
-        env = {}
+        env = dict(env or {})
         if pythonpath:
             from tests.support import REPO_ROOT
 

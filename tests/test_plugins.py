@@ -10,6 +10,7 @@ import inspect
 import io
 import os
 import pkgutil
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,8 @@ class ExtensionDiscoveryTests(unittest.TestCase):
             "envoy.filters.network.http_connection_manager": INetworkFilterExtension,
             "envoy.filters.http.router": IHTTPFilterExtension,
             "envoy.filters.http.ext_authz": IHTTPFilterPerRouteExtension,
+            "envoy.filters.http.fault": IHTTPFilterPerRouteExtension,
+            "envoy.filters.http.local_ratelimit": IHTTPFilterPerRouteExtension,
             "STATIC": IClusterTypeExtension,
             "STRICT_DNS": IClusterTypeExtension,
             "LOGICAL_DNS": IClusterTypeExtension,
@@ -524,6 +527,8 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
 
 def _http_providers() -> dict[str, Callable[[], Any]]:
     """The HTTP layer's providers (filter chain callbacks, codecs, sinks, the router)."""
+    from hbonex.filters.http.fault import FaultConfig, FaultFilter, FaultSettings
+    from hbonex.filters.http.local_ratelimit import LocalRateLimitConfig, LocalRateLimitFilter
     from hbonex.filters.http.router import RouterFilter
     from hbonex.filters.http.set_filter_state import SetFilterStateFilter
     from hbonex.filters.network.set_filter_state import SetFilterStateNetworkFilter
@@ -569,6 +574,12 @@ def _http_providers() -> dict[str, Callable[[], Any]]:
         "hbonex.filters.http.router.RouterFilter": lambda: RouterFilter(Clock(), lambda c: None),
         "hbonex.http.connection_manager.StandardHeaders": lambda: StandardHeaders(None),
         "hbonex.filters.http.ext_authz.ExtAuthzFilter": _ext_authz_filter,
+        "hbonex.filters.http.fault.FaultFilter": lambda: FaultFilter(
+            FaultConfig(FaultSettings(), Clock(), random.Random(0), "http.verify.")
+        ),
+        "hbonex.filters.http.local_ratelimit.LocalRateLimitFilter": lambda: (
+            LocalRateLimitFilter(LocalRateLimitConfig("verify", Clock(), random.Random(0)))
+        ),
     }
 
 

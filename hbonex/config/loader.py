@@ -192,8 +192,9 @@ class ConfigContext:
         self.runtime_values: dict[str, Any] = {}
         #: typed_config '@type' of the extension being parsed (one plugin, several messages).
         self.type_url: Optional[str] = None
-        #: The stat_prefix of the connection manager whose HTTP filters are being built.
-        self.http_stat_prefix: Optional[str] = None
+        #: The stat prefix of the http_connection_manager whose HTTP filters are being parsed
+        #: (``http.<stat_prefix>.``, where Envoy's HTTP filters put their stats).
+        self.http_stat_prefix = "http."
         self._nodes: dict[int, Node] = {}
         self._checks: list[Callable[[], None]] = []
 

@@ -29,7 +29,8 @@ from hbonex.http.upgrade import TOKEN, UpgradeMap
 from hbonex.interfaces import IHTTPFilterPerRouteExtension
 from hbonex.tls.transport_sockets import regex_field
 
-__all__ = ["parse_route_config", "upgrade_configs"]
+__all__ = ["header_matchers", "header_value_options", "parse_route_config", "rate_limits",
+           "upgrade_configs"]
 
 
 def parse_route_config(message: Any, path: str, context: Any, *,
@@ -154,36 +155,44 @@ def header_mutations(message: Any, path: str, context: Any
     """
     result = []
     for side in ("request", "response"):
-        adds = []
-        for index, option in enumerate(getattr(message, f"{side}_headers_to_add")):
-            option_path = f"{path}.{side}_headers_to_add[{index}]"
-            if not option.HasField("header"):
-                raise context.error(option_path, "missing required field 'header'")
-            key = option.header.key
-            if not key:
-                raise context.error(f"{option_path}.header", "missing required field 'key'")
-            if key.startswith(":") or key.lower() == "host":
-                raise context.error(f"{option_path}.header",
-                                    f"header {key!r} cannot be changed here", "key")
-            value = context.template(option.header.value, f"{option_path}.header.value")
-            if option.HasField("append") and context.has(f"{option_path}.append_action"):
-                raise context.error(option_path, "only one of append, append_action may be set",
-                                    "append_action")
-            enum = option.DESCRIPTOR.fields_by_name["append_action"].enum_type
-            action = enum.values_by_number[option.append_action].name
-            if option.HasField("append"):
-                action = ("APPEND_IF_EXISTS_OR_ADD" if option.append.value
-                          else "OVERWRITE_IF_EXISTS_OR_ADD")
-            if action not in _APPEND_ACTIONS:  # pragma: no cover - Envoy's enum is closed
-                raise context.error(option_path, f"unknown append_action {action}")
-            adds.append(HeaderMutation(key.lower(), value, action, option.keep_empty_value))
+        adds = header_value_options(getattr(message, f"{side}_headers_to_add"),
+                                    f"{path}.{side}_headers_to_add", context)
         removes = tuple(h.lower() for h in getattr(message, f"{side}_headers_to_remove"))
         for index, name in enumerate(removes):
             if name.startswith(":") or name == "host":
                 raise context.error(f"{path}.{side}_headers_to_remove[{index}]",
                                     f"header {name!r} cannot be removed")
-        result.append(HeaderMutations(tuple(adds), removes))
+        result.append(HeaderMutations(adds, removes))
     return result[0], result[1]
+
+
+def header_value_options(options: Any, path: str, context: Any
+                         ) -> tuple[HeaderMutation, ...]:
+    """A repeated HeaderValueOption (``*_headers_to_add``) at YAML ``path``."""
+    adds = []
+    for index, option in enumerate(options):
+        option_path = f"{path}[{index}]"
+        if not option.HasField("header"):
+            raise context.error(option_path, "missing required field 'header'")
+        key = option.header.key
+        if not key:
+            raise context.error(f"{option_path}.header", "missing required field 'key'")
+        if key.startswith(":") or key.lower() == "host":
+            raise context.error(f"{option_path}.header",
+                                f"header {key!r} cannot be changed here", "key")
+        value = context.template(option.header.value, f"{option_path}.header.value")
+        if option.HasField("append") and context.has(f"{option_path}.append_action"):
+            raise context.error(option_path, "only one of append, append_action may be set",
+                                "append_action")
+        enum = option.DESCRIPTOR.fields_by_name["append_action"].enum_type
+        action = enum.values_by_number[option.append_action].name
+        if option.HasField("append"):
+            action = ("APPEND_IF_EXISTS_OR_ADD" if option.append.value
+                      else "OVERWRITE_IF_EXISTS_OR_ADD")
+        if action not in _APPEND_ACTIONS:  # pragma: no cover - Envoy's enum is closed
+            raise context.error(option_path, f"unknown append_action {action}")
+        adds.append(HeaderMutation(key.lower(), value, action, option.keep_empty_value))
+    return tuple(adds)
 
 
 def _virtual_host(message: Any, path: str, context: Any) -> VirtualHost:
@@ -207,6 +216,8 @@ def _virtual_host(message: Any, path: str, context: Any) -> VirtualHost:
              if message.HasField("retry_policy") else None)
     return VirtualHost(message.name, tuple(message.domains), routes, request, response,
                        retry_policy=retry,
+                       rate_limits=rate_limits(message.rate_limits, f"{path}.rate_limits",
+                                               context),
                        per_filter_config=per_filter_configs(message, path, context))
 
 
@@ -319,6 +330,11 @@ def _route(message: Any, path: str, context: Any) -> Route:
         else:
             raise context.error(config_path, f"{kind} is not supported; use cluster, "
                                 "weighted_clusters or cluster_header", kind)
+        if config.rate_limits:
+            fields["rate_limits"] = rate_limits(config.rate_limits, f"{config_path}.rate_limits",
+                                                context)
+        if config.HasField("include_vh_rate_limits"):
+            fields["include_vh_rate_limits"] = config.include_vh_rate_limits.value
         if config.prefix_rewrite:
             fields["prefix_rewrite"] = config.prefix_rewrite
         if config.HasField("regex_rewrite"):
@@ -478,3 +494,74 @@ def _header_matcher(message: Any, path: str, context: Any) -> HeaderMatcher:
     else:
         raise context.error(path, f"{kind} is not supported", kind)
     return HeaderMatcher(message.name.lower(), invert=message.invert_match, **fields)
+
+
+def header_matchers(messages: Any, path: str, context: Any) -> tuple[HeaderMatcher, ...]:
+    """A repeated HeaderMatcher (a route's ``match.headers``, a filter's ``headers``)."""
+    return tuple(_header_matcher(m, f"{path}[{i}]", context) for i, m in enumerate(messages))
+
+
+_RATE_LIMIT_ACTIONS = ("request_headers", "generic_key", "remote_address", "destination_cluster",
+                       "header_value_match")
+
+
+def rate_limits(messages: Any, path: str, context: Any) -> tuple[Any, ...]:
+    """A repeated RateLimit (a route's, a virtual host's, local_ratelimit's ``rate_limits``)."""
+    from hbonex.http import rate_limit_policy as rl
+
+    policies = []
+    for index, message in enumerate(messages):
+        where = f"{path}[{index}]"
+        for field in ("limit", "hits_addend"):
+            if message.HasField(field):
+                raise context.error(where, f"{field} is not implemented by hbonex (local rate "
+                                    "limits take one token per request)", field)
+        if message.apply_on_stream_done:
+            raise context.error(where, "apply_on_stream_done is not implemented by hbonex "
+                                "(requests are limited when they arrive)",
+                                "apply_on_stream_done")
+        if not message.actions:
+            raise context.error(where, "missing required field 'actions'")
+        actions: list[Any] = []
+        for number, action in enumerate(message.actions):
+            action_path = f"{where}.actions[{number}]"
+            kind = action.WhichOneof("action_specifier")
+            if kind is None:
+                raise context.error(action_path, "one action is required: "
+                                    + ", ".join(_RATE_LIMIT_ACTIONS))
+            if kind not in _RATE_LIMIT_ACTIONS:
+                raise context.error(action_path, f"{kind} is not implemented by hbonex; "
+                                    "accepted: " + ", ".join(_RATE_LIMIT_ACTIONS), kind)
+            config = getattr(action, kind)
+            config_path = f"{action_path}.{kind}"
+            if kind == "request_headers":
+                for field in ("header_name", "descriptor_key"):
+                    if not getattr(config, field):
+                        raise context.error(config_path, f"missing required field '{field}'")
+                actions.append(rl.RequestHeadersAction(config.header_name.lower(),
+                                                       config.descriptor_key,
+                                                       config.skip_if_absent))
+            elif kind == "generic_key":
+                if not config.descriptor_value:
+                    raise context.error(config_path, "missing required field "
+                                        "'descriptor_value'")
+                actions.append(rl.GenericKeyAction(config.descriptor_value,
+                                                   config.descriptor_key or "generic_key"))
+            elif kind == "remote_address":
+                actions.append(rl.RemoteAddressAction())
+            elif kind == "destination_cluster":
+                actions.append(rl.DestinationClusterAction())
+            else:
+                if not config.descriptor_value:
+                    raise context.error(config_path, "missing required field "
+                                        "'descriptor_value'")
+                if not config.headers:
+                    raise context.error(config_path, "missing required field 'headers'")
+                actions.append(rl.HeaderValueMatchAction(
+                    config.descriptor_value,
+                    header_matchers(config.headers, f"{config_path}.headers", context),
+                    config.expect_match.value if config.HasField("expect_match") else True,
+                    config.descriptor_key or "header_match"))
+        stage = message.stage.value if message.HasField("stage") else 0
+        policies.append(rl.RateLimitPolicy(tuple(actions), stage, message.disable_key))
+    return tuple(policies)

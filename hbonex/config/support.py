@@ -31,6 +31,9 @@ ERROR = "error"
 _DNS = "hbonex resolves with the reactor's resolver"
 _STATS = "hbonex keeps no Envoy stats"
 _LOG = "log output only"
+_NOT_YET = ("rate limit actions: request_headers, generic_key, remote_address, "
+            "destination_cluster, header_value_match")
+_RUNTIME_OVERRIDE = "no runtime overrides: the configured values apply"
 _H2_TUNING = "HTTP/2 tuning hbonex leaves at h2's behaviour"
 _PASSTHROUGH_KINDS = ("internal_upstream passes host or cluster metadata: use host: {} or "
                       "cluster: {}")
@@ -247,7 +250,7 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
     # -- routes --
     f"{_ROUTES}.RouteConfiguration": _m(
         "name virtual_hosts validate_clusters " + _EVERY_LEVEL),
-    f"{_ROUTES}.VirtualHost": _m("name domains routes retry_policy " + _EVERY_LEVEL),
+    f"{_ROUTES}.VirtualHost": _m("name domains routes retry_policy rate_limits " + _EVERY_LEVEL),
     f"{_ROUTES}.Route": _m(
         "name match route direct_response redirect " + _EVERY_LEVEL,
         warn={"metadata": "no consumer of route metadata", "decorator": "no tracing"}),
@@ -274,7 +277,58 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
         warn={"max_program_size": "Python's re has no program size"}),
     f"{_ROUTES}.RouteAction": _m(
         "cluster weighted_clusters cluster_header upgrade_configs idle_timeout timeout "
-        "prefix_rewrite regex_rewrite host_rewrite_literal auto_host_rewrite retry_policy"),
+        "prefix_rewrite regex_rewrite host_rewrite_literal auto_host_rewrite retry_policy "
+        "rate_limits include_vh_rate_limits"),
+    # -- fault injection (hbonex.filters.http.fault) --
+    "envoy.extensions.filters.http.fault.v3.HTTPFault": _m(
+        "delay abort upstream_cluster headers downstream_nodes max_active_faults "
+        "filter_metadata",
+        warn={**{key: _RUNTIME_OVERRIDE for key in (
+            "delay_percent_runtime", "abort_percent_runtime", "delay_duration_runtime",
+            "abort_http_status_runtime", "max_active_faults_runtime",
+            "response_rate_limit_percent_runtime", "abort_grpc_status_runtime")},
+            "disable_downstream_cluster_stats": "no per-downstream-cluster stats"},
+        error={"response_rate_limit": "no response bandwidth limiting"}),
+    "envoy.extensions.filters.http.fault.v3.FaultAbort": _m(
+        "http_status grpc_status header_abort percentage"),
+    "envoy.extensions.filters.http.fault.v3.FaultAbort.HeaderAbort": _m(),
+    "envoy.extensions.filters.common.fault.v3.FaultDelay": _m(
+        "fixed_delay header_delay percentage"),
+    "envoy.extensions.filters.common.fault.v3.FaultDelay.HeaderDelay": _m(),
+    "envoy.type.v3.FractionalPercent": _m("numerator denominator"),
+    # -- local rate limit (hbonex.filters.http.local_ratelimit) --
+    "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit": _m(
+        "stat_prefix status token_bucket filter_enabled filter_enforced "
+        "request_headers_to_add_when_not_enforced response_headers_to_add descriptors stage "
+        "local_rate_limit_per_downstream_connection enable_x_ratelimit_headers vh_rate_limits "
+        "always_consume_default_token_bucket rate_limited_as_resource_exhausted rate_limits",
+        warn={"max_dynamic_descriptors": "no dynamic descriptors (every descriptor entry "
+                                         "has its value)"},
+        error={"local_cluster_rate_limit": "no local cluster to share the limit with"}),
+    "envoy.type.v3.HttpStatus": _m("code"),
+    "envoy.type.v3.TokenBucket": _m("max_tokens tokens_per_fill fill_interval"),
+    "envoy.config.core.v3.RuntimeFractionalPercent": _m(
+        "default_value", warn={"runtime_key": "runtime keys are not read: default_value "
+                                              "applies"}),
+    "envoy.extensions.common.ratelimit.v3.LocalRateLimitDescriptor": _m("entries token_bucket"),
+    "envoy.extensions.common.ratelimit.v3.RateLimitDescriptor.Entry": _m("key value"),
+    f"{_ROUTES}.RateLimit": _m(
+        "stage disable_key actions",
+        error={"limit": "local rate limits take one token per request",
+               "hits_addend": "local rate limits take one token per request",
+               "apply_on_stream_done": "requests are limited when they arrive"}),
+    f"{_ROUTES}.RateLimit.Action": _m(
+        "request_headers generic_key remote_address destination_cluster header_value_match",
+        error={"source_cluster": "no local cluster name", "query_parameters": _NOT_YET,
+               "dynamic_metadata": _NOT_YET, "metadata": _NOT_YET, "extension": _NOT_YET,
+               "masked_remote_address": _NOT_YET, "query_parameter_value_match": _NOT_YET}),
+    f"{_ROUTES}.RateLimit.Action.RequestHeaders": _m(
+        "header_name descriptor_key skip_if_absent"),
+    f"{_ROUTES}.RateLimit.Action.GenericKey": _m("descriptor_value descriptor_key"),
+    f"{_ROUTES}.RateLimit.Action.RemoteAddress": _m(),
+    f"{_ROUTES}.RateLimit.Action.DestinationCluster": _m(),
+    f"{_ROUTES}.RateLimit.Action.HeaderValueMatch": _m(
+        "descriptor_key descriptor_value expect_match headers"),
     "envoy.extensions.filters.http.set_filter_state.v3.Config": _m("on_request_headers"),
     # -- ext_authz: the HTTP authorization service --
     f"{_AUTHZ}.ExtAuthz": _m(
@@ -316,7 +370,6 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
                "http_service": "one authorization service per filter (no per-route "
                                "service)"}),
     "envoy.type.matcher.v3.ListStringMatcher": _m("patterns"),
-    "envoy.type.v3.HttpStatus": _m("code"),
     "envoy.extensions.filters.network.set_filter_state.v3.Config": _m("on_new_connection"),
     "envoy.extensions.filters.common.set_filter_state.v3.FilterStateValue": _m(
         "object_key factory_key format_string read_only shared_with_upstream skip_if_empty"),

@@ -90,6 +90,14 @@ def _mutator(mutations: Any, info: Any) -> Callable[[Headers], None]:
     return mutate
 
 
+def header_mutator(mutations: Any, info: Any) -> Callable[[Headers], None]:
+    """
+    Headers to add and remove (hbonex.http.routing.HeaderMutations), as a callable applying
+    them to a header map with ``info``'s substitutions (a filter's ``response_headers_to_add``).
+    """
+    return _mutator(mutations, info)
+
+
 def _location(redirect: Any, headers: Headers, prefix: str | None) -> bytes:
     """A redirect's Location, from the request and Envoy's RedirectAction."""
     old_scheme = (headers.get(b":scheme") or b"http").decode("latin-1")
@@ -166,6 +174,11 @@ def route_resolver(router: Any, stream_idle_timeout: float = 300.0
                 fields["host_rewrite"] = route.host_rewrite_literal.encode("latin-1")
             fields["auto_host_rewrite"] = route.auto_host_rewrite
             fields["name"] = route.name
+            fields["rate_limits"] = route.rate_limits
+            fields["include_vh_rate_limits"] = route.include_vh_rate_limits
+        vhost = getattr(decision, "virtual_host", None)
+        if vhost is not None:
+            fields["vh_rate_limits"] = getattr(vhost, "rate_limits", ())
         retry = getattr(route, "retry_policy", None) or getattr(
             getattr(decision, "virtual_host", None), "retry_policy", None)
         if retry is not None:
@@ -472,6 +485,7 @@ __all__ = [
     "HttpOptions",
     "HttpStreamFactory",
     "StandardHeaders",
+    "header_mutator",
     "request_of",
     "route_resolver",
 ]

@@ -237,6 +237,10 @@ class Route:
     #: typed_per_filter_config: the route's own over its virtual host's over the route
     #: configuration's (merged when the configuration is loaded).
     per_filter_config: PerFilterConfigs = attrs.Factory(dict)
+    #: The route action's rate_limits (hbonex.http.rate_limit_policy.RateLimitPolicy), and
+    #: whether its virtual host's are added (include_vh_rate_limits).
+    rate_limits: tuple[Any, ...] = ()
+    include_vh_rate_limits: bool = False
 
     def matches(self, request: ConnectRequest) -> bool:
         if self.connect_matcher:
@@ -283,6 +287,7 @@ class VirtualHost:
     response_headers: HeaderMutations = NO_MUTATIONS
     retry_policy: Any = None
     per_filter_config: PerFilterConfigs = attrs.Factory(dict)
+    rate_limits: tuple[Any, ...] = ()
 
     def score(self, host: str) -> int:
         """

@@ -1,1 +1,2 @@
-"""Code HTTP and network filters share (policy, clients of external services)."""
+"""Code filters share (Envoy's extensions/filters/common): policy, token buckets, clients
+of external services."""

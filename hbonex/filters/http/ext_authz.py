@@ -291,8 +291,8 @@ class ExtAuthzExtension:
 
     def filterFactory(self, parsed: Any, context: Any
                       ) -> Callable[[], ExtAuthzFilter]:
-        hcm_prefix = getattr(context, "http_stat_prefix", "") or ""
-        prefix = f"http.{hcm_prefix}.ext_authz." + (
+        hcm_prefix = getattr(context, "http_stat_prefix", "") or "http."
+        prefix = f"{hcm_prefix}ext_authz." + (
             f"{parsed.stat_prefix}." if parsed.stat_prefix else "")
         runtime = context.runtime
         shared = _Shared(parsed, runtime.reactor, runtime.http_pool, ExtAuthzStats(prefix))

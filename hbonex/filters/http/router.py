@@ -66,6 +66,11 @@ class HttpRoute:
     #: An upgrade's stream idle timeout: the route's idle_timeout if set, else the HCM's
     #: stream_idle_timeout (0: none).
     idle_timeout: float = 300.0
+    #: Rate limit policies for the local_ratelimit filter (routes to a cluster only, as
+    #: Envoy's route entries): the route's, its virtual host's, and include_vh_rate_limits.
+    rate_limits: tuple[Any, ...] = ()
+    vh_rate_limits: tuple[Any, ...] = ()
+    include_vh_rate_limits: bool = False
 
 
 @implementer(IStreamDecoderFilter)

@@ -42,6 +42,7 @@ def parse_http_connection_manager(message: Any, path: str, context: Any
                                   ) -> HttpConnectionManagerConfig:
     if not message.stat_prefix:
         raise context.error(path, "missing required field 'stat_prefix'")
+    context.http_stat_prefix = f"http.{message.stat_prefix}."
     codec = message.DESCRIPTOR.fields_by_name["codec_type"].enum_type.values_by_number[
         message.codec_type].name
     if codec not in CODECS:
@@ -75,8 +76,8 @@ def parse_http_connection_manager(message: Any, path: str, context: Any
     extra: dict[str, Any] = {}
     http_filters = []
     # HTTP filters name their stats after the connection manager's (Envoy's http.<prefix>.).
-    previous_prefix = getattr(context, "http_stat_prefix", None)
-    context.http_stat_prefix = message.stat_prefix
+    previous_prefix = getattr(context, "http_stat_prefix", "http.")
+    context.http_stat_prefix = f"http.{message.stat_prefix}."
     for index, item in enumerate(filters):
         item_path = f"{path}.http_filters[{index}]"
         if item.is_optional and not _known(item, item_path, context):
