@@ -92,7 +92,9 @@ def upgrade_request(path: str, extra: str = "") -> bytes:
             f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n").encode()
 
 
-class UpgradeE2E(E2ETestCase):
+class UpgradeBase(E2ETestCase):
+    """The backend and the proxy (CONFIG), for the HTTP/1.1 and the HTTP/2 upgrade tests."""
+
     timeout = 90
 
     async def start(self) -> tuple[Any, NodeProcess, Path]:
@@ -128,6 +130,8 @@ class UpgradeE2E(E2ETestCase):
         await client.done
         return client.data.decode("latin-1")
 
+
+class UpgradeE2E(UpgradeBase):
     @e2e
     async def test_websocket_bytes_and_half_close_both_ways(self) -> None:
         """
