@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tests.support import e2e, wait_until
+from tests.support import e2e, pseudorandom, sha256, wait_until
 from tests.test_e2e_configs import run_command
-from tests.test_e2e_upgrade import MiB, UpgradeBase
+from tests.test_e2e_upgrade import MiB, UpgradeBase, upgrade_request
 from tests.test_interop_node import node_binary
 
 CLIENT = Path(__file__).resolve().parent / "node" / "h2_extended_connect.mjs"
@@ -107,3 +107,50 @@ class H2UpgradeE2E(UpgradeBase):
         self.assertEqual(result["rst_code"], 0)
         [entry] = await self.records(log, 1)
         self.assertEqual((entry["code"], entry["sent"]), (403, 6))
+
+    @e2e
+    async def test_http1_upgrade_to_an_http2_cluster_is_an_extended_connect(self) -> None:
+        """
+        An HTTP/1.1 websocket upgrade routed to a cluster speaking HTTP/2 goes upstream as
+        an extended CONNECT (:protocol websocket) to node:http2; its 200 comes back as the
+        101, then bytes both ways with half-close, as over HTTP/1.1.
+        """
+        proxy, backend, log = await self.start()
+        early = pseudorandom(1000, seed=3)
+        up = pseudorandom(MiB + 5, seed=4)
+        client, head = await self.open(proxy.port,
+                                       upgrade_request("/viah2/chat?down=65537") + early)
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 Switching Protocols\r\n"), head)
+        self.assertIn(b"\r\nupgrade: websocket", head.lower())
+        self.assertTrue(await client.send(up))
+        client.close_write()
+        await client.done
+        self.assertTrue(client.closed_cleanly, client.reason)
+        down = client.data[len(head) + 4:]
+        [record] = await backend.wait("out", lambda r: "upgrade" in r)
+        self.assertEqual((record["upgrade"], record["h2"]), ("websocket", True))
+        self.assertEqual(record["headers"][":method"], "CONNECT")
+        self.assertEqual(record["headers"][":path"], "/viah2/chat?down=65537")
+        self.assertNotIn("upgrade", record["headers"])
+        self.assertEqual((record["received"], record["received_sha256"]),
+                         (len(early + up), sha256(early + up)))
+        self.assertEqual((len(down), sha256(down)), (record["sent"], record["sent_sha256"]))
+        self.assertEqual(len(down), 65537)
+        [entry] = await self.records(log, 1)
+        self.assertEqual((entry["code"], entry["flags"]), (101, None))
+
+    @e2e
+    async def test_http2_end_to_end_through_an_http2_cluster(self) -> None:
+        """Extended CONNECT downstream and upstream (node:http2 at both ends)."""
+        proxy, backend, log = await self.start()
+        result = await self.connect(proxy.port, "/viah2/x?down=100000", "--early", "10",
+                                    "--bytes", str(MiB))
+        self.assertEqual((result["status"], result["end_stream"], result["rst_code"]),
+                         (200, True, 0), result)
+        [record] = await backend.wait("out", lambda r: "upgrade" in r)
+        self.assertEqual((record["upgrade"], record["h2"]), ("websocket", True))
+        self.assertEqual((record["received"], record["received_sha256"]),
+                         (result["sent"], result["sent_sha256"]))
+        self.assertEqual((result["received"], result["received_sha256"]),
+                         (record["sent"], record["sent_sha256"]))
+        self.assertEqual(result["received"], 100000)

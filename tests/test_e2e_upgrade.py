@@ -66,6 +66,8 @@ static_resources:
                 route:
                   cluster: backend
                   upgrade_configs: [{{upgrade_type: websocket, enabled: false}}]
+              - match: {{prefix: /viah2}}
+                route: {{cluster: backend_h2}}
               - match: {{prefix: /}}
                 route: {{cluster: backend}}
           http_filters:
@@ -83,6 +85,20 @@ static_resources:
         - endpoint:
             address:
               socket_address: {{address: 127.0.0.1, port_value: {backend}}}
+  - name: backend_h2
+    type: STATIC
+    connect_timeout: 2s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: backend_h2
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{address: 127.0.0.1, port_value: {backend_h2}}}
 """
 
 
@@ -109,7 +125,8 @@ class UpgradeBase(E2ETestCase):
         workdir.mkdir()
         log = workdir / "access.json"
         config = workdir / "hcm.yaml"
-        config.write_text(CONFIG.format(backend=ready["port"], log=log, hcm_type=HCM_TYPE))
+        config.write_text(CONFIG.format(backend=ready["port"], backend_h2=ready["h2c"], log=log,
+                                       hcm_type=HCM_TYPE))
         proxy = await start_twistd(self, "hbone-server",
                                    ["--config", str(config), "--admin", "127.0.0.1:0"],
                                    name="hcm")

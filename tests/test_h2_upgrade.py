@@ -13,8 +13,11 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 from h2.errors import ErrorCodes
+from twisted.internet import defer
 from twisted.internet import error as ierror
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
@@ -22,6 +25,7 @@ from zope.interface import implementer
 from hbonex.filters.http.router import HttpRoute, RouterFilter
 from hbonex.h2.connection import H2TunnelConnection
 from hbonex.h2.settings import H2Settings
+from hbonex.http.codec1 import Http1ServerCodec
 from hbonex.http.codec2 import serve_request
 from hbonex.http.connection_manager import StandardHeaders
 from hbonex.http.filter_manager import FilterHeadersStatus, FilterManager
@@ -29,10 +33,12 @@ from hbonex.http.headers import Headers
 from hbonex.http.upgrade import h1_response_to_h2, h2_request_to_h1, h2_upgrade_protocol
 from hbonex.interfaces import IStreamDecoderFilter
 from hbonex.observability.stats import Counter
+from hbonex.tunnel.client import H2TunnelClient
 from hbonex.tunnel.server import TunnelLog, _is_tunnel
+from hbonex.upstream.http2_pool import H2Exchange
 from tests.fakes import HalfCloseTransport
 from tests.test_http_router import Setup
-from tests.test_upgrade import SWITCHED
+from tests.test_upgrade import SWITCHED, UPGRADE
 
 STREAM_WINDOW = 65535
 
@@ -88,9 +94,64 @@ class Server(H2TunnelConnection):
         return manager
 
 
+class H2Upstream:
+    """
+    An upstream HTTP/2 server (the plain ``h2`` library, extended CONNECT enabled) behind
+    the router's HTTP/2 client connection (H2TunnelClient, H2Exchange per request).
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        self.client = H2TunnelClient(H2Settings(), clock)
+        self.client_t = HalfCloseTransport()
+        self.client.makeConnection(self.client_t)
+        self.client.handshakeCompleted()
+        self.server = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, header_encoding=None))
+        self.server.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1})
+        self.server.initiate_connection()
+        self.events: list[Any] = []
+
+    def acquire(self) -> defer.Deferred[H2Exchange]:
+        return defer.succeed(H2Exchange(self.client))
+
+    def pump(self) -> bool:
+        moved = False
+        out = self.server.data_to_send()
+        if out:
+            moved = True
+            self.client.dataReceived(out)
+        back = self.client_t.value()
+        self.client_t.clear()
+        if back:
+            moved = True
+            for event in self.server.receive_data(back):
+                self.events.append(event)
+                if isinstance(event, h2.events.DataReceived):
+                    self.server.acknowledge_received_data(event.flow_controlled_length,
+                                                          event.stream_id)
+        return moved
+
+    def request(self) -> tuple[int, dict[bytes, bytes]]:
+        [event] = [e for e in self.events if isinstance(e, h2.events.RequestReceived)]
+        return event.stream_id, dict(event.headers)
+
+    def received(self, sid: int) -> bytes:
+        return b"".join(e.data for e in self.events
+                        if isinstance(e, h2.events.DataReceived) and e.stream_id == sid)
+
+    def ended(self, sid: int) -> bool:
+        return any(isinstance(e, h2.events.StreamEnded) and e.stream_id == sid
+                   for e in self.events)
+
+
 class Pair:
-    def __init__(self, route: HttpRoute) -> None:
+    def __init__(self, route: HttpRoute, h2_upstream: bool = False) -> None:
         self.setup = Setup(route)
+        self.up: H2Upstream | None = None
+        if h2_upstream:
+            self.up = H2Upstream(self.setup.clock)
+            self.setup.pool = self.up  # type: ignore[assignment]
         self.server = Server(self.setup)
         self.server_transport = HalfCloseTransport()
         self.server.makeConnection(self.server_transport)
@@ -116,7 +177,8 @@ class Pair:
                     if isinstance(event, h2.events.DataReceived) and self.reading:
                         self.client.acknowledge_received_data(event.flow_controlled_length,
                                                               event.stream_id)
-            if not out and not back:
+            moved = self.up.pump() if self.up is not None else False
+            if not out and not back and not moved:
                 return
         raise AssertionError("never quiet")
 
@@ -379,3 +441,109 @@ class ExtendedConnectTests(unittest.TestCase):
         codec.transport.producer.resumeProducing()
         self.assertEqual(codec.transport.value(), b"\x01" * 1000)
         self.assertIs(stream.protocol, codec._owner.peer)
+
+
+class H2UpstreamTests(unittest.TestCase):
+    """An upgrade to an HTTP/2 cluster goes as an extended CONNECT, as Envoy's codec sends it."""
+
+    def test_h2_to_h2_websocket(self) -> None:
+        pair = Pair(HttpRoute(cluster="backend"), h2_upstream=True)
+        up = pair.up
+        assert up is not None
+        sid = pair.connect(data=b"early")
+        usid, headers = up.request()
+        self.assertEqual((headers[b":method"], headers[b":protocol"], headers[b":path"],
+                          headers[b":authority"], headers[b":scheme"]),
+                         (b"CONNECT", b"websocket", b"/chat", b"ws.test", b"http"))
+        for name in (b"upgrade", b"connection"):
+            self.assertNotIn(name, headers)
+        self.assertEqual(up.received(usid), b"early")
+        up.server.send_headers(usid, [(b":status", b"200"), (b"x-up", b"1")])
+        up.server.send_data(usid, b"hello")
+        pair.pump()
+        response = pair.status(sid)
+        self.assertEqual((response[b":status"], response[b"x-up"]), (b"200", b"1"))
+        self.assertNotIn(b"upgrade", response)
+        self.assertEqual(pair.body(sid), b"hello")  # after the 200, never as a "body"
+        pair.send(sid, b"ping", end=True)
+        self.assertEqual(up.received(usid), b"earlyping")
+        self.assertTrue(up.ended(usid))
+        up.server.send_data(usid, b" bye", end_stream=True)
+        pair.pump()
+        self.assertEqual((pair.body(sid), pair.ended(sid)), (b"hello bye", True))
+        [record] = pair.server.records
+        info = record.stream_info
+        self.assertEqual((info.response_code, info.bytes_received, info.bytes_sent),
+                         (101, len(b"earlyping"), len(b"hello bye")))
+        self.assertEqual(info.flags_text(), "-")
+        self.assertEqual((pair.server.streams, up.client.streams), ({}, {}))
+
+    def test_upstream_reset_reaches_the_client(self) -> None:
+        pair = Pair(HttpRoute(cluster="backend"), h2_upstream=True)
+        up = pair.up
+        assert up is not None
+        sid = pair.connect()
+        usid, _ = up.request()
+        up.server.send_headers(usid, [(b":status", b"200")])
+        pair.pump()
+        up.server.reset_stream(usid, ErrorCodes.CONNECT_ERROR)
+        pair.pump()
+        self.assertEqual(pair.resets(sid), [ErrorCodes.CONNECT_ERROR])
+        self.assertEqual(pair.server.records[0].stream_info.flags_text(), "UC")
+
+    def test_refusal_is_an_ordinary_response(self) -> None:
+        pair = Pair(HttpRoute(cluster="backend"), h2_upstream=True)
+        up = pair.up
+        assert up is not None
+        sid = pair.connect()
+        usid, _ = up.request()
+        up.server.send_headers(usid, [(b":status", b"404")])
+        up.server.send_data(usid, b"nope", end_stream=True)
+        pair.pump()
+        self.assertEqual(pair.status(sid)[b":status"], b"404")
+        self.assertEqual((pair.body(sid), pair.ended(sid)), (b"nope", True))
+        self.assertEqual(pair.server.counters.opened, 0)
+
+    def test_h1_downstream_to_h2_upstream(self) -> None:
+        """An HTTP/1.1 Upgrade towards an HTTP/2 cluster: 101 downstream, CONNECT upstream."""
+        clock = Clock()
+        up = H2Upstream(clock)
+        counters = TunnelLog()
+        route = HttpRoute(cluster="backend")
+        managers: list[FilterManager] = []
+
+        def new(sink: Any) -> FilterManager:
+            router = RouterFilter(clock, lambda cluster: up, counters)
+            manager = FilterManager([StandardHeaders(None), router], sink,
+                                    route_resolver=lambda h, c: route)
+            managers.append(manager)
+            return manager
+
+        codec = Http1ServerCodec(new, clock)
+        downstream = HalfCloseTransport()
+        codec.makeConnection(downstream)
+        codec.dataReceived(UPGRADE + b"\r\nearly")
+        while up.pump():
+            pass
+        usid, headers = up.request()
+        self.assertEqual((headers[b":method"], headers[b":protocol"]), (b"CONNECT", b"websocket"))
+        up.server.send_headers(usid, [(b":status", b"200")])
+        up.server.send_data(usid, b"hello")
+        while up.pump():
+            pass
+        out = downstream.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 101 Switching Protocols\r\n"), out)
+        self.assertIn(b"\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\nhello", out)
+        self.assertEqual(up.received(usid), b"early")
+        self.assertEqual(counters.opened, 1)
+        codec.dataReceived(b"frames")
+        codec.readConnectionLost()
+        while up.pump():
+            pass
+        self.assertEqual(up.received(usid), b"earlyframes")
+        self.assertTrue(up.ended(usid))
+        up.server.send_data(usid, b"!", end_stream=True)
+        while up.pump():
+            pass
+        self.assertTrue(downstream.value().endswith(b"hello!"))
+        self.assertTrue(downstream.write_closed)
