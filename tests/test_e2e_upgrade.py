@@ -66,6 +66,8 @@ static_resources:
                 route:
                   cluster: backend
                   upgrade_configs: [{{upgrade_type: websocket, enabled: false}}]
+              - match: {{prefix: /viah2}}
+                route: {{cluster: backend_h2}}
               - match: {{prefix: /}}
                 route: {{cluster: backend}}
           http_filters:
@@ -83,6 +85,20 @@ static_resources:
         - endpoint:
             address:
               socket_address: {{address: 127.0.0.1, port_value: {backend}}}
+  - name: backend_h2
+    type: STATIC
+    connect_timeout: 2s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: backend_h2
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{address: 127.0.0.1, port_value: {backend_h2}}}
 """
 
 
@@ -92,7 +108,9 @@ def upgrade_request(path: str, extra: str = "") -> bytes:
             f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n").encode()
 
 
-class UpgradeE2E(E2ETestCase):
+class UpgradeBase(E2ETestCase):
+    """The backend and the proxy (CONFIG), for the HTTP/1.1 and the HTTP/2 upgrade tests."""
+
     timeout = 90
 
     async def start(self) -> tuple[Any, NodeProcess, Path]:
@@ -107,7 +125,8 @@ class UpgradeE2E(E2ETestCase):
         workdir.mkdir()
         log = workdir / "access.json"
         config = workdir / "hcm.yaml"
-        config.write_text(CONFIG.format(backend=ready["port"], log=log, hcm_type=HCM_TYPE))
+        config.write_text(CONFIG.format(backend=ready["port"], backend_h2=ready["h2c"], log=log,
+                                       hcm_type=HCM_TYPE))
         proxy = await start_twistd(self, "hbone-server",
                                    ["--config", str(config), "--admin", "127.0.0.1:0"],
                                    name="hcm")
@@ -128,6 +147,8 @@ class UpgradeE2E(E2ETestCase):
         await client.done
         return client.data.decode("latin-1")
 
+
+class UpgradeE2E(UpgradeBase):
     @e2e
     async def test_websocket_bytes_and_half_close_both_ways(self) -> None:
         """

@@ -567,6 +567,10 @@ def _http_providers() -> dict[str, Callable[[], Any]]:
         ),
         "hbonex.http.codec2.H2RequestBody": lambda: codec2.H2RequestBody(None, False),
         "hbonex.http.codec2.H2ResponseBody": lambda: codec2.H2ResponseBody(None),
+        "hbonex.http.codec2.H2UpgradeSink": lambda: codec2.H2UpgradeSink(
+            H2Stream(H2TunnelClient(H2Settings(), Clock()), 1), codec2.H2UpgradeBody()
+        ),
+        "hbonex.http.codec2.H2UpgradeBody": lambda: codec2.H2UpgradeBody(),
         "hbonex.http.codec1._RequestSource":
             lambda: codec1._RequestSource(codec1.Http1ServerCodec(lambda sink: None, Clock())),
         "hbonex.filters.http.router._Reading": lambda: _router_reading(),

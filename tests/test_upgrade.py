@@ -312,16 +312,6 @@ class RouterUpgradeTests(unittest.TestCase):
         self.assertEqual(manager.stream_info.flags_text(), "SI")
         self.assertTrue(s.upstream.codecs[0].transport.aborted)  # type: ignore[union-attr]
 
-    def test_upgrade_to_an_http2_cluster_is_503(self) -> None:
-        s = Setup(HttpRoute(cluster="backend"))
-        s.pool.carries_upgrades = False  # type: ignore[attr-defined]
-        sink = SwitchingSink()
-        manager = self.request(s, sink)
-        self.assertEqual(sink.events[0][:2], ("headers", b"503"))
-        self.assertEqual(manager.stream_info.response_code_details,
-                         "upgrade_failed: HTTP/2 upstream")
-        self.assertEqual(s.upstream.codecs, [])
-
     def test_a_response_other_than_101_is_relayed_and_the_connection_dropped(self) -> None:
         s = Setup(HttpRoute(cluster="backend"))
         sink = SwitchingSink()

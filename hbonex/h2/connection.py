@@ -273,6 +273,11 @@ class H2Stream:
 
     disconnecting = False
     disconnected = False
+    #: Once our END_STREAM is out, a peer that has not ended its side is told to stop with
+    #: RST_STREAM(NO_ERROR) (RFC 9113 §8.1), as Envoy does when it answered a request before
+    #: its end: set on an extended CONNECT's stream until it is switched (a class default,
+    #: so that tunnels do not pay for it).
+    stop_peer_after_end = False
 
     def __init__(self, connection: H2TunnelConnection, stream_id: int) -> None:
         self.connection = connection
@@ -492,6 +497,11 @@ class H2Stream:
 
     def _maybe_finish(self) -> None:
         if self._closed:
+            return
+        if (self.stop_peer_after_end and self._ended_local and not self._ended_remote
+                and self._reset is None):
+            self.stop_peer_after_end = False
+            self.reset(ErrorCodes.NO_ERROR)
             return
         if self._reset is not None:
             # Clean resets (NO_ERROR/CANCEL after END_STREAM) still deliver what arrived, to a

@@ -5,6 +5,11 @@ request's filter chain, and whose response is written back by an :class:`H2Respo
 
 A malformed request is a stream error (RST_STREAM PROTOCOL_ERROR, RFC 9113 §8.1.1); it never
 harms the other streams of the connection.
+
+An extended CONNECT other than ``bytestream`` (RFC 8441: websocket over HTTP/2) is an
+upgrade, as in Envoy's codec: its headers reach the filters in the HTTP/1.1 form (GET,
+``upgrade``, ``connection: upgrade``), a 101 goes out as 200, and after it the stream is
+handed to the relay (:class:`H2UpgradeSink`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from hbonex.h2.connection import ErrorCodes, H2Stream, H2TunnelConnection
 from hbonex.http.codec1 import HOP_BY_HOP
 from hbonex.http.filter_manager import IResponseSink
 from hbonex.http.headers import Headers
+from hbonex.http.upgrade import h1_response_to_h2, h2_request_to_h1, h2_upgrade_protocol
 
 _REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
 
@@ -98,7 +104,41 @@ class H2ResponseSink:
         return self.stream
 
     def switchProtocols(self, protocol: Any) -> bool:
-        return False  # no upgrade arrives over HTTP/2 (extended CONNECT is a tunnel)
+        return False  # an ordinary request is no upgrade (see H2UpgradeSink)
+
+
+@implementer(IResponseSink)
+class H2UpgradeSink(H2ResponseSink):
+    """
+    The response to an extended CONNECT upgrade: in HTTP/2 form (101 → 200, no ``upgrade`` /
+    ``connection``: Envoy's transformUpgradeResponseFromH1toH2); after a 101 the stream
+    becomes the upgraded protocol's transport (switchProtocols).  Any other answer is an
+    ordinary response, after which a client still sending is reset with NO_ERROR.
+    """
+
+    def __init__(self, stream: H2Stream, body: H2UpgradeBody) -> None:
+        super().__init__(stream)
+        self.body = body
+        stream.stop_peer_after_end = True
+
+    def sendHeaders(self, headers: Headers, endStream: bool) -> None:
+        super().sendHeaders(h1_response_to_h2(headers), endStream)
+
+    def switchProtocols(self, protocol: Any) -> bool:
+        """
+        The stream's bytes, END_STREAM and reset now go to ``protocol`` (the relay's
+        downstream end), with what arrived and was not yet delivered; an END_STREAM already
+        seen (held by H2UpgradeBody) follows at once.
+        """
+        stream = self.stream
+        if stream._closed or stream._reset is not None or not stream.connection.may_send:
+            return False  # the client (or the connection) went while the 101 was on its way
+        stream.stop_peer_after_end = False
+        self.body.handler = None
+        stream.attach(protocol)
+        if self.body.eof:
+            protocol.readConnectionLost()
+        return True
 
 
 @implementer(IHalfCloseableProtocol)
@@ -131,6 +171,35 @@ class H2RequestBody(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not getattr(self.handler, "complete", True):
             self.handler.reset()
+
+
+@implementer(IHalfCloseableProtocol)
+class H2UpgradeBody(Protocol):
+    """
+    Attached to an extended CONNECT's stream until the switch: what arrives before the 101
+    is upgrade payload for the router (sent upstream after the request head, as an HTTP/1.1
+    upgrade's); END_STREAM is held for the relay (an upgrade's request side ends with it,
+    never in the filter chain), as the HTTP/1.1 codec holds the client's FIN.
+    """
+
+    def __init__(self, handler: Any = None) -> None:
+        self.handler = handler
+        self.eof = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.handler is not None:
+            self.handler.decodeData(data, False)
+
+    def readConnectionLost(self) -> None:
+        self.eof = True
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        handler, self.handler = self.handler, None
+        if handler is not None and not getattr(handler, "complete", True):
+            handler.reset()
 
 
 @implementer(IHalfCloseableProtocol)
@@ -186,6 +255,14 @@ def serve_request(
     headers = Headers(items)
     stream = H2Stream(connection, stream_id)
     connection.add_stream(stream)
+    if h2_upgrade_protocol(items) is not None:
+        # Envoy's transformUpgradeRequestFromH2toH1: the filters, the routes and the router
+        # see an HTTP/1.1 upgrade.  Its END_STREAM is held for the relay, not the chain.
+        body = H2UpgradeBody()
+        handler = body.handler = new_stream(H2UpgradeSink(stream, body))
+        stream.attach(body)  # END_STREAM on the HEADERS reaches it as EOF (StreamEnded)
+        handler.decodeHeaders(h2_request_to_h1(headers), False)
+        return stream
     handler = new_stream(H2ResponseSink(stream))
     stream.attach(H2RequestBody(handler, end_stream))
     handler.decodeHeaders(headers, end_stream)
@@ -196,6 +273,8 @@ __all__ = [
     "H2RequestBody",
     "H2ResponseBody",
     "H2ResponseSink",
+    "H2UpgradeBody",
+    "H2UpgradeSink",
     "malformed_request",
     "serve_request",
 ]

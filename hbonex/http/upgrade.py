@@ -7,6 +7,11 @@ A request is an upgrade when it carries ``Upgrade`` and a ``Connection`` naming 
 ``createUpgradeFilterChain``: the route's own ``upgrade_configs`` entry for the type decides if
 there is one (``enabled: false`` refuses even when the HCM allows it), else the HCM's entry;
 a type named nowhere is refused (403 ``upgrade_failed``).  Types compare case-insensitively.
+
+Over HTTP/2 an upgrade is an extended CONNECT (RFC 8441): ``:method CONNECT`` with a
+``:protocol`` other than ``bytestream`` (Envoy's ``isH2UpgradeRequest``; ``bytestream`` is
+a CONNECT tunnel).  As Envoy's HTTP/2 codec does, the request is turned into the HTTP/1.1
+form before the filters see it, and a 101 into the 200 HTTP/2 answers with.
 """
 
 from __future__ import annotations
@@ -45,6 +50,57 @@ def upgrade_type(headers: Headers) -> str | None:
     return None if value == H2C else value.decode("latin-1")
 
 
+#: The extended CONNECT :protocol that means a plain CONNECT tunnel (Envoy's).
+BYTESTREAM = b"bytestream"
+
+
+def h2_upgrade_protocol(items: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """
+    The ``:protocol`` of an HTTP/2 extended CONNECT that is an upgrade (websocket...), or
+    None: not CONNECT, no or an empty ``:protocol``, or ``bytestream`` (a tunnel).
+    """
+    method = protocol = None
+    for name, value in items:
+        if not name.startswith(b":"):
+            break
+        if name == b":method":
+            method = value
+        elif name == b":protocol":
+            protocol = value
+    if method != b"CONNECT" or not protocol or protocol == BYTESTREAM:
+        return None
+    return protocol
+
+
+def h2_request_to_h1(headers: Headers) -> Headers:
+    """
+    Envoy's ``transformUpgradeRequestFromH2toH1``, in place: ``:method GET``,
+    ``upgrade: <:protocol>``, ``connection: upgrade``, no ``:protocol`` (``:path`` and
+    ``:authority`` stay).
+    """
+    protocol = headers.get(b":protocol") or b""
+    headers.set(b":method", b"GET")
+    headers.remove(b":protocol")
+    headers.set(b"upgrade", protocol)
+    headers.set(b"connection", b"upgrade")
+    return headers
+
+
+def h1_response_to_h2(headers: Headers) -> Headers:
+    """
+    Envoy's ``transformUpgradeResponseFromH1toH2``, on a copy: 101 becomes 200, ``upgrade``
+    and ``connection`` go, and so does a ``content-length: 0``.
+    """
+    result = headers.copy()
+    if result.get(b":status") == b"101":
+        result.set(b":status", b"200")
+    result.remove(b"upgrade")
+    result.remove(b"connection")
+    if result.get(b"content-length") == b"0":
+        result.remove(b"content-length")
+    return result
+
+
 def lookup(upgrades: Iterable[tuple[str, bool]], kind: str) -> bool | None:
     for name, enabled in upgrades:
         if name == kind:
@@ -60,5 +116,6 @@ def upgrade_allowed(hcm: UpgradeMap, route: UpgradeMap, kind: str) -> bool:
     return bool(lookup(hcm, kind.lower()))
 
 
-__all__ = ["H2C", "TOKEN", "UpgradeMap", "connection_tokens", "lookup", "upgrade_allowed",
-           "upgrade_type"]
+__all__ = ["BYTESTREAM", "H2C", "TOKEN", "UpgradeMap", "connection_tokens",
+           "h1_response_to_h2", "h2_request_to_h1", "h2_upgrade_protocol", "lookup",
+           "upgrade_allowed", "upgrade_type"]

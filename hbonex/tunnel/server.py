@@ -26,6 +26,7 @@ from hbonex.http.filter_manager import FilterManager
 from hbonex.http.headers import Headers
 from hbonex.http.routing import RouteDecision
 from hbonex.http.stream_info import FilterState
+from hbonex.http.upgrade import h2_upgrade_protocol
 from hbonex.network.relay import Relay
 from hbonex.observability import istio_metrics
 from hbonex.tunnel.client import H1TunnelTransport
@@ -491,7 +492,8 @@ class H2TunnelServer(H2TunnelConnection):
 def _is_tunnel(headers: list[tuple[bytes, bytes]], router: Any, info: Any) -> bool:
     """
     Whether an HTTP/2 request is a tunnel (CONNECT, or a POST the route carries as one)
-    rather than a request for the HTTP filter chain.
+    rather than a request for the HTTP filter chain.  An extended CONNECT whose
+    ``:protocol`` is not ``bytestream`` (websocket...) is an upgrade, for the chain.
     """
     method = b""
     for name, value in headers:
@@ -499,7 +501,7 @@ def _is_tunnel(headers: list[tuple[bytes, bytes]], router: Any, info: Any) -> bo
             method = value
             break
     if method == b"CONNECT":
-        return True
+        return h2_upgrade_protocol(headers) is None
     if method != b"POST":
         return False
     try:

@@ -161,13 +161,11 @@ class RouterFilter:
     def _start_upgrade(self, headers: Headers, route: HttpRoute) -> Any:
         """
         An upgrade request: one attempt (no retries) on an upstream HTTP/1.1 connection of
-        its own.  Envoy starts the route timeout only once the request has ended, which an
-        upgrade never does: the stream idle timeout bounds the wait for the answer instead.
+        its own, or an HTTP/2 stream (an extended CONNECT: hbonex.upstream.http2_pool).
+        Envoy starts the route timeout only once the request has ended, which an upgrade
+        never does: the stream idle timeout bounds the wait for the answer instead.
         """
         cb = self.callbacks
-        if not getattr(self.pool_for(route.cluster), "carries_upgrades", True):
-            cb.sendLocalReply(503, b"", None, "upgrade_failed: HTTP/2 upstream", "")
-            return FilterHeadersStatus.StopIteration
         if route.idle_timeout > 0:
             self._timer = self.reactor.callLater(route.idle_timeout, self._upgrade_idle,
                                                  route.idle_timeout)
