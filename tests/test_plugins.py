@@ -75,6 +75,7 @@ class ExtensionDiscoveryTests(unittest.TestCase):
         from hbonex.interfaces import (
             IClusterTypeExtension,
             IHTTPFilterExtension,
+            IHTTPFilterPerRouteExtension,
             IListenerFilterExtension,
             INetworkFilterExtension,
             ITransportSocketExtension,
@@ -88,6 +89,8 @@ class ExtensionDiscoveryTests(unittest.TestCase):
             "envoy.filters.network.connection_limit": INetworkFilterExtension,
             "envoy.filters.network.http_connection_manager": INetworkFilterExtension,
             "envoy.filters.http.router": IHTTPFilterExtension,
+            "envoy.filters.http.header_mutation": IHTTPFilterPerRouteExtension,
+            "envoy.filters.http.cors": IHTTPFilterPerRouteExtension,
             "STATIC": IClusterTypeExtension,
             "STRICT_DNS": IClusterTypeExtension,
             "LOGICAL_DNS": IClusterTypeExtension,
@@ -522,6 +525,8 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
 
 def _http_providers() -> dict[str, Callable[[], Any]]:
     """The HTTP layer's providers (filter chain callbacks, codecs, sinks, the router)."""
+    from hbonex.filters.http.cors import CorsFilter
+    from hbonex.filters.http.header_mutation import HeaderMutationConfig, HeaderMutationFilter
     from hbonex.filters.http.router import RouterFilter
     from hbonex.filters.http.set_filter_state import SetFilterStateFilter
     from hbonex.filters.network.set_filter_state import SetFilterStateNetworkFilter
@@ -553,6 +558,9 @@ def _http_providers() -> dict[str, Callable[[], Any]]:
             lambda: codec1.Http1ServerCodec(lambda sink: None, Clock()),
         "hbonex.filters.http.set_filter_state.SetFilterStateFilter":
             lambda: SetFilterStateFilter(()),
+        "hbonex.filters.http.header_mutation.HeaderMutationFilter":
+            lambda: HeaderMutationFilter(HeaderMutationConfig()),
+        "hbonex.filters.http.cors.CorsFilter": lambda: CorsFilter(),
         "hbonex.filters.network.set_filter_state.SetFilterStateNetworkFilter":
             lambda: SetFilterStateNetworkFilter(()),
         "hbonex.http.codec2.H2ResponseSink": lambda: codec2.H2ResponseSink(

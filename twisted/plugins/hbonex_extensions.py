@@ -4,6 +4,8 @@ filters, network filters, HTTP filters, cluster types and transport sockets, fou
 hbonex.extensions.
 """
 
+from hbonex.filters.http.cors import CorsExtension
+from hbonex.filters.http.header_mutation import HeaderMutationExtension
 from hbonex.filters.http.set_filter_state import SetFilterStateExtension
 from hbonex.filters.listener.original_dst import OriginalDstExtension
 from hbonex.filters.listener.tls_inspector import TlsInspectorExtension
@@ -27,6 +29,8 @@ connection_limit = ConnectionLimitExtension()
 http_connection_manager = HttpConnectionManagerExtension()
 router = RouterExtension()
 set_filter_state = SetFilterStateExtension()
+header_mutation = HeaderMutationExtension()
+cors = CorsExtension()
 set_filter_state_network = SetFilterStateNetworkExtension()
 static_cluster = StaticClusterType()
 strict_dns_cluster = StrictDnsClusterType()
