@@ -258,6 +258,13 @@ class IStreamFilterCallbacks(Interface):
         plugin parsed it (IHTTPFilterPerRouteExtension); None when there is none.
         """
 
+    def perFilterConfigs() -> tuple[object, ...]:
+        """
+        Every level's ``typed_per_filter_config`` for this filter on the current route, least
+        specific first (the route configuration's, the virtual host's, the route's), as its
+        plugin parsed them: Envoy's getAllPerFilterConfig, for filters that combine levels.
+        """
+
     def resetStream() -> None:
         """
         Abort the request (RST_STREAM, or close an HTTP/1.1 connection).

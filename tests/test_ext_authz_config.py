@@ -195,7 +195,7 @@ class OptionalFilterTests(Base):
 
     def test_optional_unknown_filters_are_skipped_with_a_warning(self) -> None:
         for type_url in ("type.googleapis.com/istio.Unknown",
-                         "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"):
+                         "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer"):
             loaded = self.load(config(self.UNKNOWN.format(optional="is_optional: true",
                                                           type_url=type_url)))
             hcm = loaded.listeners[0].chains[0].filters[0].parsed
@@ -208,7 +208,7 @@ class OptionalFilterTests(Base):
     def test_unknown_filters_without_is_optional_stay_errors(self) -> None:
         for type_url, what in (
                 ("type.googleapis.com/istio.Unknown", "unknown HTTP filter type"),
-                ("type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors",
+                ("type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
                  "unknown HTTP filter type")):
             message = self.error(config(self.UNKNOWN.format(optional="is_optional: false",
                                                             type_url=type_url)))

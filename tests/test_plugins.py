@@ -93,6 +93,8 @@ class ExtensionDiscoveryTests(unittest.TestCase):
             "envoy.filters.http.ext_authz": IHTTPFilterPerRouteExtension,
             "envoy.filters.http.fault": IHTTPFilterPerRouteExtension,
             "envoy.filters.http.local_ratelimit": IHTTPFilterPerRouteExtension,
+            "envoy.filters.http.header_mutation": IHTTPFilterPerRouteExtension,
+            "envoy.filters.http.cors": IHTTPFilterPerRouteExtension,
             "STATIC": IClusterTypeExtension,
             "STRICT_DNS": IClusterTypeExtension,
             "LOGICAL_DNS": IClusterTypeExtension,
@@ -527,7 +529,9 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
 
 def _http_providers() -> dict[str, Callable[[], Any]]:
     """The HTTP layer's providers (filter chain callbacks, codecs, sinks, the router)."""
+    from hbonex.filters.http.cors import CorsFilter
     from hbonex.filters.http.fault import FaultConfig, FaultFilter, FaultSettings
+    from hbonex.filters.http.header_mutation import HeaderMutationConfig, HeaderMutationFilter
     from hbonex.filters.http.local_ratelimit import LocalRateLimitConfig, LocalRateLimitFilter
     from hbonex.filters.http.router import RouterFilter
     from hbonex.filters.http.set_filter_state import SetFilterStateFilter
@@ -560,6 +564,9 @@ def _http_providers() -> dict[str, Callable[[], Any]]:
             lambda: codec1.Http1ServerCodec(lambda sink: None, Clock()),
         "hbonex.filters.http.set_filter_state.SetFilterStateFilter":
             lambda: SetFilterStateFilter(()),
+        "hbonex.filters.http.header_mutation.HeaderMutationFilter":
+            lambda: HeaderMutationFilter(HeaderMutationConfig()),
+        "hbonex.filters.http.cors.CorsFilter": lambda: CorsFilter(),
         "hbonex.filters.network.set_filter_state.SetFilterStateNetworkFilter":
             lambda: SetFilterStateNetworkFilter(()),
         "hbonex.http.codec2.H2ResponseSink": lambda: codec2.H2ResponseSink(

@@ -27,10 +27,10 @@ from hbonex.http.routing import (
 )
 from hbonex.http.upgrade import TOKEN, UpgradeMap
 from hbonex.interfaces import IHTTPFilterPerRouteExtension
-from hbonex.tls.transport_sockets import regex_field
+from hbonex.tls.transport_sockets import regex_field, string_matcher
 
-__all__ = ["header_matchers", "header_value_options", "parse_route_config", "rate_limits",
-           "upgrade_configs"]
+__all__ = ["header_matchers", "header_value_option", "header_value_options",
+           "parse_route_config", "rate_limits", "upgrade_configs"]
 
 
 def parse_route_config(message: Any, path: str, context: Any, *,
@@ -60,9 +60,7 @@ def parse_route_config(message: Any, path: str, context: Any, *,
     # mostSpecificPerFilterConfig), merged here once instead of per request.
     top = per_filter_configs(message, path, context)
     vhosts = [attrs.evolve(vhost, routes=tuple(
-        attrs.evolve(route, per_filter_config={**top, **vhost.per_filter_config,
-                                               **route.per_filter_config})
-        for route in vhost.routes)) if top or vhost.per_filter_config else vhost
+        _with_levels(route, top, vhost.per_filter_config) for route in vhost.routes))
         for vhost in vhosts]
     return RouteConfig(message.name, tuple(vhosts), connect_enabled=connect_enabled,
                        upgrades=upgrades, reject_early_data=reject_early_data,
@@ -72,6 +70,16 @@ def parse_route_config(message: Any, path: str, context: Any, *,
                            entry.disabled
                            for vhost in vhosts for route in vhost.routes
                            for entry in route.per_filter_config.values()))
+
+
+def _with_levels(route: Route, top: dict[str, PerFilterConfig],
+                 vhost: Any) -> Route:
+    """The route with its per-filter configuration merged, and each level kept."""
+    own = route.per_filter_config
+    if not (top or vhost or own):
+        return route
+    return attrs.evolve(route, per_filter_config={**top, **vhost, **own},
+                        per_filter_levels=(top, vhost, own))
 
 
 _FILTER_CONFIG = "envoy.config.route.v3.FilterConfig"
@@ -147,6 +155,38 @@ _APPEND_ACTIONS = ("APPEND_IF_EXISTS_OR_ADD", "ADD_IF_ABSENT", "OVERWRITE_IF_EXI
                    "OVERWRITE_IF_EXISTS")
 
 
+def header_value_option(option: Any, path: str, context: Any, *,
+                        pseudo: bool = False) -> HeaderMutation:
+    """
+    One HeaderValueOption (``header``, ``append_action`` or the older ``append``,
+    ``keep_empty_value``), its value a substitution format.  ``pseudo``: a pseudo-header
+    (``:path``...) may be overwritten (the header_mutation filter; never ``host``).
+    """
+    if not option.HasField("header"):
+        raise context.error(path, "missing required field 'header'")
+    key = option.header.key
+    if not key:
+        raise context.error(f"{path}.header", "missing required field 'key'")
+    if key.lower() == "host" or (key.startswith(":") and not pseudo):
+        raise context.error(f"{path}.header", f"header {key!r} cannot be changed here", "key")
+    value = context.template(option.header.value, f"{path}.header.value")
+    if option.HasField("append") and context.has(f"{path}.append_action"):
+        raise context.error(path, "only one of append, append_action may be set",
+                            "append_action")
+    enum = option.DESCRIPTOR.fields_by_name["append_action"].enum_type
+    action = enum.values_by_number[option.append_action].name
+    if option.HasField("append"):
+        action = ("APPEND_IF_EXISTS_OR_ADD" if option.append.value
+                  else "OVERWRITE_IF_EXISTS_OR_ADD")
+    if action not in _APPEND_ACTIONS:  # pragma: no cover - Envoy's enum is closed
+        raise context.error(path, f"unknown append_action {action}")
+    if key.startswith(":") and not action.startswith("OVERWRITE"):
+        raise context.error(
+            path, f"a pseudo-header ({key}) has one value: set append_action: "
+            "OVERWRITE_IF_EXISTS_OR_ADD or OVERWRITE_IF_EXISTS", "append_action")
+    return HeaderMutation(key.lower(), value, action, option.keep_empty_value)
+
+
 def header_mutations(message: Any, path: str, context: Any
                      ) -> tuple[HeaderMutations, HeaderMutations]:
     """
@@ -169,30 +209,8 @@ def header_mutations(message: Any, path: str, context: Any
 def header_value_options(options: Any, path: str, context: Any
                          ) -> tuple[HeaderMutation, ...]:
     """A repeated HeaderValueOption (``*_headers_to_add``) at YAML ``path``."""
-    adds = []
-    for index, option in enumerate(options):
-        option_path = f"{path}[{index}]"
-        if not option.HasField("header"):
-            raise context.error(option_path, "missing required field 'header'")
-        key = option.header.key
-        if not key:
-            raise context.error(f"{option_path}.header", "missing required field 'key'")
-        if key.startswith(":") or key.lower() == "host":
-            raise context.error(f"{option_path}.header",
-                                f"header {key!r} cannot be changed here", "key")
-        value = context.template(option.header.value, f"{option_path}.header.value")
-        if option.HasField("append") and context.has(f"{option_path}.append_action"):
-            raise context.error(option_path, "only one of append, append_action may be set",
-                                "append_action")
-        enum = option.DESCRIPTOR.fields_by_name["append_action"].enum_type
-        action = enum.values_by_number[option.append_action].name
-        if option.HasField("append"):
-            action = ("APPEND_IF_EXISTS_OR_ADD" if option.append.value
-                      else "OVERWRITE_IF_EXISTS_OR_ADD")
-        if action not in _APPEND_ACTIONS:  # pragma: no cover - Envoy's enum is closed
-            raise context.error(option_path, f"unknown append_action {action}")
-        adds.append(HeaderMutation(key.lower(), value, action, option.keep_empty_value))
-    return tuple(adds)
+    return tuple(header_value_option(option, f"{path}[{index}]", context)
+                 for index, option in enumerate(options))
 
 
 def _virtual_host(message: Any, path: str, context: Any) -> VirtualHost:
@@ -474,21 +492,12 @@ def _header_matcher(message: Any, path: str, context: Any) -> HeaderMatcher:
         fields["regex"] = regex_field(message.safe_regex_match, f"{path}.safe_regex_match",
                                       context)
     elif kind == "string_match":
-        matcher = message.string_match
         where = f"{path}.string_match"
-        if matcher.ignore_case:
+        if message.string_match.ignore_case:
             raise context.error(where, "ignore_case is not implemented for header matchers",
                                 "ignore_case")
-        which = matcher.WhichOneof("match_pattern")
-        if which is None:
-            raise context.error(where, "one of exact, prefix, suffix, contains, safe_regex is "
-                                "required")
-        if which == "safe_regex":
-            fields["regex"] = regex_field(matcher.safe_regex, f"{where}.safe_regex", context)
-        elif which in ("exact", "prefix", "suffix", "contains"):
-            fields[which] = getattr(matcher, which)
-        else:
-            raise context.error(where, f"{which} is not supported", which)
+        matcher = string_matcher(message.string_match, where, context)
+        fields["regex" if matcher.kind == "safe_regex" else matcher.kind] = matcher.value
     elif kind in ("exact_match", "prefix_match", "suffix_match", "contains_match"):
         fields[kind[: -len("_match")]] = getattr(message, kind)
     else:

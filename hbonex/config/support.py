@@ -56,6 +56,7 @@ _TCP = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 _TLS = "envoy.extensions.transport_sockets.tls.v3"
 _AUTHZ = "envoy.extensions.filters.http.ext_authz.v3"
 _GRPC_ONLY = "only a gRPC CheckRequest carries it; hbonex has the http_service"
+_HEADER_MUTATION = "envoy.extensions.filters.http.header_mutation.v3"
 
 #: message full name -> field -> (YES | WARN | ERROR, why).  Unlisted fields are errors.
 TABLE: dict[str, dict[str, tuple[str, str]]] = {
@@ -370,6 +371,21 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
                "http_service": "one authorization service per filter (no per-route "
                                "service)"}),
     "envoy.type.matcher.v3.ListStringMatcher": _m("patterns"),
+    # -- header_mutation and cors (HTTP filters with per-route policies) --
+    f"{_HEADER_MUTATION}.HeaderMutation": _m("mutations most_specific_header_mutations_wins"),
+    f"{_HEADER_MUTATION}.HeaderMutationPerRoute": _m("mutations"),
+    f"{_HEADER_MUTATION}.Mutations": _m(
+        "request_mutations response_mutations request_trailers_mutations "
+        "response_trailers_mutations",
+        error={"query_parameter_mutations": "query parameters are not changed: rewrite the "
+               "path with the route's regex_rewrite"}),
+    "envoy.config.common.mutation_rules.v3.HeaderMutation": _m("remove append remove_on_match"),
+    "envoy.config.common.mutation_rules.v3.HeaderMutation.RemoveOnMatch": _m("key_matcher"),
+    "envoy.extensions.filters.http.cors.v3.Cors": _m(),
+    "envoy.extensions.filters.http.cors.v3.CorsPolicy": _m(
+        "allow_origin_string_match allow_methods allow_headers expose_headers max_age "
+        "allow_credentials filter_enabled shadow_enabled allow_private_network_access "
+        "forward_not_matching_preflights"),
     "envoy.extensions.filters.network.set_filter_state.v3.Config": _m("on_new_connection"),
     "envoy.extensions.filters.common.set_filter_state.v3.FilterStateValue": _m(
         "object_key factory_key format_string read_only shared_with_upstream skip_if_empty"),

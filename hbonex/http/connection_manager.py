@@ -20,7 +20,7 @@ from zope.interface import implementer
 
 from hbonex.filters.http.router import HttpRoute, RouterFilter
 from hbonex.http.filter_manager import FilterHeadersStatus, FilterManager
-from hbonex.http.headers import Headers
+from hbonex.http.headers import Headers, substitution_record
 from hbonex.http.path import EscapedSlashes, PathRedirect, PathRejected, normalize
 from hbonex.http.upgrade import upgrade_allowed, upgrade_type
 from hbonex.interfaces import IStreamFilter
@@ -62,40 +62,29 @@ def _mutations(levels: list[Any], info: Any, request: bool) -> tuple[Any, ...]:
             continue
         mutations = level.request_headers if request else level.response_headers
         if mutations.add or mutations.remove:
-            result.append(_mutator(mutations, info))
+            result.append(_mutator(mutations, info, request))
     return tuple(result)
 
 
-def _mutator(mutations: Any, info: Any) -> Callable[[Headers], None]:
+def _mutator(mutations: Any, info: Any, request: bool) -> Callable[[Headers], None]:
     def mutate(headers: Headers) -> None:
-        subs = info.substitutions() if info is not None else {}
-        for name in mutations.remove:
-            headers.remove(name.encode("latin-1"))
-        for m in mutations.add:
-            name = m.name.encode("latin-1")
-            value = m.value.render(subs).encode("latin-1")
-            if not value and not m.keep_empty_value:
-                continue
-            present = name in headers
-            if m.action == "APPEND_IF_EXISTS_OR_ADD":
-                headers.add(name, value)
-            elif m.action == "ADD_IF_ABSENT":
-                if not present:
-                    headers.add(name, value)
-            elif m.action == "OVERWRITE_IF_EXISTS_OR_ADD":
-                headers.set(name, value)
-            elif present:  # OVERWRITE_IF_EXISTS
-                headers.set(name, value)
+        record = dict(info.substitutions()) if info is not None else {}
+        if request:
+            # %REQ(...)% reads the request being changed.
+            record.update(substitution_record(headers))
+        mutations.apply(headers, record)
 
     return mutate
 
 
-def header_mutator(mutations: Any, info: Any) -> Callable[[Headers], None]:
+def header_mutator(mutations: Any, info: Any, request: bool = False
+                   ) -> Callable[[Headers], None]:
     """
     Headers to add and remove (hbonex.http.routing.HeaderMutations), as a callable applying
-    them to a header map with ``info``'s substitutions (a filter's ``response_headers_to_add``).
+    them to a header map with ``info``'s substitutions (a filter's ``response_headers_to_add``;
+    ``request``: the map is the request's, which %REQ(...)% then reads).
     """
-    return _mutator(mutations, info)
+    return _mutator(mutations, info, request)
 
 
 def _location(redirect: Any, headers: Headers, prefix: str | None) -> bytes:
@@ -142,6 +131,7 @@ def route_resolver(router: Any, stream_idle_timeout: float = 300.0
         per_filter = getattr(route, "per_filter_config", None)
         if per_filter:
             fields["per_filter_config"] = per_filter
+            fields["per_filter_levels"] = getattr(route, "per_filter_levels", ())
         kind = upgrade_type(headers)
         if kind is not None:
             # Envoy's createUpgradeFilterChain: the route's entry, else the HCM's.

@@ -306,6 +306,13 @@ class _StreamCallbacks:
         entry = per_filter.get(name)
         return None if entry is None else entry.config
 
+    def perFilterConfigs(self) -> tuple[Any, ...]:
+        name = self._path().sides[self._index].name
+        levels = getattr(self._manager.route(), "per_filter_levels", ()) if name else ()
+        found = (level.get(name) for level in levels)
+        return tuple(entry.config for entry in found
+                     if entry is not None and entry.config is not None)
+
     def resetStream(self) -> None:
         self._manager.reset()
 

@@ -107,4 +107,17 @@ class Headers:
         return list(self._items)
 
 
-__all__ = ["Headers"]
+def substitution_record(headers: Headers, prefix: str = "req:") -> dict[str, str]:
+    """
+    What %REQ(...)% (prefix ``req:``) or %RESP(...)% (``resp:``) read of these headers, for
+    hbonex.observability.formatter: a repeated header's values joined with ',' (Envoy's).
+    """
+    record: dict[str, str] = {}
+    for name, value in headers:
+        key = prefix + name.decode("latin-1")
+        text = value.decode("latin-1")
+        record[key] = f"{record[key]},{text}" if key in record else text
+    return record
+
+
+__all__ = ["Headers", "substitution_record"]

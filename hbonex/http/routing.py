@@ -26,6 +26,24 @@ class HeaderMutation:
     action: str = "APPEND_IF_EXISTS_OR_ADD"
     keep_empty_value: bool = False
 
+    def apply(self, headers: Any, record: Mapping[str, str]) -> None:
+        """
+        Envoy's HeaderValueOption on ``headers`` (hbonex.http.headers.Headers), its value
+        rendered from ``record``: an operator with no value renders empty, as in Envoy's
+        header formatters, and an empty value is not added unless keep_empty_value.
+        """
+        name = self.name.encode("latin-1")
+        value = self.value.render(record, empty="").encode("latin-1")
+        if not value and not self.keep_empty_value:
+            return
+        if self.action == "APPEND_IF_EXISTS_OR_ADD":
+            headers.add(name, value)
+        elif self.action == "OVERWRITE_IF_EXISTS_OR_ADD":
+            headers.set(name, value)
+        elif (name in headers) == (self.action == "OVERWRITE_IF_EXISTS"):
+            # ADD_IF_ABSENT when absent; OVERWRITE_IF_EXISTS when present.
+            headers.set(name, value)
+
 
 @attrs.frozen
 class HeaderMutations:
@@ -33,6 +51,13 @@ class HeaderMutations:
 
     add: tuple[HeaderMutation, ...] = ()
     remove: tuple[str, ...] = ()
+
+    def apply(self, headers: Any, record: Mapping[str, str]) -> None:
+        """The removals, then the additions (Envoy's order for one level)."""
+        for name in self.remove:
+            headers.remove(name.encode("latin-1"))
+        for mutation in self.add:
+            mutation.apply(headers, record)
 
 
 NO_MUTATIONS = HeaderMutations()
@@ -241,6 +266,10 @@ class Route:
     #: whether its virtual host's are added (include_vh_rate_limits).
     rate_limits: tuple[Any, ...] = ()
     include_vh_rate_limits: bool = False
+    #: Each level's own typed_per_filter_config, least specific first (the route
+    #: configuration's, the virtual host's, the route's): Envoy's getAllPerFilterConfig, for
+    #: filters that combine the levels (header_mutation, cors).
+    per_filter_levels: tuple[PerFilterConfigs, ...] = ()
 
     def matches(self, request: ConnectRequest) -> bool:
         if self.connect_matcher:

@@ -135,10 +135,14 @@ class Template:
             self._parts.append(text[pos:])
         self.constant = all(isinstance(p, str) for p in self._parts)
 
-    def render(self, context: Mapping[str, str]) -> str:
+    def render(self, context: Mapping[str, str], empty: str = "-") -> str:
+        """
+        The text with each operator's value; an operator without one gives ``empty`` (the
+        access log's "-"; header values take "", as Envoy's header formatters do).
+        """
         if self.constant:
             return self.text
-        return "".join(p if isinstance(p, str) else (p(context) or "-") for p in self._parts)
+        return "".join(p if isinstance(p, str) else (p(context) or empty) for p in self._parts)
 
     def __repr__(self) -> str:
         return f"Template({self.text!r})"

@@ -7,6 +7,8 @@ hbonex.extensions.
 from hbonex.filters.http.ext_authz import ExtAuthzExtension
 from hbonex.filters.http.fault import FaultExtension
 from hbonex.filters.http.local_ratelimit import LocalRateLimitExtension
+from hbonex.filters.http.cors import CorsExtension
+from hbonex.filters.http.header_mutation import HeaderMutationExtension
 from hbonex.filters.http.set_filter_state import SetFilterStateExtension
 from hbonex.filters.listener.original_dst import OriginalDstExtension
 from hbonex.filters.listener.tls_inspector import TlsInspectorExtension
@@ -33,6 +35,8 @@ set_filter_state = SetFilterStateExtension()
 ext_authz = ExtAuthzExtension()
 fault = FaultExtension()
 local_ratelimit = LocalRateLimitExtension()
+header_mutation = HeaderMutationExtension()
+cors = CorsExtension()
 set_filter_state_network = SetFilterStateNetworkExtension()
 static_cluster = StaticClusterType()
 strict_dns_cluster = StrictDnsClusterType()

@@ -134,7 +134,7 @@ class LocalRateLimitFilter:
         info = self.decoder.connection()
         if not config.enforced.enabled(config.random):
             if config.request_headers.add:
-                header_mutator(config.request_headers, info)(headers)
+                header_mutator(config.request_headers, info, request=True)(headers)
             return FilterHeadersStatus.Continue
         config.stats["enforced"].inc()
         modify = (header_mutator(config.response_headers, info)

@@ -61,6 +61,9 @@ class HttpRoute:
     retry_policy: RetryPolicy = NO_RETRIES
     #: typed_per_filter_config for the filters (hbonex.http.routing.PerFilterConfig by name).
     per_filter_config: Any = None
+    #: Each level's typed_per_filter_config, least specific first (see
+    #: hbonex.http.routing.Route.per_filter_levels).
+    per_filter_levels: tuple[Any, ...] = ()
     #: The request asks for an upgrade this route does not allow (403 upgrade_failed).
     upgrade_rejected: bool = False
     #: An upgrade's stream idle timeout: the route's idle_timeout if set, else the HCM's

@@ -22,7 +22,7 @@ from hbonex.http.filter_manager import (
     FilterHeadersStatus,
     FilterTrailersStatus,
 )
-from hbonex.http.headers import Headers
+from hbonex.http.headers import Headers, substitution_record
 from hbonex.http.stream_info import FilterStateError, SharedWithUpstream
 from hbonex.interfaces import IHTTPFilterExtension, IStreamDecoderFilter
 from hbonex.observability.formatter import Template
@@ -78,11 +78,7 @@ class FilterStateValue:
 def substitutions(connection: Any, headers: Headers) -> dict[str, str]:
     """What the format operators read: the connection's facts and the request's headers."""
     record = dict(connection.substitutions()) if connection is not None else {}
-    for name, value in headers:
-        key = f"req:{name.decode('latin-1')}"
-        # A repeated header reads as Envoy's: the values joined with commas.
-        text = value.decode("latin-1")
-        record[key] = f"{record[key]},{text}" if key in record else text
+    record.update(substitution_record(headers))
     return record
 
 
