@@ -75,6 +75,7 @@ class ExtensionDiscoveryTests(unittest.TestCase):
         from hbonex.interfaces import (
             IClusterTypeExtension,
             IHTTPFilterExtension,
+            IHTTPFilterPerRouteExtension,
             IListenerFilterExtension,
             INetworkFilterExtension,
             ITransportSocketExtension,
@@ -86,6 +87,8 @@ class ExtensionDiscoveryTests(unittest.TestCase):
             "envoy.transport_sockets.internal_upstream": ITransportSocketExtension,
             "envoy.filters.network.tcp_proxy": INetworkFilterExtension,
             "envoy.filters.network.connection_limit": INetworkFilterExtension,
+            "envoy.filters.network.rbac": INetworkFilterExtension,
+            "envoy.filters.http.rbac": IHTTPFilterPerRouteExtension,
             "envoy.filters.network.http_connection_manager": INetworkFilterExtension,
             "envoy.filters.http.router": IHTTPFilterExtension,
             "STATIC": IClusterTypeExtension,
@@ -522,8 +525,11 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
 
 def _http_providers() -> dict[str, Callable[[], Any]]:
     """The HTTP layer's providers (filter chain callbacks, codecs, sinks, the router)."""
+    from hbonex.filters.common.rbac import RbacStats
+    from hbonex.filters.http.rbac import RbacConfig, RbacFilter, RbacRules
     from hbonex.filters.http.router import RouterFilter
     from hbonex.filters.http.set_filter_state import SetFilterStateFilter
+    from hbonex.filters.network.rbac import RbacNetworkConfig, RbacNetworkFilter
     from hbonex.filters.network.set_filter_state import SetFilterStateNetworkFilter
     from hbonex.h2.connection import H2Stream
     from hbonex.http import codec1, codec2
@@ -555,6 +561,10 @@ def _http_providers() -> dict[str, Callable[[], Any]]:
             lambda: SetFilterStateFilter(()),
         "hbonex.filters.network.set_filter_state.SetFilterStateNetworkFilter":
             lambda: SetFilterStateNetworkFilter(()),
+        "hbonex.filters.http.rbac.RbacFilter": lambda: RbacFilter(
+            RbacConfig(RbacRules(), RbacStats("http.verify."))),
+        "hbonex.filters.network.rbac.RbacNetworkFilter": lambda: RbacNetworkFilter(
+            RbacNetworkConfig(RbacStats("verify"))),
         "hbonex.http.codec2.H2ResponseSink": lambda: codec2.H2ResponseSink(
             H2Stream(H2TunnelClient(H2Settings(), Clock()), 1)
         ),

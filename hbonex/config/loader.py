@@ -192,6 +192,8 @@ class ConfigContext:
         self.runtime_values: dict[str, Any] = {}
         #: typed_config '@type' of the extension being parsed (one plugin, several messages).
         self.type_url: Optional[str] = None
+        #: The stat_prefix of the http_connection_manager whose HTTP filters are being parsed.
+        self.http_stat_prefix = ""
         self._nodes: dict[int, Node] = {}
         self._checks: list[Callable[[], None]] = []
 

@@ -23,13 +23,14 @@ from hbonex.http.routing import (
     Redirect,
     Route,
     RouteConfig,
+    StringMatcher,
     VirtualHost,
 )
 from hbonex.http.upgrade import TOKEN, UpgradeMap
 from hbonex.interfaces import IHTTPFilterPerRouteExtension
 from hbonex.tls.transport_sockets import regex_field
 
-__all__ = ["parse_route_config", "upgrade_configs"]
+__all__ = ["header_matcher", "parse_route_config", "string_matcher", "upgrade_configs"]
 
 
 def parse_route_config(message: Any, path: str, context: Any, *,
@@ -478,3 +479,25 @@ def _header_matcher(message: Any, path: str, context: Any) -> HeaderMatcher:
     else:
         raise context.error(path, f"{kind} is not supported", kind)
     return HeaderMatcher(message.name.lower(), invert=message.invert_match, **fields)
+
+
+#: The route's header matcher parser, for other users of Envoy's HeaderMatcher (RBAC).
+header_matcher = _header_matcher
+
+
+def string_matcher(message: Any, path: str, context: Any) -> StringMatcher:
+    """Envoy's StringMatcher (exact, prefix, suffix, contains, safe_regex; ignore_case)."""
+    which = message.WhichOneof("match_pattern")
+    if which is None:
+        raise context.error(path, "one of exact, prefix, suffix, contains, safe_regex is "
+                            "required")
+    if which == "safe_regex":
+        return StringMatcher(regex=regex_field(message.safe_regex, f"{path}.safe_regex",
+                                               context))
+    if which not in ("exact", "prefix", "suffix", "contains"):
+        raise context.error(path, f"{which} is not supported; use exact, prefix, suffix, "
+                            "contains or safe_regex", which)
+    value = getattr(message, which)
+    if which != "exact" and not value:
+        raise context.error(path, f"{which} must not be empty", which)
+    return StringMatcher(ignore_case=message.ignore_case, **{which: value})

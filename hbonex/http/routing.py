@@ -129,6 +129,38 @@ class ConnectRouter:
 
 
 @attrs.frozen
+class StringMatcher:
+    """Envoy's StringMatcher: one of exact, prefix, suffix, contains, safe_regex."""
+
+    exact: str | None = None
+    prefix: str | None = None
+    suffix: str | None = None
+    contains: str | None = None
+    regex: str | None = None
+    #: exact, prefix, suffix and contains compare lower-cased (Envoy: not the regex).
+    ignore_case: bool = False
+
+    def matches(self, value: str) -> bool:
+        if self.regex is not None:
+            return re.fullmatch(self.regex, value) is not None
+        if self.ignore_case:
+            value = value.lower()
+
+        def same(text: str) -> str:
+            return text.lower() if self.ignore_case else text
+
+        if self.exact is not None:
+            return value == same(self.exact)
+        if self.prefix is not None:
+            return value.startswith(same(self.prefix))
+        if self.suffix is not None:
+            return value.endswith(same(self.suffix))
+        if self.contains is not None:
+            return same(self.contains) in value
+        return False
+
+
+@attrs.frozen
 class HeaderMatcher:
     name: str
     exact: str | None = None

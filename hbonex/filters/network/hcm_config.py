@@ -41,6 +41,8 @@ def parse_http_connection_manager(message: Any, path: str, context: Any
                                   ) -> HttpConnectionManagerConfig:
     if not message.stat_prefix:
         raise context.error(path, "missing required field 'stat_prefix'")
+    # What this HCM's HTTP filters count under (http.<stat_prefix>.), as in Envoy.
+    context.http_stat_prefix = message.stat_prefix
     codec = message.DESCRIPTOR.fields_by_name["codec_type"].enum_type.values_by_number[
         message.codec_type].name
     if codec not in CODECS:

@@ -1,0 +1,1 @@
+"""Code that several filters share (the RBAC policy engine)."""
