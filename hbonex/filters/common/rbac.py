@@ -44,6 +44,9 @@ __all__ = [
     "RbacStats",
     "ServerName",
     "UrlPath",
+    "log_hint",
+    "policies_of",
+    "response_detail",
     "stat_prefix_join",
 ]
 
