@@ -315,7 +315,7 @@ static_resources:
             "static_resources.listeners[0].filter_chains[0].filters[0].name: unknown network "
             "filter 'envoy.filters.network.echo'; known: "
             "envoy.filters.network.connection_limit, "
-            "envoy.filters.network.http_connection_manager, "
+            "envoy.filters.network.http_connection_manager, envoy.filters.network.rbac, "
             "envoy.filters.network.set_filter_state, envoy.filters.network.tcp_proxy "
             "(line 7)"
         ))
@@ -902,12 +902,13 @@ class PluginTests(unittest.TestCase):
         expected = {
             INetworkFilterExtension: ["envoy.filters.network.connection_limit",
                                       "envoy.filters.network.http_connection_manager",
+                                      "envoy.filters.network.rbac",
                                       "envoy.filters.network.set_filter_state",
                                       "envoy.filters.network.tcp_proxy"],
             IHTTPFilterExtension: ["envoy.filters.http.cors", "envoy.filters.http.ext_authz",
                                    "envoy.filters.http.fault",
                                    "envoy.filters.http.header_mutation",
-                                   "envoy.filters.http.local_ratelimit",
+                                   "envoy.filters.http.local_ratelimit", "envoy.filters.http.rbac",
                                    "envoy.filters.http.router",
                                    "envoy.filters.http.set_filter_state"],
             IClusterTypeExtension: ["LOGICAL_DNS", "ORIGINAL_DST", "STATIC", "STRICT_DNS"],

@@ -88,6 +88,8 @@ class ExtensionDiscoveryTests(unittest.TestCase):
             "envoy.transport_sockets.internal_upstream": ITransportSocketExtension,
             "envoy.filters.network.tcp_proxy": INetworkFilterExtension,
             "envoy.filters.network.connection_limit": INetworkFilterExtension,
+            "envoy.filters.network.rbac": INetworkFilterExtension,
+            "envoy.filters.http.rbac": IHTTPFilterPerRouteExtension,
             "envoy.filters.network.http_connection_manager": INetworkFilterExtension,
             "envoy.filters.http.router": IHTTPFilterExtension,
             "envoy.filters.http.ext_authz": IHTTPFilterPerRouteExtension,
@@ -529,12 +531,15 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
 
 def _http_providers() -> dict[str, Callable[[], Any]]:
     """The HTTP layer's providers (filter chain callbacks, codecs, sinks, the router)."""
+    from hbonex.filters.common.rbac import RbacStats
     from hbonex.filters.http.cors import CorsFilter
     from hbonex.filters.http.fault import FaultConfig, FaultFilter, FaultSettings
     from hbonex.filters.http.header_mutation import HeaderMutationConfig, HeaderMutationFilter
     from hbonex.filters.http.local_ratelimit import LocalRateLimitConfig, LocalRateLimitFilter
+    from hbonex.filters.http.rbac import RbacConfig, RbacFilter, RbacRules
     from hbonex.filters.http.router import RouterFilter
     from hbonex.filters.http.set_filter_state import SetFilterStateFilter
+    from hbonex.filters.network.rbac import RbacNetworkConfig, RbacNetworkFilter
     from hbonex.filters.network.set_filter_state import SetFilterStateNetworkFilter
     from hbonex.h2.connection import H2Stream
     from hbonex.http import codec1, codec2
@@ -569,6 +574,10 @@ def _http_providers() -> dict[str, Callable[[], Any]]:
         "hbonex.filters.http.cors.CorsFilter": lambda: CorsFilter(),
         "hbonex.filters.network.set_filter_state.SetFilterStateNetworkFilter":
             lambda: SetFilterStateNetworkFilter(()),
+        "hbonex.filters.http.rbac.RbacFilter": lambda: RbacFilter(
+            RbacConfig(RbacRules(), RbacStats("http.verify."))),
+        "hbonex.filters.network.rbac.RbacNetworkFilter": lambda: RbacNetworkFilter(
+            RbacNetworkConfig(RbacStats("verify"))),
         "hbonex.http.codec2.H2ResponseSink": lambda: codec2.H2ResponseSink(
             H2Stream(H2TunnelClient(H2Settings(), Clock()), 1)
         ),

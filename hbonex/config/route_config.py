@@ -29,7 +29,7 @@ from hbonex.http.upgrade import TOKEN, UpgradeMap
 from hbonex.interfaces import IHTTPFilterPerRouteExtension
 from hbonex.tls.transport_sockets import regex_field, string_matcher
 
-__all__ = ["header_matchers", "header_value_option", "header_value_options",
+__all__ = ["header_matcher", "header_matchers", "header_value_option", "header_value_options",
            "parse_route_config", "rate_limits", "upgrade_configs"]
 
 
@@ -574,3 +574,7 @@ def rate_limits(messages: Any, path: str, context: Any) -> tuple[Any, ...]:
         stage = message.stage.value if message.HasField("stage") else 0
         policies.append(rl.RateLimitPolicy(tuple(actions), stage, message.disable_key))
     return tuple(policies)
+
+
+#: The route's header matcher parser, for other users of Envoy's HeaderMatcher (RBAC).
+header_matcher = _header_matcher

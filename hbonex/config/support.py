@@ -37,6 +37,9 @@ _RUNTIME_OVERRIDE = "no runtime overrides: the configured values apply"
 _H2_TUNING = "HTTP/2 tuning hbonex leaves at h2's behaviour"
 _PASSTHROUGH_KINDS = ("internal_upstream passes host or cluster metadata: use host: {} or "
                       "cluster: {}")
+_RBAC_MATCHER = "no matcher trees: use rules / shadow_rules"
+_RBAC_CEL = "no CEL conditions"
+_RBAC_METADATA = "no metadata matching: use filter_state"
 _EVERY_LEVEL = ("request_headers_to_add request_headers_to_remove "
                      "response_headers_to_add response_headers_to_remove "
                      "typed_per_filter_config")
@@ -387,6 +390,38 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
         "allow_credentials filter_enabled shadow_enabled allow_private_network_access "
         "forward_not_matching_preflights"),
     "envoy.extensions.filters.network.set_filter_state.v3.Config": _m("on_new_connection"),
+    # -- RBAC (HTTP and network filters; one policy engine) --
+    "envoy.extensions.filters.http.rbac.v3.RBAC": _m(
+        "rules rules_stat_prefix shadow_rules shadow_rules_stat_prefix track_per_rule_stats",
+        error={"matcher": _RBAC_MATCHER, "shadow_matcher": _RBAC_MATCHER}),
+    "envoy.extensions.filters.http.rbac.v3.RBACPerRoute": _m("rbac"),
+    "envoy.extensions.filters.network.rbac.v3.RBAC": _m(
+        "rules shadow_rules shadow_rules_stat_prefix stat_prefix enforcement_type delay_deny",
+        error={"matcher": _RBAC_MATCHER, "shadow_matcher": _RBAC_MATCHER}),
+    "envoy.config.rbac.v3.RBAC": _m(
+        "action policies", error={"audit_logging_options": "no RBAC audit loggers"}),
+    "envoy.config.rbac.v3.Policy": _m(
+        "permissions principals",
+        error={"condition": _RBAC_CEL, "checked_condition": _RBAC_CEL, "cel_config": _RBAC_CEL}),
+    "envoy.config.rbac.v3.Permission": _m(
+        "any header url_path destination_ip destination_port destination_port_range "
+        "requested_server_name and_rules or_rules not_rule",
+        error={"metadata": _RBAC_METADATA, "sourced_metadata": _RBAC_METADATA,
+               "matcher": "no permission extensions",
+               "uri_template": "no URI templates: use url_path"}),
+    "envoy.config.rbac.v3.Permission.Set": _m("rules"),
+    "envoy.config.rbac.v3.Principal": _m(
+        "any authenticated filter_state direct_remote_ip remote_ip source_ip header url_path "
+        "and_ids or_ids not_id",
+        error={"metadata": _RBAC_METADATA, "sourced_metadata": _RBAC_METADATA,
+               "custom": "no principal extensions"}),
+    "envoy.config.rbac.v3.Principal.Set": _m("ids"),
+    "envoy.config.rbac.v3.Principal.Authenticated": _m("principal_name"),
+    "envoy.type.matcher.v3.FilterStateMatcher": _m(
+        "key string_match", error={"address_match": "filter state is matched as a string"}),
+    "envoy.type.matcher.v3.PathMatcher": _m("path"),
+    "envoy.config.core.v3.CidrRange": _m("address_prefix prefix_len"),
+    "envoy.type.v3.Int32Range": _m("start end"),
     "envoy.extensions.filters.common.set_filter_state.v3.FilterStateValue": _m(
         "object_key factory_key format_string read_only shared_with_upstream skip_if_empty"),
     f"{_ROUTES}.RetryPolicy": _m(

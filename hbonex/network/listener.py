@@ -87,6 +87,9 @@ class ConnectionInfo:
     #: The connection's dynamic metadata, by namespace (an internal connection starts with
     #: what its cluster's internal_upstream transport socket passed through).
     dynamic_metadata: dict[str, dict[str, Any]] = attrs.Factory(dict)
+    #: The peer's address as accepted, whatever a listener filter restores into
+    #: remoteAddress (Envoy's directRemoteAddress; RBAC's direct_remote_ip).
+    directRemoteAddress: str = ""
 
     def substitutions(self) -> dict[str, str]:
         record = {
@@ -156,6 +159,11 @@ class ListenerConnection(Protocol):
             localAddress=address_text(transport.getHost()),  # type: ignore[union-attr]
             upstream_request=getattr(transport, "upstream_request", None),
         )
+        self.info.directRemoteAddress = self.info.remoteAddress
+        # An internal hop: the peer is whoever the hop's upstream side was serving (the
+        # tunnel client's SPIFFE id past a terminated CONNECT); a TLS handshake here
+        # replaces it with this connection's own peer.
+        self.info.peerIdentity = getattr(self.info.upstream_request, "peer_identity", "") or ""
         shared = getattr(self.info.upstream_request, "filter_state", None)
         if shared is not None:
             # An internal hop: the connection starts with what the hop's upstream shared.

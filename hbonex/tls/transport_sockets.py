@@ -295,6 +295,8 @@ def string_matcher(matcher: Any, path: str, context: Any) -> StringMatcher:
         text = regex_field(matcher.safe_regex, f"{path}.safe_regex", context)
     elif kind in ("exact", "prefix", "suffix", "contains"):
         text = getattr(matcher, kind)
+        if kind != "exact" and not text:
+            raise context.error(path, f"{kind} must not be empty", kind)  # Envoy's min_len
     else:
         raise context.error(path, f"{kind} is not supported", kind)
     return StringMatcher(kind, text, matcher.ignore_case)

@@ -4,16 +4,18 @@ filters, network filters, HTTP filters, cluster types and transport sockets, fou
 hbonex.extensions.
 """
 
+from hbonex.filters.http.cors import CorsExtension
 from hbonex.filters.http.ext_authz import ExtAuthzExtension
 from hbonex.filters.http.fault import FaultExtension
-from hbonex.filters.http.local_ratelimit import LocalRateLimitExtension
-from hbonex.filters.http.cors import CorsExtension
 from hbonex.filters.http.header_mutation import HeaderMutationExtension
+from hbonex.filters.http.local_ratelimit import LocalRateLimitExtension
+from hbonex.filters.http.rbac import RbacExtension
 from hbonex.filters.http.set_filter_state import SetFilterStateExtension
 from hbonex.filters.listener.original_dst import OriginalDstExtension
 from hbonex.filters.listener.tls_inspector import TlsInspectorExtension
 from hbonex.filters.network.connection_limit import ConnectionLimitExtension
 from hbonex.filters.network.hcm_config import HttpConnectionManagerExtension, RouterExtension
+from hbonex.filters.network.rbac import RbacNetworkExtension
 from hbonex.filters.network.set_filter_state import SetFilterStateNetworkExtension
 from hbonex.filters.network.tcp_proxy import TcpProxyExtension
 from hbonex.network.internal_upstream import InternalUpstreamTransportSocket
@@ -38,6 +40,8 @@ local_ratelimit = LocalRateLimitExtension()
 header_mutation = HeaderMutationExtension()
 cors = CorsExtension()
 set_filter_state_network = SetFilterStateNetworkExtension()
+rbac = RbacExtension()
+rbac_network = RbacNetworkExtension()
 static_cluster = StaticClusterType()
 strict_dns_cluster = StrictDnsClusterType()
 logical_dns_cluster = LogicalDnsClusterType()

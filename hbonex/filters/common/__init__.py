@@ -1,2 +1,2 @@
-"""Code filters share (Envoy's extensions/filters/common): policy, token buckets, clients
-of external services."""
+"""Code filters share (Envoy's extensions/filters/common): the RBAC policy engine, token
+buckets, clients of external services."""
