@@ -448,8 +448,8 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
     ``module.Class``.
     """
     from hbonex.cli import demo
-    from hbonex.filters.listener.original_dst import OriginalDstFilter
     from hbonex.filters.listener.http_inspector import HttpInspectorFilter
+    from hbonex.filters.listener.original_dst import OriginalDstFilter
     from hbonex.filters.listener.tls_inspector import TlsInspectorFilter
     from hbonex.filters.network.connection_limit import ConnectionLimitConfig, ConnectionLimitFilter
     from hbonex.filters.network.http_connection_manager import (

@@ -563,7 +563,7 @@ class Listener:
         #: Listener filters run on each accepted connection before the chain is chosen
         #: (entries, or bare factories); the TLS inspector is not among them: it runs first
         #: whenever the chains need it.
-        self.listener_filters: list[ListenerFilterEntry | ListenerFilterFactory] = []
+        self.listener_filters: Sequence[ListenerFilterEntry | ListenerFilterFactory] = []
         #: Envoy's filter_chain_matcher: when set, it alone chooses the chain (by name), and
         #: the chains' filter_chain_match is ignored.
         self.filter_chain_matcher: Matcher | None = None
