@@ -194,30 +194,63 @@ class IListenerFilterCallbacks(Interface):
     transport = Attribute("the accepted connection's transport (TCP, TLS or internal)")
     info = Attribute(
         "the connection's hbonex.network.listener.ConnectionInfo: addresses (restorable), "
-        "filter state, dynamic metadata"
+        "filter state, dynamic metadata, detected transport protocol, requested server name "
+        "and application protocols"
     )
+
+    def continueFilterChain(success: bool) -> None:
+        """
+        Resume the listener filters after this one stopped (onAccept returned False and it
+        reads no data): the next filter runs, or the filter chain is chosen; ``False``
+        closes the connection.
+        """
 
 
 class IListenerFilter(Interface):
     """
-    One listener filter instance per accepted connection; it runs before the network filters.
+    One listener filter instance per accepted connection; it runs before the filter chain is
+    chosen (Envoy's ListenerFilter).
     """
 
-    def onAccept(callbacks: IListenerFilterCallbacks) -> None:
+    def onAccept(callbacks: IListenerFilterCallbacks) -> bool | None:
         """
-        The connection was accepted: read or change its facts (synchronously).
+        The connection was accepted: read or change its facts.  Return None or True to let
+        the next filter run (Envoy's Continue), False to stop (StopIteration): an
+        IListenerReadFilter then gets the connection's first bytes (``onData``), any other
+        filter calls ``callbacks.continueFilterChain`` later.
+        """
+
+
+class IListenerReadFilter(IListenerFilter):
+    """
+    A listener filter that peeks at the connection's first bytes (Envoy's ``onData`` with
+    ``maxReadBytes``): the bytes are not consumed, the chosen chain reads them all.
+    """
+
+    def maxReadBytes() -> int:
+        """
+        The most bytes this filter needs to see; it is handed at most that many.
+        """
+
+    def onData(data: bytes) -> bool:
+        """
+        The bytes received so far (from the first, at most ``maxReadBytes()``).  Return True
+        when done (Continue), False for more (StopIteration).  Seeing ``maxReadBytes()``
+        bytes and still asking for more closes the connection; so does the peer's EOF or the
+        listener's ``listener_filters_timeout`` (unless it continues on timeout).
         """
 
 
 class IListenerFilterExtension(IExtension):
     """
-    A listener filter type (``listener_filters``: tls_inspector, original_dst).
+    A listener filter type (``listener_filters``: tls_inspector, original_dst, http_inspector).
     """
 
     def listenerFilterFactory(parsed: object, context: object) -> object:
         """
         Return a zero-argument callable making one IListenerFilter per connection, or None
-        when the filter's work is done by the listener itself (the TLS inspector).
+        when the filter's work is done by the listener itself (the TLS inspector: the
+        listener inspects when its chains need it).
         """
 
 

@@ -46,7 +46,7 @@ class Harness:
 def flags_bootstrap(material: Any) -> tuple[Any, ServerTLS]:
     tls = ServerTLS(tls_settings_from_material(material, peer_policy=PeerPolicy()))
     chain = SimpleNamespace(tls=tls)
-    listener = SimpleNamespace(name="hbone", filter_chains=[chain])
+    listener = SimpleNamespace(name="hbone", filter_chains=[chain], all_chains=[chain])
     return SimpleNamespace(listeners=[listener], clusters={}, reactor=None), tls
 
 

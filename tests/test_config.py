@@ -915,7 +915,8 @@ class PluginTests(unittest.TestCase):
             ITransportSocketExtension: ["envoy.transport_sockets.internal_upstream",
                                         "envoy.transport_sockets.raw_buffer",
                                         "envoy.transport_sockets.tls"],
-            IListenerFilterExtension: ["envoy.filters.listener.original_dst",
+            IListenerFilterExtension: ["envoy.filters.listener.http_inspector",
+                                       "envoy.filters.listener.original_dst",
                                        "envoy.filters.listener.tls_inspector"],
         }
         for interface, names in expected.items():

@@ -284,6 +284,7 @@ class ConfigErrorTests(Base):
         error = self.error(text)
         self.assertIn("listeners[0].listener_filters[0].name: unknown listener filter "
                       "'envoy.filters.listener.proxy_protocol'; known: "
+                      "envoy.filters.listener.http_inspector, "
                       "envoy.filters.listener.original_dst, "
                       "envoy.filters.listener.tls_inspector", error)
 

@@ -446,7 +446,9 @@ def _inspecting_protocol() -> Any:
     from hbonex.network.listener import FilterChain, InspectingProtocol, Listener
 
     listener = Listener("test", Clock(), [FilterChain([])])
-    return InspectingProtocol(listener, None)
+    inspecting = InspectingProtocol(listener, None)
+    inspecting.makeConnection(StringTransport())  # sets .info
+    return inspecting
 
 
 def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
@@ -455,7 +457,9 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
     ``module.Class``.
     """
     from hbonex.cli import demo
+    from hbonex.filters.listener.http_inspector import HttpInspectorFilter
     from hbonex.filters.listener.original_dst import OriginalDstFilter
+    from hbonex.filters.listener.tls_inspector import TlsInspectorFilter
     from hbonex.filters.network.connection_limit import ConnectionLimitConfig, ConnectionLimitFilter
     from hbonex.filters.network.http_connection_manager import (
         HttpConnectionManagerConfig,
@@ -497,6 +501,8 @@ def _providers(test: unittest.TestCase) -> dict[str, Callable[[], Any]]:
             HttpConnectionManagerFilter(HttpConnectionManagerConfig("h", None, None))
         ),
         "hbonex.filters.listener.original_dst.OriginalDstFilter": OriginalDstFilter,
+        "hbonex.filters.listener.tls_inspector.TlsInspectorFilter": TlsInspectorFilter,
+        "hbonex.filters.listener.http_inspector.HttpInspectorFilter": HttpInspectorFilter,
         "hbonex.upstream.auto_pool.AlpnSwitch": lambda: AlpnSwitch(lambda negotiated: None),
         "hbonex.tls.context.ServerTLS": lambda: ServerTLS(_tls_settings(test)),
         "hbonex.tls.context.ClientTLS": lambda: ClientTLS(_tls_settings(test)),

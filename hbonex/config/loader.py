@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from hbonex import extensions
 from hbonex.bootstrap import Bootstrap
 from hbonex.config import support
+from hbonex.config.matcher_config import MatcherBuilder, listener_predicate
 from hbonex.config.schema import TYPED_STRUCTS, Positions, message_class, to_message, type_name
 from hbonex.config.yamlpath import MarkedDict, Node, child_path, load_yaml
 from hbonex.errors import ConfigError
@@ -39,7 +40,12 @@ from hbonex.interfaces import (
     INetworkFilterExtension,
     ITransportSocketExtension,
 )
-from hbonex.network.listener import FilterChain, FilterChainMatch, Listener
+from hbonex.network.listener import (
+    FilterChain,
+    FilterChainMatch,
+    Listener,
+    ListenerFilterEntry,
+)
 from hbonex.observability.formatter import Template
 from hbonex.tls.context import ClientTLS, ServerTLS, TLSSettings
 from hbonex.upstream.auto_pool import AUTO_ALPN
@@ -864,21 +870,21 @@ def _build_listener(message: Any, path: str, context: ConfigContext) -> Listener
                        ("tcp_backlog_size", backlog)):
         if value < 1:
             raise context.error(f"{path}.{key}", f"must be at least 1, got {value}")
-    listener_filters = []
-    for index, item in enumerate(message.listener_filters):
-        plugin, parsed, _ = context.parse_extension(
-            item, f"{path}.listener_filters[{index}]", IListenerFilterExtension,
-            "listener filter")
-        make = plugin.listenerFilterFactory(parsed, context)
-        if make is not None:
-            listener_filters.append(make)
-    if not message.filter_chains:
+    listener_filters = _listener_filters(message, path, context)
+    if not message.filter_chains and not message.HasField("default_filter_chain"):
         raise context.error(path, "missing required field 'filter_chains'")
+    matcher = message.HasField("filter_chain_matcher")
     chains: list[ChainInfo] = []
     matches: dict[FilterChainMatch, str] = {}
+    names: dict[str, str] = {}
     for index, chain_message in enumerate(message.filter_chains):
         chain_path = f"{path}.filter_chains[{index}]"
         info = _build_filter_chain(chain_message, chain_path, context)
+        chains.append(info)
+        if matcher:
+            # Envoy: the matcher names chains; their filter_chain_match is ignored.
+            _check_chain_name(chain_message.name, chain_path, names, context)
+            continue
         match = info.chain.match
         if match in matches:
             raise context.error(
@@ -886,14 +892,62 @@ def _build_listener(message: Any, path: str, context: ConfigContext) -> Listener
                 "each chain must match differently"
             )
         matches[match] = chain_path
-        chains.append(info)
+    default: Optional[ChainInfo] = None
+    if message.HasField("default_filter_chain"):
+        default = _build_filter_chain(message.default_filter_chain,
+                                      f"{path}.default_filter_chain", context)
     listener = Listener(
         message.name, context.reactor, [c.chain for c in chains], endpoint=endpoint,
         internal=internal, per_connection_buffer_limit_bytes=limit, backlog=backlog,
     )
+    if default is not None:
+        listener.set_chains(listener.filter_chains, default.chain)
+        chains.append(default)
     listener.ignore_global_conn_limit = message.ignore_global_conn_limit
     listener.listener_filters = listener_filters
+    if message.HasField("listener_filters_timeout"):
+        listener.listener_filters_timeout = seconds(message.listener_filters_timeout)
+    listener.continue_on_listener_filters_timeout = message.continue_on_listener_filters_timeout
+    if matcher:
+        builder = MatcherBuilder(names, context)
+        listener.filter_chain_matcher = builder.matcher(message.filter_chain_matcher,
+                                                        f"{path}.filter_chain_matcher")
+        listener.matcher_inputs = frozenset(builder.inputs)
     return ListenerInfo(listener, chains, path, address)
+
+
+def _check_chain_name(name: str, path: str, names: dict[str, str],
+                      context: ConfigContext) -> None:
+    if not name:
+        raise context.error(path, "a filter chain needs a name when the listener has a "
+                            "filter_chain_matcher (its actions name the chains): add name: ...")
+    if name in names:
+        raise context.error(path, f"filter chain name {name!r} is also used by {names[name]}; "
+                            "chain names must be unique when the listener has a "
+                            "filter_chain_matcher", "name")
+    names[name] = path
+
+
+def _listener_filters(message: Any, path: str, context: ConfigContext
+                      ) -> list[ListenerFilterEntry]:
+    entries = []
+    for index, item in enumerate(message.listener_filters):
+        where = f"{path}.listener_filters[{index}]"
+        plugin, parsed, _ = context.parse_extension(
+            item, where, IListenerFilterExtension, "listener filter")
+        disabled = None
+        if item.HasField("filter_disabled"):
+            disabled = listener_predicate(item.filter_disabled, f"{where}.filter_disabled",
+                                          context)
+        make = plugin.listenerFilterFactory(parsed, context)
+        if make is None:
+            if disabled is not None:
+                raise context.error(where, f"filter_disabled is not supported on {plugin.name}: "
+                                    "the listener runs it whenever its chains need it; remove "
+                                    "filter_disabled", "filter_disabled")
+            continue
+        entries.append(ListenerFilterEntry(make, disabled, plugin.name))
+    return entries
 
 
 def _build_filter_chain(message: Any, path: str, context: ConfigContext) -> ChainInfo:

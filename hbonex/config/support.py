@@ -105,11 +105,10 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
     # -- listeners --
     "envoy.config.listener.v3.Listener": _m(
         "name address internal_listener per_connection_buffer_limit_bytes tcp_backlog_size "
-        "listener_filters filter_chains ignore_global_conn_limit",
+        "listener_filters filter_chains ignore_global_conn_limit listener_filters_timeout "
+        "continue_on_listener_filters_timeout filter_chain_matcher default_filter_chain",
         warn={"stat_prefix": _STATS, "metadata": "no consumer of listener metadata",
               "drain_type": "drain is shutdown's --drain-timeout",
-              "listener_filters_timeout": "the TLS inspector's timeout is 15 s",
-              "continue_on_listener_filters_timeout": "the TLS inspector's timeout is 15 s",
               "socket_options": "socket options are the reactor's",
               "tcp_fast_open_queue_length": "socket tuning",
               "traffic_direction": "informational", "enable_reuse_port": "socket tuning",
@@ -120,8 +119,7 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
                                    "destination; use the envoy.filters.listener.original_dst "
                                    "listener filter",
                "transparent": "no transparent sockets", "freebind": "no freebind sockets",
-               "bind_to_port": "listeners always bind", "default_filter_chain": "routing",
-               "filter_chain_matcher": "use filter_chain_match"},
+               "bind_to_port": "listeners always bind"},
     ),
     "envoy.config.core.v3.Address": _m("socket_address envoy_internal_address pipe"),
     "envoy.config.core.v3.SocketAddress": _m(
@@ -129,7 +127,43 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
         warn={"ipv4_compat": "dual-stack is the reactor's"}),
     "envoy.config.core.v3.EnvoyInternalAddress": _m("server_listener_name endpoint_id"),
     "envoy.config.core.v3.Pipe": _m("path mode"),
-    "envoy.config.listener.v3.ListenerFilter": _m("name typed_config"),
+    "envoy.config.listener.v3.ListenerFilter": _m(
+        "name typed_config filter_disabled",
+        error={"config_discovery": "no extension config discovery (static config only)"}),
+    "envoy.config.listener.v3.ListenerFilterChainMatchPredicate": _m(
+        "or_match and_match not_match any_match destination_port_range"),
+    "envoy.config.listener.v3.ListenerFilterChainMatchPredicate.MatchSet": _m("rules"),
+    "envoy.type.v3.Int32Range": _m("start end"),
+    "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector": _m(),
+    # -- filter_chain_matcher: xds's unified matcher over the network inputs --
+    "xds.type.matcher.v3.Matcher": _m("matcher_list matcher_tree on_no_match"),
+    "xds.type.matcher.v3.Matcher.OnMatch": _m(
+        "matcher action",
+        error={"keep_matching": "the first match chooses the filter chain"}),
+    "xds.type.matcher.v3.Matcher.MatcherTree": _m(
+        "input exact_match_map prefix_match_map custom_match"),
+    "xds.type.matcher.v3.Matcher.MatcherTree.MatchMap": _m("map"),
+    "xds.type.matcher.v3.Matcher.MatcherList": _m("matchers"),
+    "xds.type.matcher.v3.Matcher.MatcherList.FieldMatcher": _m("predicate on_match"),
+    "xds.type.matcher.v3.Matcher.MatcherList.Predicate": _m(
+        "single_predicate or_matcher and_matcher not_matcher"),
+    "xds.type.matcher.v3.Matcher.MatcherList.Predicate.SinglePredicate": _m(
+        "input value_match", error={"custom_match": "use value_match"}),
+    "xds.type.matcher.v3.Matcher.MatcherList.Predicate.PredicateList": _m("predicate"),
+    "xds.type.matcher.v3.StringMatcher": _m("exact prefix suffix contains safe_regex "
+                                            "ignore_case",
+                                            error={"custom": "no custom string matchers"}),
+    "xds.type.matcher.v3.RegexMatcher": _m("regex google_re2"),
+    "xds.type.matcher.v3.RegexMatcher.GoogleRE2": _m(),
+    "xds.core.v3.TypedExtensionConfig": _m("name typed_config"),
+    "xds.type.matcher.v3.IPMatcher": _m("range_matchers"),
+    "xds.type.matcher.v3.IPMatcher.IPRangeMatcher": _m("ranges on_match exclusive"),
+    "xds.core.v3.CidrRange": _m("address_prefix prefix_len"),
+    **{f"envoy.extensions.matching.common_inputs.network.v3.{name}": _m()
+       for name in ("DestinationIPInput", "DestinationPortInput", "SourceIPInput",
+                    "SourcePortInput", "DirectSourceIPInput", "ServerNameInput",
+                    "TransportProtocolInput", "ApplicationProtocolInput")},
+    "envoy.extensions.matching.common_inputs.network.v3.FilterStateInput": _m("key"),
     "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector": _m(
         warn={"enable_ja3_fingerprinting": "no fingerprints",
               "enable_ja4_fingerprinting": "no fingerprints",
@@ -421,7 +455,6 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
         "key string_match", error={"address_match": "filter state is matched as a string"}),
     "envoy.type.matcher.v3.PathMatcher": _m("path"),
     "envoy.config.core.v3.CidrRange": _m("address_prefix prefix_len"),
-    "envoy.type.v3.Int32Range": _m("start end"),
     "envoy.extensions.filters.common.set_filter_state.v3.FilterStateValue": _m(
         "object_key factory_key format_string read_only shared_with_upstream skip_if_empty"),
     f"{_ROUTES}.RetryPolicy": _m(

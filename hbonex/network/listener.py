@@ -2,8 +2,10 @@
 Listeners and filter chains.
 
 A listener accepts connections on a kernel socket (a Twisted server endpoint) or as an
-internal listener, picks a filter chain, performs the chain's TLS handshake if it has one, then
-runs the chain's network filters.  A terminal filter (tcp_proxy, http_connection_manager)
+internal listener, runs its listener filters (which may restore the destination or peek at the
+first bytes), picks a filter chain with what they found (``filter_chain_match`` or the
+``filter_chain_matcher``), performs the chain's TLS handshake if it has one, then runs the
+chain's network filters.  A terminal filter (tcp_proxy, http_connection_manager)
 takes the connection over; from then on the transport talks to it directly.
 """
 
@@ -26,27 +28,33 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from hbonex.filters.listener.tls_inspector import (
-    MAX_CLIENT_HELLO,
-    ClientHello,
-    NeedMore,
-    looks_like_tls,
-    parse_client_hello,
-)
+from hbonex.filters.listener.tls_inspector import TlsInspectorFilter
 from hbonex.http.stream_info import FilterState
 from hbonex.interfaces import (
     IConnectionInfo,
     IListenerFilter,
     IListenerFilterCallbacks,
+    IListenerReadFilter,
     INetworkFilter,
     INetworkFilterCallbacks,
 )
+from hbonex.network.listener_predicate import ListenerPredicate
+from hbonex.network.matching import Matcher, split_address
 from hbonex.network.overload import DownstreamLimit
 from hbonex.tls.context import ServerTLS, handshake_failure_reason, peer_identity
 from hbonex.tls.fasttls import FastTLSFactory, tune_tcp
 
 FilterFactory = Callable[[], INetworkFilter]
 ListenerFilterFactory = Callable[[], IListenerFilter]
+
+
+@attrs.frozen
+class ListenerFilterEntry:
+    """A configured listener filter: its factory, and when it is skipped (filter_disabled)."""
+
+    make: ListenerFilterFactory
+    disabled: ListenerPredicate | None = None
+    name: str = ""
 
 
 def address_text(address: Any) -> str:
@@ -87,9 +95,18 @@ class ConnectionInfo:
     #: The connection's dynamic metadata, by namespace (an internal connection starts with
     #: what its cluster's internal_upstream transport socket passed through).
     dynamic_metadata: dict[str, dict[str, Any]] = attrs.Factory(dict)
-    #: The peer's address as accepted, whatever a listener filter restores into
-    #: remoteAddress (Envoy's directRemoteAddress; RBAC's direct_remote_ip).
+    #: Envoy's detectedTransportProtocol: "tls" (TLS inspector), else "raw_buffer" once the
+    #: listener filters are done.
+    transportProtocol: str = ""
+    #: Envoy's requestedApplicationProtocols: the ClientHello's ALPN, or what the HTTP
+    #: inspector found ("http/1.0", "http/1.1", "h2c").
+    requestedApplicationProtocols: tuple[str, ...] = ()
+    #: Envoy's directRemoteAddress: the peer as accepted, whatever a listener filter restores.
     directRemoteAddress: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        if not self.directRemoteAddress:
+            self.directRemoteAddress = self.remoteAddress
 
     def substitutions(self) -> dict[str, str]:
         record = {
@@ -123,8 +140,7 @@ class FilterChain:
     handshake_timeout: float = 10.0
 
 
-@implementer(IHalfCloseableProtocol, IHandshakeListener, INetworkFilterCallbacks,
-             IListenerFilterCallbacks)
+@implementer(IHalfCloseableProtocol, IHandshakeListener, INetworkFilterCallbacks)
 class ListenerConnection(Protocol):
     """
     One accepted connection running a filter chain.
@@ -132,10 +148,13 @@ class ListenerConnection(Protocol):
 
     log = Logger()
 
-    def __init__(self, listener: Listener, chain: FilterChain, tls: bool) -> None:
+    def __init__(self, listener: Listener, chain: FilterChain, tls: bool,
+                 info: ConnectionInfo | None = None) -> None:
         self.listener = listener
         self.chain = chain
         self.tls = tls
+        #: Built by the listener filter phase when there was one, else at connectionMade.
+        self._accepted = info
         self.info: ConnectionInfo
         self.filters: list[INetworkFilter] = []
         self._next = 0
@@ -153,26 +172,7 @@ class ListenerConnection(Protocol):
         self.listener.connections_active += 1
         transport = self.transport
         tune_tcp(transport)
-        self.info = ConnectionInfo(
-            listenerName=self.listener.name,
-            remoteAddress=address_text(transport.getPeer()),  # type: ignore[union-attr]
-            localAddress=address_text(transport.getHost()),  # type: ignore[union-attr]
-            upstream_request=getattr(transport, "upstream_request", None),
-        )
-        self.info.directRemoteAddress = self.info.remoteAddress
-        # An internal hop: the peer is whoever the hop's upstream side was serving (the
-        # tunnel client's SPIFFE id past a terminated CONNECT); a TLS handshake here
-        # replaces it with this connection's own peer.
-        self.info.peerIdentity = getattr(self.info.upstream_request, "peer_identity", "") or ""
-        shared = getattr(self.info.upstream_request, "filter_state", None)
-        if shared is not None:
-            # An internal hop: the connection starts with what the hop's upstream shared.
-            self.info.filter_state = shared
-        passed = getattr(self.info.upstream_request, "dynamic_metadata", None)
-        if passed:
-            self.info.dynamic_metadata = {ns: dict(v) for ns, v in passed.items()}
-        for make in self.listener.listener_filters:
-            make().onAccept(self)
+        self.info = self._accepted or self.listener.connection_info(transport)
         if self.tls:
             self._handshake_call = self.listener.reactor.callLater(
                 self.chain.handshake_timeout, self._handshake_timeout
@@ -323,9 +323,9 @@ class ListenerFactory(Factory):
         if limit is not None and not limit.admit(listener.name, address_text(addr)):
             listener.connections_refused += 1
             return None  # closed at once, before any TLS work
-        if listener.needs_inspection:
+        if listener.needs_filter_phase:
             return InspectingProtocol(listener, addr)
-        chain = listener.select_chain()
+        chain = listener.select_chain() or listener.default_filter_chain
         if chain is None:
             listener.log.warn(
                 "{listener}: no filter chain matches a connection from {peer}, closing",
@@ -336,87 +336,157 @@ class ListenerFactory(Factory):
         return listener.protocol_for(chain, addr)
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IListenerFilterCallbacks)
 class InspectingProtocol(Protocol):
     """
-    Envoy's TLS inspector: peeks at the first bytes (TLS or not, SNI, ALPN), picks the filter
-    chain, then hands the connection — and the bytes seen so far — to that chain's protocol.
+    The listener filter phase of one connection (Envoy's ActiveTcpSocket): runs the listener
+    filters in order — the TLS inspector first when the chains need it, then the configured
+    ones unless their ``filter_disabled`` holds — feeding those that peek the bytes received
+    so far (never consumed), then picks the filter chain with what they found and hands it the
+    connection and every byte seen.  The whole phase is bounded by the listener's
+    ``listener_filters_timeout``.
     """
 
     def __init__(self, listener: Listener, addr: Any) -> None:
         self.listener = listener
         self.addr = addr
+        self.info: ConnectionInfo
         self._buffer = b""
         self._inner: Protocol | None = None
         self._timeout: IDelayedCall | None = None
+        self._entries = listener.filter_phase()
+        self._index = 0
+        #: The filter that stopped iteration (it reads data, or continues later), if any.
+        self._waiting: IListenerFilter | None = None
+        self._done = False
 
     def connectionMade(self) -> None:
-        self._timeout = self.listener.reactor.callLater(
-            self.listener.inspection_timeout, self._timed_out
-        )
+        self.info = self.listener.connection_info(self.transport)
+        timeout = self.listener.listener_filters_timeout
+        if timeout > 0:
+            self._timeout = self.listener.reactor.callLater(timeout, self._timed_out)
+        self._run()
 
-    def _timed_out(self) -> None:
-        self._timeout = None
-        self.listener.log.warn(
-            "{listener}: {peer} sent no complete ClientHello within {t}s, closing",
-            listener=self.listener.name, peer=address_text(self.addr),
-            t=self.listener.inspection_timeout,
-        )
-        self.transport.abortConnection()  # type: ignore[union-attr]
+    # -- the listener filters -----------------------------------------------------------------
 
-    def dataReceived(self, data: bytes) -> None:
-        if self._inner is not None:
-            self._inner.dataReceived(data)
+    def _run(self) -> None:
+        while self._index < len(self._entries) and not self._done:
+            entry = self._entries[self._index]
+            if entry.disabled is not None and entry.disabled.matches(self.info):
+                self._index += 1
+                continue
+            listener_filter = entry.make()
+            if listener_filter.onAccept(self) is False:
+                self._waiting = listener_filter
+                if IListenerReadFilter.providedBy(listener_filter) and self._buffer:
+                    self._feed()
+                return
+            self._index += 1
+        if not self._done:
+            self._pick()
+
+    def _feed(self) -> None:
+        reader: Any = self._waiting
+        limit = reader.maxReadBytes()
+        data = self._buffer[:limit]
+        if reader.onData(data):
+            self._continue()
+        elif self._done:
             return
-        self._buffer += data
-        is_tls = looks_like_tls(self._buffer)
-        if is_tls is None:
-            return
-        hello = ClientHello()
-        if is_tls:
-            try:
-                hello = parse_client_hello(self._buffer)
-            except NeedMore:
-                if len(self._buffer) <= MAX_CLIENT_HELLO:
-                    return
-            except ValueError:
-                pass
-        self._pick(is_tls, hello)
+        elif len(data) >= limit:
+            self.listener.log.warn(
+                "{listener}: listener filter {name} still wants more than {limit} bytes from "
+                "{peer}, closing", listener=self.listener.name,
+                name=self._entries[self._index].name, limit=limit,
+                peer=address_text(self.addr))
+            self._close()
 
-    def _pick(self, is_tls: bool, hello: ClientHello) -> None:
+    def _continue(self) -> None:
+        self._waiting = None
+        self._index += 1
+        self._run()
+
+    def continueFilterChain(self, success: bool) -> None:
+        if self._done:
+            return
+        if not success:
+            self._close()
+        elif self._waiting is not None:
+            self._continue()
+
+    def _close(self) -> None:
+        self._finish()
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _finish(self) -> None:
+        self._done = True
+        self._waiting = None
         if self._timeout is not None and self._timeout.active():
             self._timeout.cancel()
         self._timeout = None
+
+    def _timed_out(self) -> None:
+        self._timeout = None
         listener = self.listener
-        host = self.transport.getHost()  # type: ignore[union-attr]
-        chain = listener.select_chain(
-            local_port=getattr(host, "port", None),
-            server_name=hello.server_name,
-            transport_protocol="tls" if is_tls else "raw_buffer",
-            application_protocols=hello.alpn,
+        name = self._entries[self._index].name if self._index < len(self._entries) else ""
+        if listener.continue_on_listener_filters_timeout:
+            # Envoy: the remaining listener filters are skipped, the chain is chosen now.
+            self._waiting = None
+            self._pick()
+            return
+        listener.log.warn(
+            "{listener}: listener filter {name} got no answer from {peer} within {t}s, "
+            "closing", listener=listener.name, name=name, peer=address_text(self.addr),
+            t=listener.listener_filters_timeout,
         )
+        self._finish()
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    # -- choosing the chain -------------------------------------------------------------------
+
+    def _pick(self) -> None:
+        self._finish()
+        listener = self.listener
+        info = self.info
+        if not info.transportProtocol:
+            info.transportProtocol = "raw_buffer"  # Envoy's default when nothing detected
+        chain = listener.find_chain(info)
         if chain is None:
             listener.log.warn(
-                "{listener}: no filter chain matches {peer} (transport {transport}, "
-                "SNI {sni!r}, ALPN {alpn}), closing",
-                listener=listener.name, peer=address_text(self.addr),
-                transport="tls" if is_tls else "raw_buffer", sni=hello.server_name,
-                alpn=list(hello.alpn),
+                "{listener}: no filter chain matches {peer} (destination {local}, transport "
+                "{transport}, SNI {sni!r}, application protocols {alpn}), closing",
+                listener=listener.name, peer=info.remoteAddress, local=info.localAddress,
+                transport=info.transportProtocol, sni=info.requestedServerName,
+                alpn=list(info.requestedApplicationProtocols),
             )
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
-        inner = listener.protocol_for(chain, self.addr)
+        inner = listener.protocol_for(chain, self.addr, info)
         self._inner = inner
         inner.makeConnection(self.transport)
         data, self._buffer = self._buffer, b""
         if data:
             inner.dataReceived(data)
 
+    # -- IProtocol ----------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._inner is not None:
+            self._inner.dataReceived(data)
+            return
+        if self._done:
+            return  # closing
+        self._buffer += data
+        if self._waiting is not None and IListenerReadFilter.providedBy(self._waiting):
+            self._feed()
+
     def readConnectionLost(self) -> None:
         inner = self._inner
         if inner is not None and IHalfCloseableProtocol.providedBy(inner):
             inner.readConnectionLost()  # type: ignore[attr-defined]
         else:
+            # Envoy: the peer's EOF while the listener filters still read closes it.
+            self._finish()
             self.transport.loseConnection()  # type: ignore[union-attr]
 
     def writeConnectionLost(self) -> None:
@@ -425,8 +495,7 @@ class InspectingProtocol(Protocol):
             inner.writeConnectionLost()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._timeout is not None and self._timeout.active():
-            self._timeout.cancel()
+        self._finish()
         if self._inner is not None:
             self._inner.connectionLost(reason)
         else:
@@ -485,16 +554,63 @@ class Listener:
         self.downstream_limit: DownstreamLimit | None = None
         #: Envoy's ignore_global_conn_limit: the service sets no downstream_limit.
         self.ignore_global_conn_limit = False
-        #: How long the TLS inspector waits for a ClientHello (Envoy: listener_filters_timeout).
-        self.inspection_timeout = 15.0
-        #: Listener filters run on each accepted connection before its network filters
-        #: (the TLS inspector is not among them: choosing a chain runs it when needed).
-        self.listener_filters: list[ListenerFilterFactory] = []
+        #: Envoy's listener_filters_timeout: how long the listener filters (the TLS and HTTP
+        #: inspectors' peeking) may take; 0 is no limit.
+        self.listener_filters_timeout = 15.0
+        #: Envoy's continue_on_listener_filters_timeout: at the timeout, choose the chain
+        #: with what was found instead of closing.
+        self.continue_on_listener_filters_timeout = False
+        #: Listener filters run on each accepted connection before the chain is chosen
+        #: (entries, or bare factories); the TLS inspector is not among them: it runs first
+        #: whenever the chains need it.
+        self.listener_filters: Sequence[ListenerFilterEntry | ListenerFilterFactory] = []
+        #: Envoy's filter_chain_matcher: when set, it alone chooses the chain (by name), and
+        #: the chains' filter_chain_match is ignored.
+        self.filter_chain_matcher: Matcher | None = None
+        #: The network inputs the matcher reads (message names), to know what to inspect.
+        self.matcher_inputs: frozenset[str] = frozenset()
+        #: Envoy's default_filter_chain: used when nothing matches.
+        self.default_filter_chain: FilterChain | None = None
         self.factory = ListenerFactory(self)
         self.tls_factories: dict[int, FastTLSFactory] = {}
-        for chain in self.filter_chains:
-            if chain.tls is not None:
+        self.set_chains(self.filter_chains)
+
+    def set_chains(self, chains: Sequence[FilterChain],
+                   default: FilterChain | None = None) -> None:
+        """The filter chains (and the default chain); their TLS factories are made once."""
+        self.filter_chains = list(chains)
+        self.default_filter_chain = default
+        self._by_name = {c.name: c for c in self.filter_chains if c.name}
+        for chain in self.all_chains:
+            if chain.tls is not None and id(chain) not in self.tls_factories:
                 self.tls_factories[id(chain)] = self._tls_factory(chain)
+
+    @property
+    def all_chains(self) -> list[FilterChain]:
+        """The filter chains, then the default chain if there is one."""
+        default = self.default_filter_chain
+        return self.filter_chains + ([default] if default is not None else [])
+
+    def connection_info(self, transport: Any) -> ConnectionInfo:
+        """The facts of a connection just accepted on ``transport``."""
+        info = ConnectionInfo(
+            listenerName=self.name,
+            remoteAddress=address_text(transport.getPeer()),
+            localAddress=address_text(transport.getHost()),
+            upstream_request=getattr(transport, "upstream_request", None),
+        )
+        # An internal hop: the peer is whoever the hop's upstream side was serving (the
+        # tunnel client's SPIFFE id past a terminated CONNECT); a TLS handshake here
+        # replaces it with this connection's own peer.
+        info.peerIdentity = getattr(info.upstream_request, "peer_identity", "") or ""
+        shared = getattr(info.upstream_request, "filter_state", None)
+        if shared is not None:
+            # An internal hop: the connection starts with what the hop's upstream shared.
+            info.filter_state = shared
+        passed = getattr(info.upstream_request, "dynamic_metadata", None)
+        if passed:
+            info.dynamic_metadata = {ns: dict(v) for ns, v in passed.items()}
+        return info
 
     def _tls_factory(self, chain: FilterChain) -> FastTLSFactory:
         listener = self
@@ -533,20 +649,65 @@ class Listener:
     @property
     def needs_inspection(self) -> bool:
         """
-        Whether choosing a chain needs the connection's first bytes (SNI, ALPN, TLS or not).
+        Whether choosing a chain needs the ClientHello (SNI, ALPN, TLS or not): the listener
+        then runs the TLS inspector first, whether listed or not.
         """
-        if len(self.filter_chains) < 2:
+        chains = self.all_chains
+        if len(chains) < 2:
             return False
+        if len({c.tls is None for c in chains}) > 1:
+            return True
+        if self.filter_chain_matcher is not None:
+            return bool(self.matcher_inputs & _TLS_INPUTS)
         return any(
             c.match.server_names or c.match.transport_protocol or c.match.application_protocols
-            for c in self.filter_chains
-        ) or len({c.tls is None for c in self.filter_chains}) > 1
+            for c in chains
+        )
 
-    def protocol_for(self, chain: FilterChain, addr: Any) -> Protocol:
+    @property
+    def needs_filter_phase(self) -> bool:
+        """Whether connections go through listener filters before their chain is chosen."""
+        return bool(self.listener_filters or self.filter_chain_matcher is not None
+                    or self.needs_inspection)
+
+    def filter_phase(self) -> list[ListenerFilterEntry]:
+        """The listener filters one connection runs, in order."""
+        entries = [e if isinstance(e, ListenerFilterEntry) else ListenerFilterEntry(e)
+                   for e in self.listener_filters]
+        if self.needs_inspection:
+            entries.insert(0, ListenerFilterEntry(TlsInspectorFilter, None,
+                                                  "envoy.filters.listener.tls_inspector"))
+        return entries
+
+    def find_chain(self, info: ConnectionInfo) -> FilterChain | None:
+        """
+        The chain for a connection whose listener filters are done (Envoy's findFilterChain):
+        the matcher's named chain when there is a matcher, else filter_chain_match's
+        precedence; the default chain when neither gives one.
+        """
+        if self.filter_chain_matcher is not None:
+            name = self.filter_chain_matcher.match(info)
+            if name is not None:
+                return self._by_name.get(name)
+            return self.default_filter_chain
+        local = split_address(info.localAddress)
+        chain = self.select_chain(
+            local_port=local[1] if local is not None else None,
+            server_name=info.requestedServerName,
+            transport_protocol=info.transportProtocol,
+            application_protocols=info.requestedApplicationProtocols,
+            internal=local is None,
+        )
+        return chain or self.default_filter_chain
+
+    def protocol_for(self, chain: FilterChain, addr: Any,
+                     info: ConnectionInfo | None = None) -> Protocol:
         self.connections_total += 1
         if chain.tls is not None:
-            return self.tls_factories[id(chain)].buildProtocol(addr)  # type: ignore
-        protocol = ListenerConnection(self, chain, False)
+            factory = self.tls_factories[id(chain)]
+            # As factory.buildProtocol(addr), with the connection's facts found so far.
+            return factory.protocol(factory, ListenerConnection(self, chain, True, info))
+        protocol = ListenerConnection(self, chain, False, info)
         protocol.factory = self.factory
         return protocol
 
@@ -556,6 +717,7 @@ class Listener:
         server_name: str = "",
         transport_protocol: str = "",
         application_protocols: Sequence[str] = (),
+        internal: bool = False,
     ) -> FilterChain | None:
         """
         The filter chain for a connection, by Envoy's precedence: destination port, then
@@ -563,7 +725,7 @@ class Listener:
         at each step the most specific matching chains win, chains without the criterion are
         the fallback.
         """
-        if local_port is None and self.endpoint is not None:
+        if local_port is None and self.endpoint is not None and not internal:
             local_port = _endpoint_port(self.endpoint)
         chains = self.filter_chains
         exact = [c for c in chains if c.match.destination_port is not None
@@ -585,6 +747,10 @@ class Listener:
         exact = [c for c in chains if offered & set(c.match.application_protocols)]
         chains = exact or [c for c in chains if not c.match.application_protocols]
         return chains[0] if chains else None
+
+
+#: Matcher inputs that read what the TLS inspector finds.
+_TLS_INPUTS = frozenset({"ServerNameInput", "TransportProtocolInput", "ApplicationProtocolInput"})
 
 
 def _endpoint_port(description: str) -> int | None:

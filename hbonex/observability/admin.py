@@ -46,7 +46,7 @@ def collect(bootstrap: Any) -> dict[str, int]:
         values[f"{prefix}.downstream_cx_total"] = listener.connections_total
         values[f"{prefix}.downstream_cx_overflow"] = listener.connections_refused
         values[f"{prefix}.downstream_cx_active"] = listener.connections_active
-        if any(chain.tls is not None for chain in listener.filter_chains):
+        if any(chain.tls is not None for chain in listener.all_chains):
             values[f"{prefix}.ssl.handshake"] = listener.ssl_handshake
             values[f"{prefix}.ssl.connection_error"] = listener.ssl_connection_error
     for name, cluster in bootstrap.clusters.items():
@@ -297,7 +297,7 @@ class Admin:
             entry["used_by"].append(where)
 
         for listener in self.bootstrap.listeners:
-            for chain in listener.filter_chains:
+            for chain in listener.all_chains:
                 settings = getattr(chain.tls, "settings", None)
                 if settings is not None:
                     add(settings.certificate, f"listener {listener.name}", "certificate")

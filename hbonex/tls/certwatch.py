@@ -353,7 +353,7 @@ class CertificateWatcher(service.Service):
             group.users.append(user)
 
         for listener in self.bootstrap.listeners:
-            tls_chains = [c for c in listener.filter_chains if c.tls is not None]
+            tls_chains = [c for c in listener.all_chains if c.tls is not None]
             for index, chain in enumerate(tls_chains):
                 creator = chain.tls
                 name = _cert_name(creator.settings.sources, index if len(tls_chains) > 1 else -1)

@@ -11,6 +11,7 @@ from hbonex.filters.http.header_mutation import HeaderMutationExtension
 from hbonex.filters.http.local_ratelimit import LocalRateLimitExtension
 from hbonex.filters.http.rbac import RbacExtension
 from hbonex.filters.http.set_filter_state import SetFilterStateExtension
+from hbonex.filters.listener.http_inspector import HttpInspectorExtension
 from hbonex.filters.listener.original_dst import OriginalDstExtension
 from hbonex.filters.listener.tls_inspector import TlsInspectorExtension
 from hbonex.filters.network.connection_limit import ConnectionLimitExtension
@@ -29,6 +30,7 @@ from hbonex.upstream.cluster_types import (
 
 tls_inspector = TlsInspectorExtension()
 original_dst = OriginalDstExtension()
+http_inspector = HttpInspectorExtension()
 tcp_proxy = TcpProxyExtension()
 connection_limit = ConnectionLimitExtension()
 http_connection_manager = HttpConnectionManagerExtension()

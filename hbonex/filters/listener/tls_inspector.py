@@ -13,7 +13,11 @@ import attrs
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from hbonex.interfaces import IListenerFilterExtension
+from hbonex.interfaces import (
+    IListenerFilterCallbacks,
+    IListenerFilterExtension,
+    IListenerReadFilter,
+)
 
 NAME = "envoy.filters.listener.tls_inspector"
 TYPE_URL = "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
@@ -119,6 +123,47 @@ def _alpn(ext: bytes) -> tuple[str, ...]:
         protocols.append(ext[pos + 1 : pos + 1 + length].decode("ascii", "replace"))
         pos += 1 + length
     return tuple(protocols)
+
+
+@implementer(IListenerReadFilter)
+class TlsInspectorFilter:
+    """
+    The ClientHello peek itself, one per connection: the listener runs it first among its
+    listener filters when its chains need it.  Sets the connection's transport protocol
+    (``tls``; plain text is left to the listener's ``raw_buffer`` default), SNI and ALPN.
+    """
+
+    def __init__(self) -> None:
+        self._callbacks: IListenerFilterCallbacks | None = None
+
+    def onAccept(self, callbacks: IListenerFilterCallbacks) -> bool:
+        self._callbacks = callbacks
+        return False
+
+    def maxReadBytes(self) -> int:
+        # One byte past the limit: a hello still incomplete there is given up on.
+        return MAX_CLIENT_HELLO + 1
+
+    def onData(self, data: bytes) -> bool:
+        is_tls = looks_like_tls(data)
+        if is_tls is None:
+            return False
+        if not is_tls:
+            return True
+        hello = ClientHello()
+        try:
+            hello = parse_client_hello(data)
+        except NeedMore:
+            if len(data) <= MAX_CLIENT_HELLO:
+                return False
+        except ValueError:
+            pass
+        assert self._callbacks is not None
+        info = self._callbacks.info
+        info.transportProtocol = "tls"
+        info.requestedServerName = hello.server_name
+        info.requestedApplicationProtocols = hello.alpn
+        return True
 
 
 @implementer(IPlugin, IListenerFilterExtension)
