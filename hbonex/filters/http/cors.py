@@ -18,12 +18,11 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from hbonex.http.filter_manager import (
-    FilterDataStatus,
     FilterHeadersStatus,
-    FilterTrailersStatus,
 )
 from hbonex.http.headers import Headers
 from hbonex.http.matchers import StringMatcher
+from hbonex.http.pass_through import PassThroughFilter
 from hbonex.interfaces import IHTTPFilterPerRouteExtension, IStreamFilter
 from hbonex.tls.transport_sockets import string_matcher
 
@@ -90,7 +89,7 @@ class _Policies:
 
 
 @implementer(IStreamFilter)
-class CorsFilter:
+class CorsFilter(PassThroughFilter):
     """One per request."""
 
     def __init__(self, rng: random.Random | None = None) -> None:
@@ -168,11 +167,6 @@ class CorsFilter:
             response.set(b"access-control-allow-private-network", b"true")
         return response
 
-    def decodeData(self, data: bytes, endStream: bool) -> Any:
-        return FilterDataStatus.Continue
-
-    def decodeTrailers(self, trailers: Headers) -> Any:
-        return FilterTrailersStatus.Continue
 
     def encodeHeaders(self, headers: Headers, endStream: bool) -> Any:
         if not self.is_cors_request or not self.latched_origin:
@@ -184,15 +178,6 @@ class CorsFilter:
         if expose:
             headers.set(b"access-control-expose-headers", expose.encode("latin-1"))
         return FilterHeadersStatus.Continue
-
-    def encodeData(self, data: bytes, endStream: bool) -> Any:
-        return FilterDataStatus.Continue
-
-    def encodeTrailers(self, trailers: Headers) -> Any:
-        return FilterTrailersStatus.Continue
-
-    def onDestroy(self) -> None:
-        pass
 
 
 def _fraction(message: Any, path: str, context: Any) -> Fraction:

@@ -32,6 +32,7 @@ from hbonex.http.filter_manager import (
 )
 from hbonex.http.headers import Headers
 from hbonex.http.matchers import any_matches
+from hbonex.http.pass_through import PassThroughFilter
 from hbonex.http.upgrade import upgrade_type
 from hbonex.interfaces import IHTTPFilterPerRouteExtension, IStreamFilter
 
@@ -56,7 +57,7 @@ class _Shared:
 
 
 @implementer(IStreamFilter)
-class ExtAuthzFilter:
+class ExtAuthzFilter(PassThroughFilter):
     """One per request."""
 
     def __init__(self, shared: _Shared) -> None:
@@ -264,11 +265,6 @@ class ExtAuthzFilter:
             headers.add(name, value)
         return FilterHeadersStatus.Continue
 
-    def encodeData(self, data: bytes, endStream: bool) -> Any:
-        return FilterDataStatus.Continue
-
-    def encodeTrailers(self, trailers: Headers) -> Any:
-        return FilterTrailersStatus.Continue
 
     def onDestroy(self) -> None:
         check, self._check = self._check, None

@@ -20,12 +20,12 @@ from zope.interface import implementer
 from hbonex.config.route_config import header_value_option
 from hbonex.filters.http.set_filter_state import substitutions
 from hbonex.http.filter_manager import (
-    FilterDataStatus,
     FilterHeadersStatus,
     FilterTrailersStatus,
 )
 from hbonex.http.headers import Headers, substitution_record
 from hbonex.http.matchers import StringMatcher
+from hbonex.http.pass_through import PassThroughFilter
 from hbonex.http.routing import HeaderMutation
 from hbonex.interfaces import IHTTPFilterPerRouteExtension, IStreamFilter
 from hbonex.tls.transport_sockets import string_matcher
@@ -97,7 +97,7 @@ class HeaderMutationConfig:
 
 
 @implementer(IStreamFilter)
-class HeaderMutationFilter:
+class HeaderMutationFilter(PassThroughFilter):
     """One per request."""
 
     def __init__(self, config: HeaderMutationConfig) -> None:
@@ -145,8 +145,6 @@ class HeaderMutationFilter:
         self._run(self.decoder, [m.request for m in self._all(self.decoder)], headers)
         return FilterHeadersStatus.Continue
 
-    def decodeData(self, data: bytes, endStream: bool) -> Any:
-        return FilterDataStatus.Continue
 
     def decodeTrailers(self, trailers: Headers) -> Any:
         self._run(self.decoder, [m.request_trailers for m in self._all(self.decoder)],
@@ -158,8 +156,6 @@ class HeaderMutationFilter:
         self._run(self.encoder, [m.response for m in self._all(self.encoder)], headers)
         return FilterHeadersStatus.Continue
 
-    def encodeData(self, data: bytes, endStream: bool) -> Any:
-        return FilterDataStatus.Continue
 
     def encodeTrailers(self, trailers: Headers) -> Any:
         self._run(self.encoder, [m.response_trailers for m in self._all(self.encoder)],

@@ -35,11 +35,10 @@ from hbonex.filters.common.token_bucket import (
 )
 from hbonex.http.connection_manager import header_mutator
 from hbonex.http.filter_manager import (
-    FilterDataStatus,
     FilterHeadersStatus,
-    FilterTrailersStatus,
 )
 from hbonex.http.headers import Headers
+from hbonex.http.pass_through import PassThroughFilter
 from hbonex.http.rate_limit_policy import descriptors
 from hbonex.http.routing import HeaderMutations
 from hbonex.interfaces import IHTTPFilterPerRouteExtension, IStreamFilter
@@ -101,7 +100,7 @@ class LocalRateLimitConfig:
 
 
 @implementer(IStreamFilter)
-class LocalRateLimitFilter:
+class LocalRateLimitFilter(PassThroughFilter):
     """One per request."""
 
     def __init__(self, config: LocalRateLimitConfig) -> None:
@@ -177,11 +176,6 @@ class LocalRateLimitFilter:
             found += descriptors(route.vh_rate_limits, config.stage, headers, remote, cluster)
         return found
 
-    def decodeData(self, data: bytes, endStream: bool) -> Any:
-        return FilterDataStatus.Continue
-
-    def decodeTrailers(self, trailers: Headers) -> Any:
-        return FilterTrailersStatus.Continue
 
     def encodeHeaders(self, headers: Headers, endStream: bool) -> Any:
         if self.context is not None and self.config.x_ratelimit_headers:
@@ -189,15 +183,6 @@ class LocalRateLimitFilter:
             headers.set(b"x-ratelimit-remaining", str(self.context.remaining).encode())
             headers.set(b"x-ratelimit-reset", str(self.context.reset_seconds).encode())
         return FilterHeadersStatus.Continue
-
-    def encodeData(self, data: bytes, endStream: bool) -> Any:
-        return FilterDataStatus.Continue
-
-    def encodeTrailers(self, trailers: Headers) -> Any:
-        return FilterTrailersStatus.Continue
-
-    def onDestroy(self) -> None:
-        pass
 
 
 def _seconds(duration: Any) -> float:

@@ -30,11 +30,10 @@ from hbonex.filters.common.rbac import (
 )
 from hbonex.filters.common.rbac_config import parse_rules
 from hbonex.http.filter_manager import (
-    FilterDataStatus,
     FilterHeadersStatus,
-    FilterTrailersStatus,
 )
 from hbonex.http.headers import Headers
+from hbonex.http.pass_through import PassThroughDecoderFilter
 from hbonex.interfaces import IHTTPFilterPerRouteExtension, IStreamDecoderFilter
 
 __all__ = ["RbacConfig", "RbacExtension", "RbacFilter", "RbacRules"]
@@ -65,7 +64,7 @@ class RbacConfig:
 
 
 @implementer(IStreamDecoderFilter)
-class RbacFilter:
+class RbacFilter(PassThroughDecoderFilter):
     """One per request; decides on the request headers."""
 
     def __init__(self, config: RbacConfig) -> None:
@@ -114,15 +113,6 @@ class RbacFilter:
             self.callbacks.sendLocalReply(403, DENIED_BODY, None,
                                           response_detail(decision.policy), "")
         return status
-
-    def decodeData(self, data: bytes, endStream: bool) -> Any:
-        return FilterDataStatus.Continue
-
-    def decodeTrailers(self, trailers: Headers) -> Any:
-        return FilterTrailersStatus.Continue
-
-    def onDestroy(self) -> None:
-        pass
 
 
 def parse_rbac(message: Any, path: str, context: Any) -> RbacRules:

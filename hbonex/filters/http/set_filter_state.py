@@ -18,11 +18,10 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from hbonex.http.filter_manager import (
-    FilterDataStatus,
     FilterHeadersStatus,
-    FilterTrailersStatus,
 )
 from hbonex.http.headers import Headers, substitution_record
+from hbonex.http.pass_through import PassThroughDecoderFilter
 from hbonex.http.stream_info import FilterStateError, SharedWithUpstream
 from hbonex.interfaces import IHTTPFilterExtension, IStreamDecoderFilter
 from hbonex.observability.formatter import Template
@@ -101,7 +100,7 @@ def store(values: tuple[FilterStateValue, ...], record: dict[str, str], state: A
 
 
 @implementer(IStreamDecoderFilter)
-class SetFilterStateFilter:
+class SetFilterStateFilter(PassThroughDecoderFilter):
     """One per request."""
 
     def __init__(self, values: tuple[FilterStateValue, ...]) -> None:
@@ -115,15 +114,6 @@ class SetFilterStateFilter:
         record = substitutions(self.callbacks.connection(), headers)
         store(self.values, record, self.callbacks.streamInfo().filter_state)
         return FilterHeadersStatus.Continue
-
-    def decodeData(self, data: bytes, endStream: bool) -> Any:
-        return FilterDataStatus.Continue
-
-    def decodeTrailers(self, trailers: Headers) -> Any:
-        return FilterTrailersStatus.Continue
-
-    def onDestroy(self) -> None:
-        pass
 
 
 def parse_values(values: Any, path: str, context: Any) -> tuple[FilterStateValue, ...]:
