@@ -63,7 +63,37 @@ from run import machine, source_info  # noqa: E402
 
 NODE = REPO / "tests" / "node"
 CONFIGS = REPO / "tests" / "configs"
-PATHS = ("direct", "node", "hcm", "chain")
+PATHS = ("direct", "node", "hcm", "chain", "mutation", "rbac", "waypoint")
+#: The terminating HCM with the waypoint's filters before the router (issue 9's chain, and
+#: each filter alone, for its cost per request).
+MUTATION = """\
+          - name: envoy.filters.http.header_mutation
+            typed_config:
+              "@type": {mutation_type}
+              mutations:
+                request_mutations:
+                - append:
+                    header: {key: x-waypoint-authority, value: "%REQ(:AUTHORITY)%"}
+                    append_action: OVERWRITE_IF_EXISTS_OR_ADD
+                response_mutations:
+                - append: {header: {key: x-waypoint, value: hbonex}}
+"""
+RBAC = """\
+          - name: envoy.filters.http.rbac
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+              rules:
+                action: ALLOW
+                policies:
+                  loopback-gets:
+                    permissions:
+                    - header: {name: ":method", string_match: {exact: GET}}
+                    principals:
+                    - remote_ip: {address_prefix: 127.0.0.0, prefix_len: 8}
+"""
+MUTATION_TYPE = ("type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3."
+                 "HeaderMutation")
+FILTERS = {"hcm": "", "mutation": MUTATION, "rbac": RBAC, "waypoint": MUTATION + RBAC}
 MODES = (("h1", 1), ("h1", 32), ("h2", 1), ("h2", 32))
 BODY = 64
 HCM_TYPE = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
@@ -89,6 +119,7 @@ static_resources:
               - match: {{prefix: /}}
                 route: {{cluster: backend}}
           http_filters:
+{filters}\
           - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
@@ -159,10 +190,12 @@ def start_paths(setup: Setup, backend: dict[str, Any], names: tuple[str, ...]) -
             proc, ready = node(setup.workdir, "node-proxy", "http_proxy.mjs",
                                "--upstream", f"127.0.0.1:{backend['http1']}")
             paths.append(Path_(name, {"h1": ready["http1"], "h2": ready["h2c"]}, [proc]))
-        elif name == "hcm":
-            config = setup.workdir / "hcm.yaml"
-            config.write_text(TERMINATING.format(hcm_type=HCM_TYPE, backend=backend["http1"]))
-            proc, ports = setup.twistd("hcm", "hbone-server", config)
+        elif name in FILTERS:
+            config = setup.workdir / f"{name}.yaml"
+            filters = FILTERS[name].replace("{mutation_type}", MUTATION_TYPE)
+            config.write_text(TERMINATING.format(hcm_type=HCM_TYPE, backend=backend["http1"],
+                                                 filters=filters))
+            proc, ports = setup.twistd(name, "hbone-server", config)
             paths.append(Path_(name, {"h1": ports["http"], "h2": ports["http"]}, [proc]))
         elif name == "chain":
             text = (CONFIGS / "seed-terminate-h2-connect.yaml").read_text()
@@ -229,7 +262,7 @@ def report(results: dict[tuple[str, int, str], list[dict[str, Any]]],
            names: tuple[str, ...]) -> str:
     head = ["downstream", "conns", "metric", *names]
     if "node" in names:
-        head += [f"{n}/node" for n in names if n in ("hcm", "chain")]
+        head += [f"{n}/node" for n in names if n not in ("direct", "node")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for proto, conns in MODES:
         for key, label, digits in METRICS:
@@ -242,7 +275,7 @@ def report(results: dict[tuple[str, int, str], list[dict[str, Any]]],
             if "node" in names:
                 base = median(results.get((proto, conns, "node"), []), key)
                 for name in names:
-                    if name in ("hcm", "chain"):
+                    if name not in ("direct", "node"):
                         v = median(results.get((proto, conns, name), []), key)
                         row.append(f"{v / base:.2f}×" if v and base else "—")
             lines.append("| " + " | ".join(row) + " |")
@@ -303,7 +336,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="repetitions (3)")
     parser.add_argument("--seconds", type=float, default=5, help="recorded seconds per run (5)")
     parser.add_argument("--warmup", type=float, default=1, help="unrecorded seconds first (1)")
-    parser.add_argument("--paths", default=",".join(PATHS),
+    parser.add_argument("--paths", default="direct,node,hcm,chain,waypoint",
                         help=f"comma-separated subset of {','.join(PATHS)}")
     parser.add_argument("--hbonex", default=str(REPO),
                         help="hbonex source tree for the twistd processes (default: this one)")

@@ -82,13 +82,13 @@ class WaypointTests(unittest.TestCase):
         return waypoint, {name: c.ports["forward_0"]
                           for name, c in zip(("client", "impostor"), clients, strict=True)}
 
-    async def curl(self, port: int, path: str) -> tuple[str, str]:
+    async def curl(self, port: int, path: str, *args: str) -> tuple[str, str]:
         curl = shutil.which("curl")
         if curl is None:
             self.fail("curl is not installed (this test needs the curl command on PATH)")
-        head = self.workdir / "head"
+        head = self.workdir / f"head-{port}"
         out, err, code = await run_command(
-            [curl, "-sS", "--max-time", "30", "-D", str(head), "-w", " %{http_code}",
+            [curl, "-sS", "--max-time", "30", "-D", str(head), "-w", " %{http_code}", *args,
              f"http://127.0.0.1:{port}{path}"], self.workdir, env=dict(os.environ))
         self.assertEqual(code, 0, err)
         return out, head.read_text().lower()
@@ -113,3 +113,27 @@ class WaypointTests(unittest.TestCase):
         self.assertEqual(by_client[CLIENT_ID]["code"], 200)
         self.assertEqual(by_client[IMPOSTOR_ID]["code"], 403)
         self.assertEqual(by_client[IMPOSTOR_ID]["request"], "GET /hello")
+
+    @e2e
+    async def test_fault_and_route_rate_limit(self) -> None:
+        waypoint, ports = await self.start()
+        port = ports["client"]
+        # A fault asked for in a header: aborted at the waypoint, flagged FI.
+        out, _ = await self.curl(port, "/faulty", "-H", "x-envoy-fault-abort-request: 503")
+        self.assertTrue(out.endswith(" 503"), out)
+        # The /limited route's own bucket: 2 requests, then 429 (RL), the app untouched.
+        codes = [(await self.curl(port, "/limited"))[0][-3:] for _ in range(3)]
+        self.assertEqual(codes, ["200", "200", "429"])
+        self.assertEqual([uri for uri, _ in self.app.seen], [b"/limited", b"/limited"])
+        # Other routes are not limited.
+        out, _ = await self.curl(port, "/free")
+        self.assertTrue(out.endswith(" 200"), out)
+
+        def flags() -> list[tuple[str, str]]:
+            return [(r["request"], r["flags"]) for r in map(
+                json.loads, (line for line in waypoint.output().splitlines()
+                             if line.startswith("{")))]
+
+        await wait_until(lambda: len(flags()) >= 5, "five access records")
+        self.assertIn(("GET /faulty", "FI"), flags())
+        self.assertIn(("GET /limited", "RL"), flags())
