@@ -211,3 +211,16 @@ class TagExtractionTests(unittest.TestCase):
         }
         for name, expected in cases.items():
             self.assertEqual(_envoy_name(name), expected, name)
+
+
+class HistogramTests(unittest.TestCase):
+    def test_buckets_are_cumulative_with_prometheus_le(self) -> None:
+        from hbonex.observability.stats import Family
+
+        family = Family("t", "histogram", ("code",), buckets=(1.0, 5.0, 10.0))
+        for value in (0.5, 1.0, 3.0, 5.0, 7.0, 100.0):
+            family.observe(("200",), value)
+        # le: a value on a bound is in that bucket; 100 is only in +Inf.
+        self.assertEqual(family.histogram(("200",)), ([2, 4, 5], 6, 116.5))
+        family.observe(("503",), 11.0)
+        self.assertEqual(family.histogram(("503",)), ([0, 0, 0], 1, 11.0))

@@ -106,10 +106,12 @@ def prometheus_text(values: dict[str, int]) -> bytes:
         label_names = list(fixed) + list(family.labels)
         if family.kind == "histogram":
             histogram = HistogramMetricFamily(metric, family.doc, labels=label_names)
-            for key, cells in family.values.items():
-                buckets = [(str(bound), cells[i]) for i, bound in enumerate(family.buckets)]
-                buckets.append(("+Inf", cells[-2]))
-                histogram.add_metric(list(fixed.values()) + list(key), buckets, cells[-1])
+            for key in family.values:
+                counts, total, value_sum = family.histogram(key)
+                buckets = [(str(bound), count) for bound, count in zip(family.buckets, counts,
+                                                                        strict=True)]
+                buckets.append(("+Inf", total))
+                histogram.add_metric(list(fixed.values()) + list(key), buckets, value_sum)
             families[metric] = histogram
         else:
             counter = CounterMetricFamily(metric, family.doc, labels=label_names)

@@ -7,6 +7,8 @@ data path (an attribute increment), read by whoever exposes them.
 from __future__ import annotations
 
 import weakref
+from bisect import bisect_left
+from itertools import accumulate
 from typing import Any, Protocol
 
 
@@ -55,7 +57,9 @@ class Family:
         self.labels = labels
         self.buckets = buckets
         self.doc = doc or name
-        #: label values -> count (counter) or [per-bucket counts..., +Inf count, sum]
+        #: label values -> count (counter), or for a histogram [count in each bucket alone
+        #: (the last one past every bound), sum]: one increment per observation, made
+        #: cumulative only when read (histogram()).
         self.values: dict[tuple[str, ...], Any] = {}
 
     def inc(self, labels: tuple[str, ...], amount: float = 1) -> None:
@@ -65,11 +69,14 @@ class Family:
         cells = self.values.get(labels)
         if cells is None:
             cells = self.values[labels] = [0] * (len(self.buckets) + 1) + [0.0]
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                cells[i] += 1
-        cells[-2] += 1
+        cells[bisect_left(self.buckets, value)] += 1  # the first bound >= value
         cells[-1] += value
+
+    def histogram(self, labels: tuple[str, ...]) -> tuple[list[int], int, float]:
+        """One label set's cumulative bucket counts (Prometheus' ``le``), count and sum."""
+        cells = self.values[labels]
+        cumulative = list(accumulate(cells[:-2]))
+        return cumulative, (cumulative[-1] if cumulative else 0) + cells[-2], cells[-1]
 
 
 class StatsSource(Protocol):
