@@ -150,6 +150,21 @@ class Relay:
         #: The end that was lost first: its reason is the tunnel's.
         self.first_lost: RelayEnd | None = None
 
+    def end_reason(self) -> str:
+        """
+        Why the relay ended, for its log line: the reason given (``close_reason``), else the
+        cause on the end lost first (the other end's loss is its consequence), else a clean
+        close.
+        """
+        if self.close_reason:
+            return self.close_reason
+        first = self.first_lost
+        ends = (first, first.peer) if first is not None and first.peer is not None else ()
+        for end in (*ends, self.a, self.b):
+            if end.reason is not None and not end.reason.check(ierror.ConnectionDone):
+                return f"{end.name}: {end.reason.getErrorMessage()}"
+        return "closed cleanly"
+
     def start(self) -> None:
         """
         Both ends are connected: wire the producers and flush early bytes.

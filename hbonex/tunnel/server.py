@@ -120,7 +120,7 @@ class TunnelLog:
         self.active -= 1
         self.bytes_in += relay.a.bytes_in
         self.bytes_out += relay.b.bytes_in
-        reason = relay.close_reason or _reason(relay)
+        reason = relay.end_reason()
         duration = time.monotonic() - started
         identity = info.peerIdentity or "-"
         up, down = relay.a.bytes_in, relay.b.bytes_in
@@ -181,16 +181,6 @@ def route_flags(decision: RouteDecision) -> str:
 def upstream_flags(error: BaseException | None) -> str:
     """Envoy's response flag for a target that could not be reached."""
     return (isinstance(error, UpstreamError) and error.flag) or "UF"
-
-
-def _reason(relay: Relay) -> str:
-    # The end lost first holds the cause; the other end's loss is its consequence.
-    first = relay.first_lost
-    ends = (first, first.peer) if first is not None and first.peer is not None else ()
-    for end in (*ends, relay.a, relay.b):
-        if end.reason is not None and not end.reason.check(ierror.ConnectionDone):
-            return f"{end.name}: {end.reason.getErrorMessage()}"
-    return "closed cleanly"
 
 
 def connect_upstream(

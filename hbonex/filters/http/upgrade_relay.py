@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from twisted.internet import error as ierror
 from twisted.logger import Logger
 
 from hbonex.network.relay import Relay
@@ -51,7 +50,7 @@ class UpgradeRelay:
             self.counters.active -= 1
             self.counters.bytes_in += up
             self.counters.bytes_out += down
-        reason = relay.close_reason or _reason(relay)
+        reason = relay.end_reason()
         if relay.close_reason.startswith("idle timeout"):
             self.info.response_flags.add("SI")
         elif reason != "closed cleanly":
@@ -65,16 +64,6 @@ class UpgradeRelay:
             f"{down} bytes down, {reason}",
             kind=self.kind, up=up, down=down, reason=reason, duration=duration)
         self.callbacks.upgradeFinished(up, down)
-
-
-def _reason(relay: Relay) -> str:
-    # The end lost first holds the cause; the other end's loss is its consequence.
-    first = relay.first_lost
-    ends = (first, first.peer) if first is not None and first.peer is not None else ()
-    for end in (*ends, relay.a, relay.b):
-        if end.reason is not None and not end.reason.check(ierror.ConnectionDone):
-            return f"{end.name}: {end.reason.getErrorMessage()}"
-    return "closed cleanly"
 
 
 __all__ = ["UpgradeRelay"]
