@@ -14,8 +14,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
+from hbonex.config.loader import load_config
+from hbonex.errors import ConfigError
 from hbonex.http.connection_manager import HttpOptions, StandardHeaders
 from hbonex.http.filter_manager import FilterHeadersStatus
 from hbonex.http.headers import Headers
@@ -23,6 +26,7 @@ from hbonex.http.xfcc import ClientCertDetails, ForwardClientCert, XfccPolicy
 from hbonex.tls.facts import TlsFacts, url_encode
 
 XFCC = b"x-forwarded-client-cert"
+UUID = "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig"
 CLIENT = "spiffe://cluster.local/ns/default/sa/client"
 WAYPOINT = "spiffe://cluster.local/ns/default/sa/waypoint"
 
@@ -217,3 +221,52 @@ class StandardHeadersTests(unittest.TestCase):
     def test_internal_connection_has_no_tls(self) -> None:
         options = HttpOptions(xfcc=XfccPolicy(ForwardClientCert.APPEND_FORWARD))
         self.assertEqual(self.run_headers(options, None).get_all(XFCC), [])
+
+
+class ConfigTests(unittest.TestCase):
+    """The HttpConnectionManager fields, parsed into the connection manager's options."""
+
+    def load(self, extra: str) -> Any:
+        from tests.test_config import config_text
+
+        text = config_text("seed-terminate-h2-connect.yaml").replace(
+            "          codec_type: AUTO\n", "          codec_type: AUTO\n" + extra)
+        return load_config(text, MemoryReactorClock())
+
+    def options(self, extra: str) -> HttpOptions:
+        [listener] = self.load(extra).listeners
+        return listener.chains[0].filters[0].parsed.http_options  # type: ignore[no-any-return]
+
+    def test_default_is_sanitize_without_details(self) -> None:
+        self.assertEqual(self.options("").xfcc, XfccPolicy())
+
+    def test_modes_and_details(self) -> None:
+        for mode in ForwardClientCert:
+            self.assertEqual(self.options(
+                f"          forward_client_cert_details: {mode.value}\n").xfcc.mode, mode)
+        options = self.options(
+            "          forward_client_cert_details: APPEND_FORWARD\n"
+            "          set_current_client_cert_details: {subject: true, uri: true, dns: true,"
+            " cert: true, chain: true}\n")
+        self.assertEqual(options.xfcc, XfccPolicy(ForwardClientCert.APPEND_FORWARD,
+                                                  ClientCertDetails(True, True, True, True,
+                                                                    True)))
+
+    def test_uuid_request_id_extension_warns_about_tracing(self) -> None:
+        loaded = self.load(
+            "          request_id_extension:\n            typed_config:\n"
+            '              "@type": ' + UUID + "\n"
+            "              pack_trace_reason: false\n"
+            "              use_request_id_for_trace_sampling: true\n")
+        messages = " ".join(message for _, message in loaded.warnings)
+        self.assertIn("pack_trace_reason has no effect in hbonex (no tracing)", messages)
+        self.assertIn("use_request_id_for_trace_sampling has no effect in hbonex (no tracing)",
+                      messages)
+
+    def test_other_request_id_extension_is_refused(self) -> None:
+        error = self.assertRaises(ConfigError, self.load, (
+            "          request_id_extension:\n            typed_config:\n"
+            '              "@type": type.googleapis.com/google.protobuf.Empty\n'))
+        self.assertIn("request_id_extension.typed_config: request ID extension "
+                      "type.googleapis.com/google.protobuf.Empty is not supported; use "
+                      + UUID, str(error))
