@@ -230,7 +230,8 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
         "max_request_headers_kb server_name server_header_transformation generate_request_id "
         "always_set_request_id_in_response use_remote_address skip_xff_append normalize_path "
         "merge_slashes path_with_escaped_slashes_action access_log_flush_interval "
-        "access_log_options request_timeout request_headers_timeout",
+        "access_log_options request_timeout request_headers_timeout "
+        "forward_client_cert_details set_current_client_cert_details request_id_extension",
         warn={"add_user_agent": "no user agent handling", "tracing": "no tracing",
               "preserve_external_request_id": "an incoming x-request-id is always kept",
               "drain_timeout": "drain is shutdown's --drain-timeout",
@@ -241,10 +242,13 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
               "flush_access_log_on_new_request": "records are written when a request ends",
               "proxy_100_continue": "HTTP/1.1 tuning"},
         error={"rds": "no RDS: use an inline route_config",
-               "scoped_routes": "no scoped routes: use an inline route_config",
-               "forward_client_cert_details": "security: no XFCC header handling",
-               "set_current_client_cert_details": "security: no XFCC header handling"},
+               "scoped_routes": "no scoped routes: use an inline route_config"},
     ),
+    f"{_HCM}.HttpConnectionManager.SetCurrentClientCertDetails": _m(
+        "subject cert chain dns uri"),
+    f"{_HCM}.RequestIDExtension": _m("typed_config"),
+    "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig": _m(warn={
+        "pack_trace_reason": "no tracing", "use_request_id_for_trace_sampling": "no tracing"}),
     f"{_HCM}.HttpConnectionManager.UpgradeConfig": _m(
         "upgrade_type enabled",
         error={"filters": "upgrades run the HCM's http_filters (no filter chain of their own)"}),

@@ -23,6 +23,7 @@ from hbonex.http.filter_manager import FilterHeadersStatus, FilterManager
 from hbonex.http.headers import Headers, substitution_record
 from hbonex.http.path import EscapedSlashes, PathRedirect, PathRejected, normalize
 from hbonex.http.upgrade import upgrade_allowed, upgrade_type
+from hbonex.http.xfcc import DEFAULT_XFCC, XfccPolicy
 from hbonex.interfaces import IStreamFilter
 from hbonex.observability import istio_metrics
 from hbonex.observability.stats import STATS
@@ -211,6 +212,8 @@ class HttpOptions:
     #: default is no limit; hbonex's is 10 s, so that a slow client cannot hold a
     #: connection open with an unfinished head unless the configuration says so.
     request_headers_timeout: float = 10.0
+    #: forward_client_cert_details and set_current_client_cert_details.
+    xfcc: XfccPolicy = DEFAULT_XFCC
 
 
 DEFAULT_OPTIONS = HttpOptions()
@@ -222,8 +225,8 @@ class StandardHeaders:
     The connection manager's own handling, ahead of the configured filters: path
     normalisation (before routing, so routes and RBAC see one spelling), headers with
     underscores, ``x-request-id`` kept or generated, ``x-forwarded-for`` appended with the
-    peer's address (``use_remote_address``), ``x-forwarded-proto``; on the response the
-    ``server`` header.
+    peer's address (``use_remote_address``), ``x-forwarded-proto``,
+    ``x-forwarded-client-cert`` (hbonex.http.xfcc); on the response the ``server`` header.
     """
 
     def __init__(self, info: Any, options: HttpOptions = DEFAULT_OPTIONS,
@@ -301,6 +304,9 @@ class StandardHeaders:
                             (forwarded + b", " if forwarded else b"") + peer.encode())
         if b"x-forwarded-proto" not in headers or o.use_remote_address:
             headers.set(b"x-forwarded-proto", headers.get(b":scheme") or b"http")
+        # Envoy's mutateXfccRequestHeader: the connection's TLS facts (none on an internal
+        # connection, so a tunnel's inner requests are sanitized unless ALWAYS_FORWARD_ONLY).
+        o.xfcc.apply(headers, getattr(self.info, "ssl", None))
         if upgrade_type(headers) is not None:
             # Envoy decides an upgrade once the route is known, before any configured filter
             # runs: 403 when neither the route nor the HCM enables it (no route: the router's

@@ -42,6 +42,7 @@ from hbonex.network.listener_predicate import ListenerPredicate
 from hbonex.network.matching import Matcher, split_address
 from hbonex.network.overload import DownstreamLimit
 from hbonex.tls.context import ServerTLS, handshake_failure_reason, peer_identity
+from hbonex.tls.facts import TlsFacts
 from hbonex.tls.fasttls import FastTLSFactory, tune_tcp
 
 FilterFactory = Callable[[], INetworkFilter]
@@ -103,6 +104,9 @@ class ConnectionInfo:
     requestedApplicationProtocols: tuple[str, ...] = ()
     #: Envoy's directRemoteAddress: the peer as accepted, whatever a listener filter restores.
     directRemoteAddress: str = ""
+    #: Envoy's connection.ssl(): the TLS handshake's certificate facts
+    #: (hbonex.tls.facts.TlsFacts, computed when asked), None without TLS.
+    ssl: Any = None
 
     def __attrs_post_init__(self) -> None:
         if not self.directRemoteAddress:
@@ -197,6 +201,8 @@ class ListenerConnection(Protocol):
         tls_conn = transport._tlsConnection
         self.info.peerIdentity = peer_identity(tls_conn)
         self.info.localIdentity = self.listener.local_identity(self.chain)
+        self.info.ssl = TlsFacts.of_tls_connection(tls_conn, getattr(
+            getattr(self.chain.tls, "settings", None), "certificate", None))
         sni = tls_conn.get_servername()
         self.info.requestedServerName = sni.decode("idna") if sni else ""
         self.info.negotiatedProtocol = transport.negotiatedProtocol

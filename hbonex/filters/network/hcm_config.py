@@ -20,6 +20,7 @@ from hbonex.filters.network.http_connection_manager import (
 )
 from hbonex.http.connection_manager import HttpFilterFactory, HttpOptions
 from hbonex.http.path import EscapedSlashes
+from hbonex.http.xfcc import ClientCertDetails, ForwardClientCert, XfccPolicy
 from hbonex.interfaces import IHTTPFilterExtension, INetworkFilterExtension
 
 __all__ = ["HttpConnectionManagerExtension", "RouterExtension", "parse_http_connection_manager"]
@@ -147,6 +148,7 @@ def parse_http_connection_manager(message: Any, path: str, context: Any
     idle = 300.0
     if message.HasField("stream_idle_timeout"):
         idle = message.stream_idle_timeout.seconds + message.stream_idle_timeout.nanos / 1e9
+    _request_id_extension(message, path, context)
     extra["http_options"] = _http_options(message)
     return HttpConnectionManagerConfig(
         stat_prefix=message.stat_prefix,
@@ -180,6 +182,33 @@ def _enum_name(message: Any, field: str) -> str:
     return descriptor.enum_type.values_by_number[getattr(message, field)].name  # type: ignore
 
 
+UUID_REQUEST_ID = "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig"
+
+
+def _request_id_extension(message: Any, path: str, context: Any) -> None:
+    """
+    request_id_extension: Envoy's UUID extension is what hbonex does (its tracing options
+    warn, from the support table); any other would generate ids differently.
+    """
+    if not message.HasField("request_id_extension"):
+        return
+    typed = message.request_id_extension.typed_config
+    if typed.type_url != UUID_REQUEST_ID:
+        raise context.error(f"{path}.request_id_extension.typed_config",
+                            f"request ID extension {typed.type_url or '(none)'} is not "
+                            f"supported; use {UUID_REQUEST_ID}")
+
+
+def _xfcc(message: Any) -> XfccPolicy:
+    mode = ForwardClientCert(_enum_name(message, "forward_client_cert_details"))
+    details = ClientCertDetails()
+    if message.HasField("set_current_client_cert_details"):
+        d = message.set_current_client_cert_details
+        details = ClientCertDetails(subject=d.subject.value, cert=d.cert, chain=d.chain,
+                                    dns=d.dns, uri=d.uri)
+    return XfccPolicy(mode, details)
+
+
 def _http_options(message: Any) -> HttpOptions:
     """The connection manager's own request handling (Envoy's defaults where unset)."""
     kwargs: dict[str, Any] = {
@@ -203,6 +232,7 @@ def _http_options(message: Any) -> HttpOptions:
     if message.HasField("common_http_protocol_options"):
         kwargs["headers_with_underscores"] = _enum_name(
             message.common_http_protocol_options, "headers_with_underscores_action")
+    kwargs["xfcc"] = _xfcc(message)
     for field in ("request_timeout", "request_headers_timeout"):
         if message.HasField(field):
             value = getattr(message, field)
