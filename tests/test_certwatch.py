@@ -230,6 +230,41 @@ static_resources:
         harness.polls(2)
         self.assertEqual(len(tls.settings.ca_certificates), 2)
 
+    def test_combined_validation_context(self) -> None:
+        """
+        Istio's shape: SAN matchers in default_validation_context, the trust bundle from
+        the SDS secret (Envoy merges the two); the matchers are enforced.
+        """
+        from hbonex.tls.context import ServerTLS
+
+        text = self.config().replace("""\
+            validation_context_sds_secret_config:
+              name: trust""", """\
+            combined_validation_context:
+              default_validation_context:
+                match_typed_subject_alt_names:
+                - san_type: URI
+                  matcher: {prefix: "spiffe://cluster.local/ns/default/"}
+              validation_context_sds_secret_config:
+                name: trust""").replace(
+            f"              sds_config: {{path_config_source: {{path: {self.ca_sds}}}}}",
+            f"                sds_config: {{path_config_source: {{path: {self.ca_sds}}}}}")
+        self.assertIn("combined_validation_context", text)
+        bootstrap = load_bootstrap(text, task.Clock())
+        tls = bootstrap.listeners[0].filter_chains[0].tls
+        assert isinstance(tls, ServerTLS)
+        self.assertEqual(len(tls.settings.ca_certificates), 1)  # from the secret
+        [matcher] = tls.settings.peer_policy.san_matchers  # from the default context
+        self.assertEqual((matcher.kind, matcher.value),
+                         ("prefix", "spiffe://cluster.local/ns/default/"))
+        # A new trust bundle from the secret keeps the default context's matchers.
+        harness = Harness(self, bootstrap)
+        sds_file(self.ca_sds, "trust", {"validation_context": {
+            "trusted_ca": {"filename": str(self.pki.both_cas)}}})
+        harness.polls(2)
+        self.assertEqual(len(tls.settings.ca_certificates), 2)
+        self.assertEqual(tls.settings.peer_policy.san_matchers, (matcher,))
+
     def pki_cert(self, name: str) -> Any:
         return pki._parse_certs(self.pki.cert(name), self.pki.cert(name).read_bytes())[0]
 

@@ -540,7 +540,10 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
               "full_scan_certs_on_sni_mismatch": "one certificate per chain"}),
     f"{_TLS}.CommonTlsContext": _m(
         "tls_params alpn_protocols tls_certificates validation_context "
-        "tls_certificate_sds_secret_configs validation_context_sds_secret_config"),
+        "tls_certificate_sds_secret_configs validation_context_sds_secret_config "
+        "combined_validation_context"),
+    "envoy.extensions.transport_sockets.tls.v3.CommonTlsContext.CombinedCertificateValidationContext":
+        _m("default_validation_context validation_context_sds_secret_config"),
     # -- file-based SDS: a watched file holding Secret resources (hbonex.tls.certwatch) --
     f"{_TLS}.SdsSecretConfig": _m("name sds_config"),
     "envoy.config.core.v3.ConfigSource": _m(

@@ -159,6 +159,9 @@ class CertificateSources:
     validation_sds: Optional[SdsRef] = None
     base_dir: Optional[Path] = None
     chain_check: bool = False
+    #: SAN matchers of a combined_validation_context's default context: they apply while
+    #: the validation secret has none of its own (Envoy's merge).
+    default_san_matchers: tuple[SanMatcher, ...] = ()
 
     def files(self) -> tuple[Path, ...]:
         found = [self.cert_file, self.key_file, self.ca_file,
@@ -258,8 +261,9 @@ class CertificateSources:
         if material.ca_certificates is not None:
             changes["ca_certificates"] = material.ca_certificates
         if material.san_matchers is not None:
-            changes["peer_policy"] = attrs.evolve(settings.peer_policy,
-                                                  san_matchers=material.san_matchers)
+            changes["peer_policy"] = attrs.evolve(
+                settings.peer_policy,
+                san_matchers=material.san_matchers or self.default_san_matchers)
         return attrs.evolve(settings, **changes)
 
     def _cert_label(self) -> Path:

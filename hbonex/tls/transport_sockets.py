@@ -152,7 +152,26 @@ def _common_tls_context(
                 raise context.error(cert_path, f"missing required field '{key}'")
     ca = None
     matchers: tuple[SanMatcher, ...] = ()
-    if message.HasField("validation_context_sds_secret_config"):
+    if message.HasField("combined_validation_context"):
+        # Envoy's merge: the SDS secret's validation context over the default one (Istio's
+        # shape: SAN matchers here, the trust bundle from the ROOTCA secret).
+        combined = message.combined_validation_context
+        combined_path = f"{path}.combined_validation_context"
+        if not combined.HasField("validation_context_sds_secret_config"):
+            raise context.error(combined_path, "missing required field "
+                                "'validation_context_sds_secret_config'")
+        validation_sds = _sds_ref(combined.validation_context_sds_secret_config,
+                                  f"{combined_path}.validation_context_sds_secret_config",
+                                  context)
+        default = combined.default_validation_context
+        default_path = f"{combined_path}.default_validation_context"
+        if default.HasField("trusted_ca"):
+            ca = (default.trusted_ca, f"{default_path}.trusted_ca")
+        matchers = tuple(
+            _san_matcher(m, f"{default_path}.match_typed_subject_alt_names[{i}]", context)
+            for i, m in enumerate(default.match_typed_subject_alt_names)
+        )
+    elif message.HasField("validation_context_sds_secret_config"):
         validation_sds = _sds_ref(message.validation_context_sds_secret_config,
                                   f"{path}.validation_context_sds_secret_config", context)
     elif message.HasField("validation_context"):
@@ -196,6 +215,7 @@ def _common_tls_context(
         certificate_sds=certificate_sds, validation_sds=validation_sds,
         base_dir=context.base_dir,
         chain_check=len(file_of) > 2 and all(f is not None for f in file_of),
+        default_san_matchers=matchers if validation_sds is not None else (),
     )
     if certificate_sds is not None or validation_sds is not None:
         try:
@@ -203,7 +223,9 @@ def _common_tls_context(
         except pki.PKIError as e:
             where = (f"{path}.tls_certificate_sds_secret_configs[0]" if certificate_sds
                      and str(e).startswith(f"{certificate_sds.path}:") else
-                     f"{path}.validation_context_sds_secret_config" if validation_sds
+                     (f"{path}.combined_validation_context.validation_context_sds_secret_config"
+                      if message.HasField("combined_validation_context") else
+                      f"{path}.validation_context_sds_secret_config") if validation_sds
                      else path)
             raise context.error(where, str(e))
         if material.certificate is not None:
@@ -216,7 +238,9 @@ def _common_tls_context(
         if material.ca_certificates is not None:
             cas = material.ca_certificates
         if material.san_matchers is not None:
-            matchers = material.san_matchers
+            # A secret's own SAN matchers win; none leaves the default context's (Envoy's
+            # merge of combined_validation_context).
+            matchers = material.san_matchers or watched.default_san_matchers
         files = tuple(str(f) for f in material.files)
     assert certificate is not None
     settings = TLSSettings(
