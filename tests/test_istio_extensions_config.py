@@ -238,3 +238,23 @@ stats_for_all_methods: true
                                                             "enable_discover: true")))
         self.assertIn("filters[0].typed_config.value.enable_discover", message)
         self.assertIn("did you mean 'enable_discovery'", message)
+
+    def test_bare_type_without_typed_struct(self) -> None:
+        """Istio's type as a bare @type: refused with the TypedStruct form, or skipped when
+        optional (the plugin exists, but there is no compiled message to read it)."""
+        bare = """\
+- name: istio.peer_metadata
+  typed_config:
+    "@type": type.googleapis.com/io.istio.http.peer_metadata.Config
+- name: envoy.filters.http.router
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"""
+        message = self.error(http_config(bare))
+        self.assertIn("TypedStruct", message)
+        optional = bare.replace("  typed_config:\n    \"@type\": type.googleapis.com/io",
+                                "  is_optional: true\n  typed_config:\n"
+                                "    \"@type\": type.googleapis.com/io", 1)
+        [(path, warning)] = self.warnings(http_config(optional))
+        self.assertTrue(path.endswith("http_filters[0]"), path)
+        self.assertIn("skipped", warning)
