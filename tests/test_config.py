@@ -297,7 +297,7 @@ class ErrorTests(Base):
             "unknown network filter type 'type.googleapis.com/envoy.extensions.filters."
             "network.tcp_proxy.v3.TcpProxyz'; known: "), message)
         self.assertIn("type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3."
-                      "TcpProxy (line 10)", message)
+                      "TcpProxy, ", message)
         self.assertIn("HttpConnectionManager", message)
         self.assertTrue(message.endswith("(line 10)"), message)
 
@@ -316,8 +316,8 @@ static_resources:
             "filter 'envoy.filters.network.echo'; known: "
             "envoy.filters.network.connection_limit, "
             "envoy.filters.network.http_connection_manager, envoy.filters.network.rbac, "
-            "envoy.filters.network.set_filter_state, envoy.filters.network.tcp_proxy "
-            "(line 7)"
+            "envoy.filters.network.set_filter_state, envoy.filters.network.tcp_proxy, "
+            "istio.metadata_exchange, istio.stats (line 7)"
         ))
 
     def test_undefined_cluster_in_tcp_proxy(self) -> None:
@@ -904,13 +904,15 @@ class PluginTests(unittest.TestCase):
                                       "envoy.filters.network.http_connection_manager",
                                       "envoy.filters.network.rbac",
                                       "envoy.filters.network.set_filter_state",
-                                      "envoy.filters.network.tcp_proxy"],
+                                      "envoy.filters.network.tcp_proxy",
+                                      "istio.metadata_exchange", "istio.stats"],
             IHTTPFilterExtension: ["envoy.filters.http.cors", "envoy.filters.http.ext_authz",
-                                   "envoy.filters.http.fault",
+                                   "envoy.filters.http.fault", "envoy.filters.http.grpc_stats",
                                    "envoy.filters.http.header_mutation",
                                    "envoy.filters.http.local_ratelimit", "envoy.filters.http.rbac",
                                    "envoy.filters.http.router",
-                                   "envoy.filters.http.set_filter_state"],
+                                   "envoy.filters.http.set_filter_state",
+                                   "istio.peer_metadata", "istio.stats"],
             IClusterTypeExtension: ["LOGICAL_DNS", "ORIGINAL_DST", "STATIC", "STRICT_DNS"],
             ITransportSocketExtension: ["envoy.transport_sockets.internal_upstream",
                                         "envoy.transport_sockets.raw_buffer",

@@ -62,11 +62,22 @@ class DiscoveryTests(unittest.TestCase):
 
 
 def extension_plugins() -> dict[str, Any]:
-    """Every built-in extension plugin (twisted/plugins/hbonex_extensions.py), by name."""
-    from hbonex.interfaces import IExtension
+    """
+    Every built-in extension plugin (twisted/plugins/hbonex_extensions.py), by name; a name
+    two kinds share (Istio's ``istio.stats``, HTTP and network) is kept for both, the network
+    one as ``<name> (network)``.
+    """
+    from hbonex.interfaces import IExtension, INetworkFilterExtension
 
     found: dict[str, Any] = {}
     for plugin in getPlugins(IExtension):
+        if plugin.name in found and type(found[plugin.name]) is not type(plugin):
+            network = INetworkFilterExtension.providedBy(plugin)
+            key = f"{plugin.name} (network)" if network else plugin.name
+            if not network:
+                found[f"{plugin.name} (network)"] = found[plugin.name]
+            found[key] = plugin
+            continue
         found.setdefault(plugin.name, plugin)
     return found
 
@@ -97,6 +108,11 @@ class ExtensionDiscoveryTests(unittest.TestCase):
             "envoy.filters.http.local_ratelimit": IHTTPFilterPerRouteExtension,
             "envoy.filters.http.header_mutation": IHTTPFilterPerRouteExtension,
             "envoy.filters.http.cors": IHTTPFilterPerRouteExtension,
+            "envoy.filters.http.grpc_stats": IHTTPFilterExtension,
+            "istio.peer_metadata": IHTTPFilterExtension,
+            "istio.stats": IHTTPFilterExtension,
+            "istio.stats (network)": INetworkFilterExtension,
+            "istio.metadata_exchange": INetworkFilterExtension,
             "STATIC": IClusterTypeExtension,
             "STRICT_DNS": IClusterTypeExtension,
             "LOGICAL_DNS": IClusterTypeExtension,
@@ -606,6 +622,30 @@ def _http_providers() -> dict[str, Callable[[], Any]]:
         "hbonex.filters.http.local_ratelimit.LocalRateLimitFilter": lambda: (
             LocalRateLimitFilter(LocalRateLimitConfig("verify", Clock(), random.Random(0)))
         ),
+        **_istio_providers(),
+    }
+
+
+def _istio_providers() -> dict[str, Callable[[], Any]]:
+    """Istio's extensions (istio.peer_metadata, istio.stats, ...) and grpc_stats."""
+    from hbonex.filters.common.istio_stats_config import StatsConfig
+    from hbonex.filters.http.grpc_stats import GrpcStatsConfig, GrpcStatsFilter
+    from hbonex.filters.http.istio_stats import IstioStatsFilter
+    from hbonex.filters.http.peer_metadata import PeerMetadataConfig, PeerMetadataFilter
+    from hbonex.filters.network.istio_stats import IstioStatsNetworkFilter
+    from hbonex.filters.network.metadata_exchange import MetadataExchangeFilter
+
+    return {
+        "hbonex.filters.http.grpc_stats.GrpcStatsFilter":
+            lambda: GrpcStatsFilter(GrpcStatsConfig()),
+        "hbonex.filters.http.istio_stats.IstioStatsFilter":
+            lambda: IstioStatsFilter(StatsConfig()),
+        "hbonex.filters.http.peer_metadata.PeerMetadataFilter":
+            lambda: PeerMetadataFilter(PeerMetadataConfig()),
+        "hbonex.filters.network.istio_stats.IstioStatsNetworkFilter":
+            lambda: IstioStatsNetworkFilter(StatsConfig()),
+        "hbonex.filters.network.metadata_exchange.MetadataExchangeFilter":
+            MetadataExchangeFilter,
     }
 
 

@@ -334,7 +334,11 @@ class ConfigContext:
         except ConfigError as e:
             raise self.wrap(e.path, ConfigError(e.path, e.message))
         cls = message_class(full)
-        assert cls is not None  # the schema step resolved it
+        if cls is None:
+            # A plugin's type written without its TypedStruct (the schema step refuses it,
+            # but an is_optional HTTP filter is resolved before that).
+            raise self.error(config_path, f"{type_url!r} has no compiled Envoy message; put "
+                             "its config in a TypedStruct")
         config = cls()
         any_.Unpack(config)
         return plugin, config, type_url, config_path

@@ -575,6 +575,12 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
     "envoy.type.metadata.v3.MetadataKind.Host": _m(),
     "envoy.type.metadata.v3.MetadataKind.Cluster": _m(),
     "envoy.config.listener.v3.Listener.InternalListenerConfig": _m(),
+    "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig": _m(
+        "emit_filter_state individual_method_stats_allowlist stats_for_all_methods "
+        "replace_dots_in_grpc_service_name",
+        warn={"enable_upstream_stats": "no upstream_rq_time histogram per gRPC method"}),
+    "envoy.config.core.v3.GrpcMethodList": _m("services"),
+    "envoy.config.core.v3.GrpcMethodList.Service": _m("name method_names"),
 }
 
 #: Kept or ignored whole: any field inside is fine.

@@ -441,11 +441,13 @@ class HttpStreamFactory:
         if counter is not None:
             counter.inc()
         self._rq_time.observe((), elapsed_ms)
-        istio_metrics.request_done(
-            self.info, code, info.flags_text(),
-            "grpc" if content_type.startswith(b"application/grpc") else "http",
-            elapsed_ms, info.bytes_received, info.bytes_sent,
-        )
+        args = (self.info, code, info.flags_text(),
+                "grpc" if content_type.startswith(b"application/grpc") else "http",
+                elapsed_ms, info.bytes_received, info.bytes_sent)
+        if info.istio_stats is not None:
+            info.istio_stats(manager, *args)
+        else:
+            istio_metrics.request_done(*args)
         if self.access_log is not None:
             self._log(manager, started)
 

@@ -112,6 +112,10 @@ class StreamInfo:
     route_name: str = ""
     filter_state: FilterState = attrs.Factory(FilterState)
     dynamic_metadata: dict[str, dict[str, Any]] = attrs.Factory(dict)
+    #: Set by the istio.stats filter: reports Istio's request metrics for this request in
+    #: place of the connection manager's defaults (called with the FilterManager first, then
+    #: istio_metrics.request_done's arguments).
+    istio_stats: Any = None
 
     def flags_text(self) -> str:
         """``%RESPONSE_FLAGS%``: the flags joined with ',', or '-'."""

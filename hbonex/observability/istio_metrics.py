@@ -7,13 +7,33 @@ opens and closes and when a request ends.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Collection, Mapping
 
 from hbonex.observability.stats import STATS
 
 _LABELS = ("reporter", "source_principal", "destination_principal",
            "connection_security_policy", "response_flags", "request_protocol")
-_HTTP_LABELS = _LABELS + ("response_code",)
+#: Istio's label set for requests: the peers' workloads come from the istio.stats filter
+#: (hbonex.filters.http.istio_stats); without it they are "unknown", as in Istio.
+_HTTP_LABELS = _LABELS + (
+    "response_code", "grpc_response_status",
+    "source_workload", "source_workload_namespace", "source_canonical_service",
+    "source_canonical_revision", "source_app", "source_version", "source_cluster",
+    "destination_workload", "destination_workload_namespace", "destination_canonical_service",
+    "destination_canonical_revision", "destination_app", "destination_version",
+    "destination_cluster", "destination_service", "destination_service_name",
+    "destination_service_namespace",
+)
+#: The names Istio's stats config (``metrics[].name``) gives these series.
+METRIC_NAMES = {
+    "requests_total": "istio_requests", "request_duration_milliseconds":
+    "istio_request_duration_milliseconds", "request_bytes": "istio_request_bytes",
+    "response_bytes": "istio_response_bytes",
+    "tcp_connections_opened_total": "istio_tcp_connections_opened",
+    "tcp_connections_closed_total": "istio_tcp_connections_closed",
+    "tcp_sent_bytes_total": "istio_tcp_sent_bytes",
+    "tcp_received_bytes_total": "istio_tcp_received_bytes",
+}
 #: Istio's buckets: milliseconds, and bytes.
 DURATION_BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000,
                     60000, 300000, 600000, 1800000, 3600000)
@@ -43,26 +63,41 @@ def _labels(info: Any, flags: str, protocol: str, reporter: str) -> tuple[str, .
     )
 
 
-def tcp_opened(info: Any, reporter: str = "destination") -> None:
-    TCP_OPENED.inc(_labels(info, "-", "tcp", reporter))
+def tcp_opened(info: Any, reporter: str = "destination",
+               drop: Collection[str] = ()) -> None:
+    if TCP_OPENED.name not in drop:
+        TCP_OPENED.inc(_labels(info, "-", "tcp", reporter))
 
 
 def tcp_closed(info: Any, sent: int, received: int, flags: str = "-",
-               reporter: str = "destination") -> None:
+               reporter: str = "destination", drop: Collection[str] = ()) -> None:
+    """``drop``: family names not to record (Istio's ``metrics: [{drop: true}]``)."""
     labels = _labels(info, flags, "tcp", reporter)
-    TCP_CLOSED.inc(labels)
-    TCP_SENT.inc(labels, sent)
-    TCP_RECEIVED.inc(labels, received)
+    for family, amount in ((TCP_CLOSED, 1), (TCP_SENT, sent), (TCP_RECEIVED, received)):
+        if family.name not in drop:
+            family.inc(labels, amount)
 
 
 def request_done(info: Any, code: int, flags: str, protocol: str, duration_ms: float,
                  request_bytes: int, response_bytes: int,
-                 reporter: str = "destination") -> None:
-    labels = _labels(info, flags, protocol, reporter) + (str(code),)
-    REQUESTS.inc(labels)
-    DURATION.observe(labels, duration_ms)
-    REQUEST_BYTES.observe(labels, request_bytes)
-    RESPONSE_BYTES.observe(labels, response_bytes)
+                 reporter: str = "destination", extra: Mapping[str, str] | None = None,
+                 drop: Collection[str] = ()) -> None:
+    """
+    ``extra``: label values that replace the defaults (the istio.stats filter's peers);
+    ``drop``: family names not to record.
+    """
+    values = dict(zip(_LABELS, _labels(info, flags, protocol, reporter), strict=True))
+    values["response_code"] = str(code)
+    values["grpc_response_status"] = ""
+    if extra:
+        values.update(extra)
+    labels = tuple(values.get(name, "unknown") for name in _HTTP_LABELS)
+    if REQUESTS.name not in drop:
+        REQUESTS.inc(labels)
+    for family, value in ((DURATION, duration_ms), (REQUEST_BYTES, request_bytes),
+                          (RESPONSE_BYTES, response_bytes)):
+        if family.name not in drop:
+            family.observe(labels, value)
 
 
-__all__ = ["request_done", "tcp_closed", "tcp_opened"]
+__all__ = ["METRIC_NAMES", "request_done", "tcp_closed", "tcp_opened"]

@@ -7,8 +7,11 @@ hbonex.extensions.
 from hbonex.filters.http.cors import CorsExtension
 from hbonex.filters.http.ext_authz import ExtAuthzExtension
 from hbonex.filters.http.fault import FaultExtension
+from hbonex.filters.http.grpc_stats import GrpcStatsExtension
 from hbonex.filters.http.header_mutation import HeaderMutationExtension
+from hbonex.filters.http.istio_stats import IstioStatsExtension
 from hbonex.filters.http.local_ratelimit import LocalRateLimitExtension
+from hbonex.filters.http.peer_metadata import PeerMetadataExtension
 from hbonex.filters.http.rbac import RbacExtension
 from hbonex.filters.http.set_filter_state import SetFilterStateExtension
 from hbonex.filters.listener.http_inspector import HttpInspectorExtension
@@ -16,6 +19,8 @@ from hbonex.filters.listener.original_dst import OriginalDstExtension
 from hbonex.filters.listener.tls_inspector import TlsInspectorExtension
 from hbonex.filters.network.connection_limit import ConnectionLimitExtension
 from hbonex.filters.network.hcm_config import HttpConnectionManagerExtension, RouterExtension
+from hbonex.filters.network.istio_stats import IstioStatsNetworkExtension
+from hbonex.filters.network.metadata_exchange import MetadataExchangeExtension
 from hbonex.filters.network.rbac import RbacNetworkExtension
 from hbonex.filters.network.set_filter_state import SetFilterStateNetworkExtension
 from hbonex.filters.network.tcp_proxy import TcpProxyExtension
@@ -44,6 +49,11 @@ cors = CorsExtension()
 set_filter_state_network = SetFilterStateNetworkExtension()
 rbac = RbacExtension()
 rbac_network = RbacNetworkExtension()
+grpc_stats = GrpcStatsExtension()
+peer_metadata = PeerMetadataExtension()
+istio_stats = IstioStatsExtension()
+istio_stats_network = IstioStatsNetworkExtension()
+metadata_exchange = MetadataExchangeExtension()
 static_cluster = StaticClusterType()
 strict_dns_cluster = StrictDnsClusterType()
 logical_dns_cluster = LogicalDnsClusterType()
