@@ -115,9 +115,12 @@ class AutoConfigTests(Base):
         self.assertIn("auto_config.http3_protocol_options", self.error(text))
         self.assertIn("no HTTP/3", self.error(text))
 
-    def test_use_downstream_protocol_config_names_the_choices(self) -> None:
+    def test_use_downstream_protocol_config_over_tls_names_the_choice(self) -> None:
         self.in_pki_dir()
         text = CONFIG + OPTIONS.replace(
             "        auto_config:\n          http2_protocol_options: {max_concurrent_streams: "
             "10}\n", "        use_downstream_protocol_config: {}\n") + TLS
-        self.assertIn("use explicit_http_config or auto_config", self.error(text))
+        message = self.error(text)
+        self.assertIn(".use_downstream_protocol_config: use_downstream_protocol_config is "
+                      "implemented for plain-text upstreams only", message)
+        self.assertIn("over TLS use auto_config", message)

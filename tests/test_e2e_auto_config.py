@@ -145,3 +145,96 @@ class AutoConfigTests(E2ETestCase):
         # Pooled: one upstream connection each (a stream per request, or kept alive).
         self.assertEqual(len({r["connection"] for r in h2}), 1, h2)
         self.assertEqual(len({r["connection"] for r in h1}), 1, h1)
+
+
+DOWNSTREAM_CONFIG = """\
+bootstrap_extensions:
+- name: envoy.bootstrap.internal_listener
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener
+static_resources:
+  listeners:
+  - name: front
+    address:
+      socket_address: {{address: 127.0.0.1, port_value: 0}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": {hcm}
+          stat_prefix: front
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: /}}
+                route: {{cluster: same}}
+{router}\
+  - name: back
+    internal_listener: {{}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": {hcm}
+          stat_prefix: back
+          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: {log}
+              log_format: {{json_format: {{protocol: "%PROTOCOL%", path: "%REQ(:PATH)%"}}}}
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: /}}
+                direct_response: {{status: 200, body: {{inline_string: "back"}}}}
+{router}\
+  clusters:
+  - name: same
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        use_downstream_protocol_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: same
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address: {{envoy_internal_address: {{server_listener_name: back}}}}
+"""
+
+
+class DownstreamProtocolTests(E2ETestCase):
+    def setUp(self) -> None:
+        pass  # plain text: no PKI
+
+    async def test_upstream_speaks_the_requests_protocol(self) -> None:
+        """
+        use_downstream_protocol_config: an HTTP/1.1 request goes upstream as HTTP/1.1, an
+        HTTP/2 one as HTTP/2 (the upstream HCM logs which).
+        """
+        import os
+        import shutil
+
+        from tests.test_e2e_configs import run_command
+
+        log = Path(self.mktemp()).resolve()
+        proxy = await start_yaml_twistd(self, "hbone-server", "front", DOWNSTREAM_CONFIG.format(
+            hcm=HCM_TYPE, router=ROUTER, log=log))
+        curl = shutil.which("curl")
+        assert curl is not None, "curl is needed on PATH"
+        for mode, path in (("--http1.1", "/one"), ("--http2-prior-knowledge", "/two"),
+                           ("--http1.1", "/three")):
+            out, err, code = await run_command(
+                [curl, "-sS", "--max-time", "20", mode, f"http://127.0.0.1:{proxy.port}{path}"],
+                Path(self.mktemp()).parent, env=dict(os.environ))
+            self.assertEqual((code, out), (0, "back"), err)
+        await wait_until(lambda: len(json_records(log)) >= 3, "three upstream records")
+        self.assertEqual(json_records(log), [
+            {"protocol": "HTTP/1.1", "path": "/one"},
+            {"protocol": "HTTP/2", "path": "/two"},
+            {"protocol": "HTTP/1.1", "path": "/three"}])

@@ -481,10 +481,12 @@ class ConfigContext:
         ``cluster`` carries CONNECT tunnels: without HTTP protocol options it speaks HTTP/1.1,
         as Envoy does, and its TLS (unless configured) offers ALPN http/1.1.
         """
-        if cluster.upstream_protocol == "auto":
+        if cluster.upstream_protocol in ("auto", "downstream"):
             info = self.loaded.clusters.get(cluster.name)
+            what = ("auto_config" if cluster.upstream_protocol == "auto"
+                    else "use_downstream_protocol_config")
             raise self.error(
-                path, f"cluster {cluster.name!r} has auto_config ({info.path if info else ''}"
+                path, f"cluster {cluster.name!r} has {what} ({info.path if info else ''}"
                 "): hbonex tunnels with one protocol per cluster; give it explicit_http_config "
                 "(http2_protocol_options or http_protocol_options)")
         if cluster.upstream_protocol is not None:
@@ -1080,6 +1082,12 @@ def _build_cluster(message: Any, path: str, context: ConfigContext) -> None:
         passthrough = getattr(parsed, "passthrough_metadata", ())
         if passthrough:
             common["passthrough_metadata"] = passthrough
+    if protocol == "downstream" and "tls" in common:
+        raise context.error(
+            child_path(f"{path}.typed_extension_protocol_options", HTTP_OPTIONS)
+            + ".use_downstream_protocol_config",
+            "use_downstream_protocol_config is implemented for plain-text upstreams only (a "
+            "TLS one would need an ALPN per protocol); over TLS use auto_config")
     if protocol == "auto" and "tls" not in common:
         raise context.error(
             child_path(f"{path}.typed_extension_protocol_options", HTTP_OPTIONS)
@@ -1146,6 +1154,22 @@ def _protocol_options(
             h2, streams = context.h2_settings(
                 auto.http2_protocol_options if auto.HasField("http2_protocol_options")
                 else None, f"{auto_path}.http2_protocol_options", server=False)
+            common = value.common_http_protocol_options
+            if value.HasField("common_http_protocol_options") and common.HasField(
+                    "idle_timeout"):
+                idle = seconds(common.idle_timeout)
+            continue
+        if kind == "use_downstream_protocol_config":
+            # Each request upstream in its own protocol (hbonex.upstream.cluster.http_pool).
+            protocol = "downstream"
+            same = value.use_downstream_protocol_config
+            same_path = f"{value_path}.use_downstream_protocol_config"
+            if same.HasField("http3_protocol_options"):
+                raise context.error(same_path, "HTTP/3 is not supported",
+                                    "http3_protocol_options")
+            h2, streams = context.h2_settings(
+                same.http2_protocol_options if same.HasField("http2_protocol_options")
+                else None, f"{same_path}.http2_protocol_options", server=False)
             common = value.common_http_protocol_options
             if value.HasField("common_http_protocol_options") and common.HasField(
                     "idle_timeout"):

@@ -520,8 +520,11 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
     "envoy.config.core.v3.Metadata": _m(
         "filter_metadata", warn={"typed_filter_metadata": "no consumer of typed metadata"}),
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _m(
-        "explicit_http_config auto_config common_http_protocol_options",
-        error={"use_downstream_protocol_config": "use explicit_http_config or auto_config"}),
+        "explicit_http_config auto_config use_downstream_protocol_config "
+        "common_http_protocol_options"),
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.UseDownstreamHttpConfig": _m(
+        "http_protocol_options http2_protocol_options",
+        error={"http3_protocol_options": "no HTTP/3"}),
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.AutoHttpConfig": _m(
         "http_protocol_options http2_protocol_options",
         error={"http3_protocol_options": "no HTTP/3",

@@ -423,6 +423,7 @@ class HttpStreamFactory:
                                 route_resolver=self.resolve, buffer_limit=self.buffer_limit,
                                 names=("", *self.filter_names, "envoy.filters.http.router"),
                                 disabled=self.disabled_filters)
+        manager.stream_info.protocol = self.protocol
         started = time.monotonic()
         manager.on_destroy = lambda m: self._done(m, started)
         self._rq_total.inc()

@@ -109,6 +109,9 @@ class StreamInfo:
     bytes_sent: int = 0
     upstream_host: str = ""
     upstream_cluster: str = ""
+    #: The downstream request's protocol ("HTTP/1.1", "HTTP/2"): %PROTOCOL%, and the
+    #: upstream's for a cluster with use_downstream_protocol_config.
+    protocol: str = ""
     route_name: str = ""
     filter_state: FilterState = attrs.Factory(FilterState)
     dynamic_metadata: dict[str, dict[str, Any]] = attrs.Factory(dict)

@@ -99,21 +99,29 @@ class Runtime:
         self.downstream_limit = DownstreamLimit()
         self._http_pools: dict[str, Any] = {}
 
-    def http_pool(self, cluster: Cluster) -> Any:
+    def http_pool(self, cluster: Cluster, downstream_protocol: str = "") -> Any:
         """
         Where the router sends a cluster's requests: its HTTP/2 connections (a cluster with
-        HTTP/2 protocol options) or a pool of kept-alive HTTP/1.1 connections.
+        HTTP/2 protocol options) or a pool of kept-alive HTTP/1.1 connections; with
+        use_downstream_protocol_config, the pool of the request's own protocol.
         """
-        pool = self._http_pools.get(cluster.name)
-        if pool is None and cluster.upstream_protocol == "auto":
+        protocol = cluster.upstream_protocol
+        key = cluster.name
+        if protocol == "downstream":
+            protocol = "http2" if downstream_protocol == "HTTP/2" else "http1"
+            key = f"{cluster.name} {protocol}"
+        pool = self._http_pools.get(key)
+        if pool is not None:
+            return pool
+        if protocol == "auto":
             from hbonex.upstream.auto_pool import AutoHttpPool
 
-            pool = self._http_pools[cluster.name] = AutoHttpPool(cluster)
-        if pool is None and cluster.upstream_protocol == "http2":
+            pool = AutoHttpPool(cluster)
+        elif protocol == "http2":
             from hbonex.upstream.http2_pool import H2RequestPool
 
-            pool = self._http_pools[cluster.name] = H2RequestPool(cluster)
-        if pool is None:
+            pool = H2RequestPool(cluster)
+        else:
             from hbonex.upstream.http1_pool import Http1Pool
 
             breakers = cluster.circuit_breakers
@@ -124,7 +132,7 @@ class Runtime:
                 max_pending=breakers.max_pending_requests,
                 idle_timeout=cluster.pool_idle_timeout,
             )
-            self._http_pools[cluster.name] = pool
+        self._http_pools[key] = pool
         return pool
 
     def cluster(self, name: str) -> Cluster:

@@ -227,7 +227,14 @@ class RouterFilter:
         if self._retry.per_try_timeout > 0:
             self._try_timer = self.reactor.callLater(self._retry.per_try_timeout,
                                                      self._try_timed_out)
-        d = self._acquiring = self.pool_for(self._route.cluster).acquire()
+        cluster = self._route.cluster
+        if getattr(cluster, "upstream_protocol", None) == "downstream":
+            # use_downstream_protocol_config: the upstream speaks the request's protocol.
+            protocol = self.callbacks.streamInfo().protocol if self.callbacks is not None else ""
+            pool = self.pool_for(cluster, protocol)  # type: ignore[call-arg]
+        else:
+            pool = self.pool_for(cluster)
+        d = self._acquiring = pool.acquire()
         d.addCallbacks(self._connected, self._connect_failed, callbackArgs=(headers, end_stream))
 
     # -- retries ------------------------------------------------------------------------------
