@@ -948,6 +948,7 @@ class CheckCommandTests(Base):
             "  http: 127.0.0.1:10000 (tcp:10000:interface=127.0.0.1)",
             "    filter chain 0: match any; TLS no",
             "      envoy.filters.network.http_connection_manager codec AUTO",
+            "        http filters: envoy.filters.http.router",
             "        virtual host local_service [*]",
             "          prefix / -> cluster encap_cluster",
             "  encap: internal listener",

@@ -80,6 +80,11 @@ def describe(loaded: LoadedConfig) -> list[str]:
         where = "internal listener" if listener.internal else (
             f"{info.address} ({listener.endpoint})")
         lines.append(f"  {listener.name}: {where}")
+        names = [getattr(e, "name", "") for e in listener.listener_filters]
+        if any(names):
+            lines.append(f"    listener filters: {', '.join(n for n in names if n)}")
+        if getattr(listener, "filter_chain_matcher", None) is not None:
+            lines.append("    filter chains chosen by filter_chain_matcher")
         for index, chain in enumerate(info.chains):
             name = f" {chain.chain.name}" if chain.chain.name else ""
             lines.append(f"    filter chain {index}{name}: {_match_summary(chain.chain.match)}; "

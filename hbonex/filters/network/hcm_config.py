@@ -260,6 +260,9 @@ class HttpConnectionManagerExtension:
                  + (", CONNECT enabled" if getattr(router, "connect_enabled", False) else "")
                  + "".join(f", upgrade {kind} {'enabled' if on else 'disabled'}"
                            for kind, on in getattr(router, "upgrades", ()))]
+        filters = [getattr(f, "name", "?") + (" (disabled)" if getattr(f, "disabled", False)
+                                              else "") for f in parsed.http_filters]
+        lines.append("http filters: " + ", ".join([*filters, ROUTER]))
         for vhost in getattr(router, "virtual_hosts", ()):
             lines.append(f"virtual host {vhost.name} [{', '.join(vhost.domains)}]")
             for route in vhost.routes:
