@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.trial import unittest
 from twisted.web import resource, server
 
+from hbonex.config.loader import load_config
 from hbonex.tls import pki
 from tests.faults_support import start_yaml_twistd
 from tests.support import (
@@ -69,6 +71,34 @@ class App(resource.Resource):
         })
         size = int(request.args.get(b"size", [b"0"])[0])
         return pseudorandom(size, seed=size)
+
+
+class WaypointConfigTests(unittest.TestCase):
+    def test_loads_with_the_warnings_its_header_lists(self) -> None:
+        """
+        The config loads as written (pki/ and logs/ relative to the working directory);
+        what hbonex ignores is warned about, and the file's header names each of them.
+        """
+        work = Path(self.mktemp()).resolve()
+        pki.init_ca(work / "pki", "cluster.local")
+        pki.issue(work / "pki", "waypoint", spiffe=WAYPOINT_ID, ip=["127.0.0.1"])
+        (work / "pki" / "waypoint-sds.yaml").write_text(SDS.read_text())
+        (work / "logs").mkdir()
+        old = os.getcwd()
+        os.chdir(work)
+        self.addCleanup(os.chdir, old)
+        text = CONFIG.read_text()
+        loaded = load_config(text, reactor)
+        warned = {path.rsplit(".", 1)[-1].split("[")[0]
+                  for path, _ in loaded.warnings}  # type: ignore[attr-defined]
+        self.assertEqual(warned, {
+            "initial_fetch_timeout", "resource_api_version", "max_stream_duration",
+            "decorator", "tracing", "use_request_id_for_trace_sampling", "traffic_direction",
+            "common_lb_config", "cleanup_interval", "workload_discovery"})
+        header = "".join(line for line in text.splitlines(keepends=True)
+                         if line.startswith("#"))
+        for field in warned:
+            self.assertIn(field, header)
 
 
 class IstioAmbientPathTests(E2ETestCase):
