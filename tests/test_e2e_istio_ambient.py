@@ -224,9 +224,11 @@ class IstioAmbientPathTests(E2ETestCase):
                          (200, sha256(pseudorandom(1000, seed=1000))))
         self.assertEqual([s["path"] for s in self.app.seen], ["/get"])
         await wait_until(lambda: len(self.records("main_internal")) >= 3, "3 request records")
-        got = [(r["path"], r["code"], r["flags"], r["peer"])
+        got = [(r["path"], r["code"], r["flags"], r["details"], r["peer"], r["route"])
                for r in self.records("main_internal")]
-        self.assertEqual(got, [("/get?size=10", 403, None, IMPOSTOR_ID),
-                               ("/fault/x", 418, "FI", CLIENT_ID),
-                               ("/get?size=1000", 200, None, CLIENT_ID)])
+        self.assertEqual(got, [
+            ("/get?size=10", 403, None, "rbac_access_denied_matched_policy[none]",
+             IMPOSTOR_ID, "default"),
+            ("/fault/x", 418, "FI", "fault_filter_abort", CLIENT_ID, "default.echo.0"),
+            ("/get?size=1000", 200, None, "via_upstream", CLIENT_ID, "default")])
         self.assertNotEqual(SERVER_ID, WAYPOINT_ID)
