@@ -43,7 +43,7 @@ from tests.test_e2e_hcm import json_records
 from tests.test_e2e_tunnel import E2ETestCase
 
 CONFIG = REPO_ROOT / "tests" / "configs" / "istio-waypoint.yaml"
-SDS = REPO_ROOT / "tests" / "configs" / "istio-waypoint-sds.yaml"
+SDS = REPO_ROOT / "tests" / "configs" / "sds" / "waypoint-sds.yaml"
 WAYPOINT_ID = "spiffe://cluster.local/ns/default/sa/waypoint"
 #: The service's VIP and port, as the waypoint's filter_chain_matcher has them.
 VIP = "127.0.0.10:8000"
