@@ -17,7 +17,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
 from hbonex.config import load_config, load_message
-from hbonex.config.render import message_to_yaml
+from hbonex.config.render import message_to_data, message_to_yaml
 from hbonex.errors import ConfigError
 
 HERE = Path(__file__).resolve().parent
@@ -32,8 +32,10 @@ class RoundTripTests(unittest.TestCase):
             first, _, _ = load_message(path)
             text = message_to_yaml(first)
             second, _, _ = load_message(text)
-            self.assertEqual(first, second, path)
-            self.assertEqual(message_to_yaml(second), text, path)
+            # Compared as data: an Any holds its message serialized, and a Struct's map (a
+            # json_format log with several keys) serializes its keys in no fixed order.
+            self.assertEqual(message_to_data(first), message_to_data(second), path)
+            self.assertEqual(message_to_data(second), yaml.safe_load(text), path)
 
     def test_render_output_round_trips(self) -> None:
         from hbonex.cli.config_cmd import render

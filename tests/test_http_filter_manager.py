@@ -370,6 +370,25 @@ class RouteAndStateTests(unittest.TestCase):
         self.assertEqual(a.decoder.route(), b"/v2")
         self.assertEqual(resolved, [b"/", b"/v2"])
 
+    def test_route_name_is_recorded_when_a_route_is_chosen(self) -> None:
+        """%ROUTE_NAME% names the chosen route even when a filter answers before a router."""
+
+        class Route:
+            name = "default.echo.0"
+
+        @implementer(IStreamFilter)
+        class Deny(Recorder):
+            def decodeHeaders(self, headers: Headers, endStream: bool) -> Any:
+                assert self.decoder.route() is not None
+                self.decoder.sendLocalReply(403, b"no", None, "denied", None)
+                return H.StopIteration
+
+        manager, sink = chain(Deny("deny", []), resolver=lambda h, c: Route())
+        self.assertEqual(manager.stream_info.route_name, "")
+        manager.decodeHeaders(request(), True)
+        self.assertEqual(sink.events[0][:2], ("headers", b"403"))
+        self.assertEqual(manager.stream_info.route_name, "default.echo.0")
+
     def test_filter_state_for_later_filters_and_hops(self) -> None:
         state = FilterState()
         state.set_data("io.istio.peer_principal", "spiffe://td/ns/a/sa/b",

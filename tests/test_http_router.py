@@ -18,6 +18,7 @@ from hbonex.errors import UpstreamError
 from hbonex.filters.http.router import HttpRoute, RouterFilter
 from hbonex.http.filter_manager import FilterManager
 from hbonex.http.headers import Headers
+from hbonex.network.internal import InternalEndpointAddress
 from hbonex.upstream.http1_client import Http1ClientCodec
 from hbonex.upstream.http1_pool import Http1Pool
 from tests.fakes import HalfCloseTransport
@@ -98,6 +99,31 @@ class RouterTests(unittest.TestCase):
         self.assertEqual(len(s.upstream.codecs), 1)  # the same connection again
         respond(s.upstream.codecs[0], b"HTTP/1.1 204 No Content\r\n\r\n")
         self.assertEqual(sink2.events, [("headers", b"204", True)])
+
+    def test_upstream_response_details_and_internal_upstream_host(self) -> None:
+        """
+        As Envoy: an upstream's response is %RESPONSE_CODE_DETAILS% via_upstream, and an
+        internal listener endpoint's %UPSTREAM_HOST% is envoy://LISTENER/ENDPOINT_ID.
+        """
+        s = Setup()
+        peer = InternalEndpointAddress("connect_originate", "10.0.0.7:8080")
+
+        class Internal(HalfCloseTransport):
+            def getPeer(self) -> Any:
+                return peer
+
+        def connect(codec: Http1ClientCodec) -> defer.Deferred[Any]:
+            codec.makeConnection(Internal())
+            s.upstream.codecs.append(codec)
+            return defer.succeed(None)
+
+        s.pool = Http1Pool(s.clock, connect)
+        manager, sink = s.request()
+        respond(s.upstream.codecs[0], b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(sink.body, b"ok")
+        self.assertEqual(manager.stream_info.response_code_details, "via_upstream")
+        self.assertEqual(manager.stream_info.upstream_host,
+                         "envoy://connect_originate/10.0.0.7:8080")
 
     def test_body_sent_before_the_connection_is_up_is_kept_in_order(self) -> None:
         s = Setup()

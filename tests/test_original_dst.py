@@ -294,6 +294,13 @@ class ConfigErrorTests(Base):
         self.assertIn("use the envoy.filters.listener.original_dst listener filter",
                       self.error(text))
 
+    def test_use_original_dst_false_is_the_default(self) -> None:
+        """istiod writes use_original_dst: false on connect_originate: Envoy's default."""
+        text = CONFIG.replace("    internal_listener: {}\n",
+                              "    internal_listener: {}\n    use_original_dst: false\n")
+        self.assertIn("use_original_dst: false", text)
+        self.load(text)
+
     def test_endpoint_metadata_is_implemented(self) -> None:
         warnings: list[str] = []
 

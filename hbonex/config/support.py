@@ -22,7 +22,7 @@ from google.protobuf.message import Message
 from hbonex.config.schema import message_class, type_name
 from hbonex.config.yamlpath import child_path
 
-__all__ = ["ERROR", "OPAQUE", "TABLE", "WARN", "check", "markdown"]
+__all__ = ["ERROR", "OFF_IS_DEFAULT", "OPAQUE", "TABLE", "WARN", "check", "markdown"]
 
 YES = "yes"
 WARN = "warn"
@@ -117,7 +117,7 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
               "bypass_overload_manager": "no overload actions"},
         error={"use_original_dst": "deprecated hand-off to the listener of the original "
                                    "destination; use the envoy.filters.listener.original_dst "
-                                   "listener filter",
+                                   "listener filter (false, the default, is accepted)",
                "transparent": "no transparent sockets", "freebind": "no freebind sockets",
                "bind_to_port": "listeners always bind"},
     ),
@@ -320,7 +320,10 @@ TABLE: dict[str, dict[str, tuple[str, str]]] = {
     f"{_ROUTES}.RouteAction": _m(
         "cluster weighted_clusters cluster_header upgrade_configs idle_timeout timeout "
         "prefix_rewrite regex_rewrite host_rewrite_literal auto_host_rewrite retry_policy "
-        "rate_limits include_vh_rate_limits"),
+        "rate_limits include_vh_rate_limits",
+        # istiod writes it on every route, with 0s values (no limit, grpc-timeout honoured).
+        warn={"max_stream_duration": "no stream duration limit and the grpc-timeout header "
+                                     "does not set the route's timeout"}),
     # -- fault injection (hbonex.filters.http.fault) --
     "envoy.extensions.filters.http.fault.v3.HTTPFault": _m(
         "delay abort upstream_cluster headers downstream_nodes max_active_faults "
@@ -602,6 +605,10 @@ def implemented(full_name: str) -> set[str]:
     return {f for f, (kind, _) in TABLE.get(full_name, {}).items() if kind == YES}
 
 
+#: BoolValue fields refused when true, accepted when set to false (their default).
+OFF_IS_DEFAULT = {("envoy.config.listener.v3.Listener", "use_original_dst")}
+
+
 def check(message: Message, path: str, context: Any) -> None:
     """
     Raise a ConfigError for the first set field hbonex does not implement (unless it is a
@@ -613,6 +620,8 @@ def check(message: Message, path: str, context: Any) -> None:
     entry = TABLE.get(full, {})
     for field, value in message.ListFields():
         kind, why = entry.get(field.name, (ERROR, ""))
+        if kind == ERROR and (full, field.name) in OFF_IS_DEFAULT and not value.value:
+            continue  # explicitly off, as Envoy's default (istiod writes it so)
         if kind == ERROR:
             reason = f": {why}" if why else ""
             raise context.error(path, f"{field.name} ({full}) is known to Envoy but not "

@@ -616,6 +616,10 @@ class FilterManager:
                 return None
             self._route = self.route_resolver(headers, self.connection_info)
             self._route_cached = True
+            if self._route is not None:
+                # As Envoy's stream info: %ROUTE_NAME% once a route is chosen, even when a
+                # filter answers before the router.
+                self.stream_info.route_name = getattr(self._route, "name", "") or ""
         return self._route
 
     def clear_route_cache(self) -> None:

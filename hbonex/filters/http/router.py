@@ -205,6 +205,7 @@ class RouterFilter:
             mutate(headers)
         elapsed = int((time.monotonic() - self._started) * 1000)
         headers.set(b"x-envoy-upstream-service-time", str(elapsed).encode())
+        self.callbacks.streamInfo().response_code_details = "via_upstream"
         self.callbacks.switchProtocols(relay.relay.a, self._switched)
         if not self._done:
             self.callbacks.encodeHeaders(headers, False)
@@ -474,6 +475,7 @@ class RouterFilter:
                 mutate(headers)
         elapsed = int((time.monotonic() - self._started) * 1000)
         headers.set(b"x-envoy-upstream-service-time", str(elapsed).encode())
+        self.callbacks.streamInfo().response_code_details = "via_upstream"
         if end_stream:
             self._finish()
         self.callbacks.encodeHeaders(headers, end_stream)
@@ -570,6 +572,8 @@ class _UpstreamResponse:
 def _peer_of(codec: Any) -> str:
     peer = getattr(getattr(codec, "transport", None), "getPeer", lambda: None)()
     host, port = getattr(peer, "host", None), getattr(peer, "port", None)
+    if isinstance(host, str) and host.startswith("envoy://"):
+        return host  # an internal listener's address has no port (Envoy's envoy://L/ID)
     return f"{host}:{port}" if host is not None else str(peer)
 
 
