@@ -100,12 +100,36 @@ class WaypointConfigTests(unittest.TestCase):
             self.assertIn(field, header)
 
 
+#: Istio's opt-in XFCC for ambient waypoints (istio/istio#59986): the inner connection
+#: manager keeps XFCC as the filters leave it, and XFCC is written from the identities
+#: connect_terminate stored (the waypoint's own, the tunnel client's).
+XFCC_OPT_IN_HCM = "          forward_client_cert_details: ALWAYS_FORWARD_ONLY\n"
+XFCC_VALUE = ("By=%FILTER_STATE(io.istio.local_principal:PLAIN)%;"
+              "URI=%FILTER_STATE(io.istio.peer_principal:PLAIN)%")
+XFCC_OPT_IN_FILTER = """\
+          - name: waypoint_xfcc
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.\
+HeaderMutation
+              mutations:
+                request_mutations:
+                - append:
+                    header: {key: x-forwarded-client-cert, value: "VALUE"}
+                    append_action: OVERWRITE_IF_EXISTS_OR_ADD
+""".replace("VALUE", XFCC_VALUE)
+
+
 class IstioAmbientPathTests(E2ETestCase):
     timeout = 60
     maxDiff = None
 
-    async def start_topology(self) -> None:
-        """The app, the destination ztunnel, the waypoint; the source ztunnels are per test."""
+    async def start_topology(self, xfcc_opt_in: bool = False) -> None:
+        """
+        The app, the destination ztunnel, the waypoint; the source ztunnels are per test.
+        ``xfcc_opt_in``: the waypoint as Istio's ``ambient.istio.io/xfcc-include-client-identity``
+        annotation makes it (istio/istio#59986): main_internal forwards XFCC unchanged and
+        builds it from the tunnel's identities in filter state (a header_mutation here).
+        """
         pki.issue(self.pki.root, "waypoint", spiffe=WAYPOINT_ID, ip=["127.0.0.1"])
         self.app = App()
         app_port = reactor.listenTCP(0, server.Site(self.app),  # type: ignore[attr-defined]
@@ -129,6 +153,14 @@ class IstioAmbientPathTests(E2ETestCase):
                          (" logs/", f" {self.logs}/")):
             self.assertIn(old, config)
             config = config.replace(old, new)
+        if xfcc_opt_in:
+            inner = "          stat_prefix: inbound_0.0.0.0_8000\n"
+            self.assertEqual(config.count(inner), 1)
+            config = config.replace(inner, inner + XFCC_OPT_IN_HCM)
+            filters = "          http_filters:\n          - name: envoy.filters.http.rbac\n"
+            self.assertEqual(config.count(filters), 1)
+            config = config.replace(filters, "          http_filters:\n" + XFCC_OPT_IN_FILTER
+                                    + "          - name: envoy.filters.http.rbac\n")
         self.waypoint = await start_yaml_twistd(self, "hbone-server", "waypoint", config)
         self.workdir = work
 
@@ -202,6 +234,22 @@ class IstioAmbientPathTests(E2ETestCase):
             "peer": originate["peer"], "local": self.pod,
             "upstream_host": f"127.0.0.1:{self.ztunnel.port}"})
         self.assertIn(originate["peer"], (None, "-", ""))
+
+    @e2e
+    async def test_xfcc_names_the_original_client_when_opted_in(self) -> None:
+        """
+        With Istio's XFCC opt-in the app sees x-forwarded-client-cert naming the waypoint
+        (By) and the original client (URI), whatever the client sent.
+        """
+        await self.start_topology(xfcc_opt_in=True)
+        source = await self.start_source("client")
+        status, _ = await self.curl(
+            self.forward_port(source), "/who?size=10",
+            "-H", "x-forwarded-client-cert: By=spiffe://cluster.local/ns/default/sa/forged")
+        self.assertEqual(status, 200)
+        [seen] = self.app.seen
+        self.assertEqual(seen["headers"]["x-forwarded-client-cert"],
+                         [f"By={WAYPOINT_ID};URI={CLIENT_ID}"])
 
     @e2e
     async def test_authorization_policy_and_fault(self) -> None:
