@@ -152,13 +152,14 @@ class ProxyService(service.MultiService):
                 conn.send_goaway()
 
     def setServiceParent(self, parent: Any) -> None:
-        # twistd asks the application for its ILogObserver after makeService: with
-        # --log-format json, offer ours (JSON lines, filtered by the run-time levels).
+        # twistd asks the application for its ILogObserver after makeService: offer ours
+        # (JSON lines, or twistd's text lines written for less; filtered by the run-time
+        # levels).
         from twisted.logger import ILogObserver
 
         from hbonex.observability import process_log
 
-        if self.log_format == "json" and hasattr(parent, "setComponent"):
+        if hasattr(parent, "setComponent"):
             self.log_control = process_log.LogControl()
             out = process_log.output_for(self.twistd_options)
             parent.setComponent(ILogObserver, process_log.make_observer(
