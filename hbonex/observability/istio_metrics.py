@@ -24,6 +24,8 @@ _HTTP_LABELS = _LABELS + (
     "destination_cluster", "destination_service", "destination_service_name",
     "destination_service_namespace",
 )
+#: The peer labels without the istio.stats filter: "unknown", as in Istio.
+_UNKNOWN_PEERS = ("unknown",) * (len(_HTTP_LABELS) - len(_LABELS) - 2)
 #: The names Istio's stats config (``metrics[].name``) gives these series.
 METRIC_NAMES = {
     "requests_total": "istio_requests", "request_duration_milliseconds":
@@ -86,12 +88,13 @@ def request_done(info: Any, code: int, flags: str, protocol: str, duration_ms: f
     ``extra``: label values that replace the defaults (the istio.stats filter's peers);
     ``drop``: family names not to record.
     """
-    values = dict(zip(_LABELS, _labels(info, flags, protocol, reporter), strict=True))
-    values["response_code"] = str(code)
-    values["grpc_response_status"] = ""
+    base = _labels(info, flags, protocol, reporter) + (str(code), "")
     if extra:
+        values = dict(zip(_HTTP_LABELS, base + _UNKNOWN_PEERS, strict=True))
         values.update(extra)
-    labels = tuple(values.get(name, "unknown") for name in _HTTP_LABELS)
+        labels = tuple(values[name] for name in _HTTP_LABELS)
+    else:
+        labels = base + _UNKNOWN_PEERS  # the common case: no label lookups per request
     if REQUESTS.name not in drop:
         REQUESTS.inc(labels)
     for family, value in ((DURATION, duration_ms), (REQUEST_BYTES, request_bytes),
