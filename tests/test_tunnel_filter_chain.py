@@ -6,7 +6,6 @@ that changes its target, and a client that leaves while its CONNECT is held.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet.task import Clock
@@ -14,6 +13,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from zope.interface import implementer
 
+from hbonex.http.connection_manager import HttpStreamFactory
 from hbonex.http.filter_manager import FilterHeadersStatus
 from hbonex.http.headers import Headers
 from hbonex.http.routing import RouteDecision
@@ -67,8 +67,8 @@ class H1ConnectFilterTests(unittest.TestCase):
         self.filter = Holding()
         self.router = Router()
         info = ConnectionInfo("l", "1.2.3.4:5", "5.6.7.8:9")
-        http = SimpleNamespace(filter_factories=(lambda: self.filter,), info=info,
-                               resolve=None, buffer_limit=1 << 20)
+        http = HttpStreamFactory(Clock(), self.router, lambda cluster: None, info,
+                                 filter_factories=(lambda: self.filter,))
         self.server = H1TunnelServer(Clock(), self.router, info, TunnelLog(), http=http)
         self.transport = StringTransport()
         self.server.makeConnection(self.transport)

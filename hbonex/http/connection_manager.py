@@ -414,15 +414,23 @@ class HttpStreamFactory:
         self._rq_time = STATS.family(f"{prefix}.downstream_rq_time", "histogram", (),
                                      istio_metrics.DURATION_BUCKETS)
 
+    def chain(self, head: Sequence[Any], last: Any, last_name: str, sink: Any
+              ) -> FilterManager:
+        """
+        One request's filter chain: ``head`` (unnamed), a new instance of each configured
+        http_filter, then ``last`` (the router, or a CONNECT's admission) named ``last_name``.
+        """
+        filters = [*head, *(make() for make in self.filter_factories), last]
+        return FilterManager(filters, sink, connection_info=self.info,
+                             route_resolver=self.resolve, buffer_limit=self.buffer_limit,
+                             names=(*[""] * len(head), *self.filter_names, last_name),
+                             disabled=self.disabled_filters)
+
     def __call__(self, sink: Any) -> FilterManager:
-        filters: list[Any] = [StandardHeaders(self.info, self.options, self._ws_refused,
-                                              self.reactor)]
-        filters += [make() for make in self.filter_factories]
-        filters.append(RouterFilter(self.reactor, self.pool_for, self.upgrades))
-        manager = FilterManager(filters, sink, connection_info=self.info,
-                                route_resolver=self.resolve, buffer_limit=self.buffer_limit,
-                                names=("", *self.filter_names, "envoy.filters.http.router"),
-                                disabled=self.disabled_filters)
+        manager = self.chain(
+            (StandardHeaders(self.info, self.options, self._ws_refused, self.reactor),),
+            RouterFilter(self.reactor, self.pool_for, self.upgrades),
+            "envoy.filters.http.router", sink)
         manager.stream_info.protocol = self.protocol
         started = time.monotonic()
         manager.on_destroy = lambda m: self._done(m, started)

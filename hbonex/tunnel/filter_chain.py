@@ -112,20 +112,13 @@ class TunnelResponseSink:
 
 def connect_filter_chain(
     http: Any, sink: TunnelResponseSink, on_headers: Callable[[Headers], None]
-) -> FilterManager | None:
+) -> FilterManager:
     """
     The filter chain for one CONNECT on a connection whose HCM is ``http``
-    (hbonex.http.connection_manager.HttpStreamFactory), or None when it has no filter but
-    the router.
+    (hbonex.http.connection_manager.HttpStreamFactory): its http_filters, then the
+    admission in the router's place. Callers build one only when there are http_filters.
     """
-    if http is None or not http.filter_factories:
-        return None
-    filters = [make() for make in http.filter_factories]
-    filters.append(ConnectAdmission(on_headers))
-    return FilterManager(filters, sink, connection_info=http.info, route_resolver=http.resolve,
-                         buffer_limit=http.buffer_limit,
-                         names=getattr(http, "filter_names", ()),
-                         disabled=getattr(http, "disabled_filters", None))
+    return http.chain((), ConnectAdmission(on_headers), "", sink)  # type: ignore[no-any-return]
 
 
 __all__ = ["ConnectAdmission", "TunnelResponseSink", "connect_filter_chain"]
