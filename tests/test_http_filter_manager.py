@@ -459,3 +459,13 @@ class HeadersTests(unittest.TestCase):
         self.assertEqual(h.remove(b"x-a"), 1)
         self.assertNotIn(b"x-a", h)
         self.assertEqual(h.byte_size(), len(b":path/:methodGET"))
+
+
+class ReasonPhraseTests(unittest.TestCase):
+    def test_envoy_texts_then_the_standard_phrase(self) -> None:
+        from hbonex.http.filter_manager import reason_phrase
+
+        self.assertEqual(reason_phrase(413), "Payload Too Large")  # Envoy's text
+        self.assertEqual(reason_phrase(429), "Too Many Requests")
+        self.assertEqual(reason_phrase(405), "Method Not Allowed")  # the standard phrase
+        self.assertEqual(reason_phrase(599), "Unknown")

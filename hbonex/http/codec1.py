@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from hbonex.http.filter_manager import REASONS, IResponseSink
+from hbonex.http.filter_manager import IResponseSink, reason_phrase
 from hbonex.http.headers import Headers
 from hbonex.http.upgrade import upgrade_type
 
@@ -574,7 +574,7 @@ class Http1ServerCodec(Protocol):
             stream.keep_alive = False
         status_text = headers.get(b":status", b"200") or b"200"
         status = int(status_text) if status_text.isdigit() else 502
-        lines = [b"HTTP/1.1 %d %s" % (status, REASONS.get(status, _reason(status)).encode())]
+        lines = [b"HTTP/1.1 %d %s" % (status, reason_phrase(status).encode())]
         if status == 101 and stream.upgrade:
             # Switching protocols: no body framing; the connection becomes the upgraded
             # protocol's once the router switches it (switchProtocols).
@@ -689,21 +689,12 @@ class Http1ServerCodec(Protocol):
         self._closing = True
         self._cancel(self._head_timer)
         if stream is None or not stream.response_started:
-            body = REASONS.get(status, _reason(status)).encode()
+            body = reason_phrase(status).encode()
             self.transport.write(  # type: ignore[union-attr]
                 b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\ncontent-type: text/plain\r\n"
                 b"connection: close\r\n\r\n%s" % (status, body, len(body), body)
             )
         self.transport.loseConnection()  # type: ignore[union-attr]
-
-
-def _reason(status: int) -> str:
-    from http import HTTPStatus
-
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
 
 
 def _peer(transport: Any) -> str:

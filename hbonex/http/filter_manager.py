@@ -18,6 +18,7 @@ goes to the downstream codec through an :class:`IResponseSink`.
 from __future__ import annotations
 
 import enum
+from http import HTTPStatus
 from typing import Any, Callable, Sequence
 
 from twisted.logger import Logger
@@ -103,6 +104,17 @@ REASONS = {
     500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
     504: "Gateway Timeout",
 }
+
+
+def reason_phrase(status: int) -> str:
+    """An HTTP/1.1 status line's reason: Envoy's texts above, else the standard phrase."""
+    phrase = REASONS.get(status)
+    if phrase is not None:
+        return phrase
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
 
 
 class _Side:
@@ -707,4 +719,5 @@ __all__ = [
     "FilterManager",
     "FilterTrailersStatus",
     "IResponseSink",
+    "reason_phrase",
 ]

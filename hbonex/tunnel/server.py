@@ -22,7 +22,7 @@ from zope.interface import implementer
 from hbonex.errors import UpstreamError, status_and_reason
 from hbonex.h2.connection import ErrorCodes, H2Stream, H2TunnelConnection
 from hbonex.h2.settings import H2Settings
-from hbonex.http.filter_manager import FilterManager
+from hbonex.http.filter_manager import FilterManager, reason_phrase
 from hbonex.http.headers import Headers
 from hbonex.http.routing import RouteDecision
 from hbonex.http.stream_info import FilterState
@@ -36,12 +36,6 @@ from hbonex.upstream.cluster import UpstreamRequest
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_REQUEST_HEAD = 64 * 1024
-
-REASONS = {
-    200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
-    405: "Method Not Allowed", 431: "Request Header Fields Too Large",
-    502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
-}
 
 
 class TunnelLog:
@@ -642,7 +636,7 @@ class H1TunnelServer(Protocol):
     def _chain_head(self, headers: Headers, end: bool) -> None:
         """A CONNECT's response head, from its HTTP filters."""
         status = int(headers.get(b":status") or b"500")
-        lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}"]
+        lines = [f"HTTP/1.1 {status} {reason_phrase(status)}"]
         lines += [f"{n.decode('latin-1')}: {v.decode('latin-1')}"
                   for n, v in headers if not n.startswith(b":")]
         if status != 200:
@@ -787,7 +781,7 @@ class H1TunnelServer(Protocol):
 
     def _reply(self, status: int, close: bool, extra: str = "") -> None:
         text = (
-            f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n{extra}"
+            f"HTTP/1.1 {status} {reason_phrase(status)}\r\n{extra}"
             "Content-Length: 0\r\nConnection: close\r\n\r\n"
         )
         self.transport.write(text.encode("latin-1"))  # type: ignore[union-attr]
