@@ -387,3 +387,19 @@ class WorkersOptionTests(unittest.TestCase):
         error = self.assertRaises(ConfigError, load_bootstrap, str(path), Clock())
         self.assertIn("hbonex.workers: expected a non-negative integer, got 'x'", str(error))
         self.assertIn("layered_runtime.layers[0].static_layer", str(error))
+
+
+class TwistedInternalsTests(unittest.TestCase):
+    def test_reactor_records_the_exit_signal(self) -> None:
+        """
+        Pin: the supervisor forwards the signal the reactor stopped for, read from Twisted's
+        private ``_exitSignal`` (set by sigTerm/sigInt, and what twistd re-raises on exit).
+        """
+        from twisted.internet.selectreactor import SelectReactor
+
+        for handler, number in (("sigTerm", signal.SIGTERM), ("sigInt", signal.SIGINT)):
+            reactor = SelectReactor()
+            self.addCleanup(reactor.waker.connectionLost, None)
+            self.assertIsNone(reactor._exitSignal)
+            getattr(reactor, handler)(number)
+            self.assertEqual(reactor._exitSignal, number)
