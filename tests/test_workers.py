@@ -252,6 +252,11 @@ class SupervisorTests(unittest.TestCase):
             {"listener.a.downstream_cx_total": 5})).encode() + b"\n")
         self.assertEqual(self.service.procs[1].last_stats["values"],
                          {"listener.a.downstream_cx_total": 5})
+        # One that exits while asked counts once (in the retired counts).
+        d = self.service.gather_stats()
+        ended(self.proto(1), sig=9)
+        self.assertEqual(self.successResultOf(d).values,
+                         {"listener.a.downstream_cx_total": 8})
 
     def test_admin_stats_are_the_workers_sums(self) -> None:
         admin = Admin(self.service)

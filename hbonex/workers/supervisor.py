@@ -67,6 +67,7 @@ class WorkerProcess(protocol.ProcessProtocol):
         self._pending: list[defer.Deferred[Any]] = []
         #: The worker's last stats answer (what it leaves behind when it exits).
         self.last_stats: dict[str, Any] | None = None
+        self.exited = False
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid  # type: ignore[union-attr]
@@ -112,15 +113,16 @@ class WorkerProcess(protocol.ProcessProtocol):
             pass
 
     def processEnded(self, reason: Failure) -> None:
+        self.exited = True
         for fd, rest in sorted(self._partial.items()):
             if rest:
                 self._line(fd, rest)
         self._partial.clear()
         pending, self._pending = self._pending, []
+        self.supervisor.worker_exited(self, reason)  # its counts retired first
         for d in pending:
             if not d.called:
                 d.callback(None)
-        self.supervisor.worker_exited(self, reason)
 
 
 def _why(reason: Failure) -> str:
@@ -285,8 +287,9 @@ class SupervisorService(ProxyService):
                 for p in procs]
 
         def merge(answers: list[Any]) -> MergedStats:
-            snaps = [a if a is not None else p.last_stats for a, p in zip(answers, procs,
-                                                                           strict=True)]
+            # A worker that exited meanwhile is in the retired counts already.
+            snaps = [a if a is not None else p.last_stats
+                     for a, p in zip(answers, procs, strict=True) if not p.exited]
             return self.stats.merge([s for s in snaps if s is not None])
 
         return defer.gatherResults(asks).addCallback(merge)
