@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -124,6 +125,8 @@ class Bench:
     targets: dict[str, int]
     source: Path = REPO  # the hbonex tree the twistd processes import
     profile: bool = False
+    reactor: Optional[str] = None  # twistd --reactor for the hbonex proxies (None: its default)
+    paths: tuple[str, ...] = PATHS  # which paths the scenarios measure
     seq: int = 0
 
     def unique(self, label: str) -> str:
@@ -187,6 +190,8 @@ class Hbonex(PathBase):
         if bench.profile:
             argv += [f"--profile={bench.workdir / (name + '.prof')}", "--profiler=cprofile",
                      "--savestats"]
+        if bench.reactor:
+            argv += ["--reactor", bench.reactor]
         env = dict(os.environ, PYTHONPATH=str(bench.source), HBONEX_STATE_DIR=str(bench.workdir))
         child = Child(name, [*argv, plugin, "--pki", str(bench.pki_dir / role),
                              "--ca", str(bench.pki_dir / "ca.pem"), *args], bench.workdir, env)
@@ -233,9 +238,9 @@ PATH_TYPES: dict[str, type[PathBase]] = {"direct": Direct, "hbonex": Hbonex, "no
 
 
 @contextlib.contextmanager
-def running(bench: Bench, target: str, label: str, paths: tuple[str, ...] = PATHS,
+def running(bench: Bench, target: str, label: str, paths: Optional[tuple[str, ...]] = None,
             streams: Optional[int] = None) -> Iterator[list[PathBase]]:
-    started = [PATH_TYPES[name]() for name in paths]
+    started = [PATH_TYPES[name]() for name in paths or bench.paths]
     try:
         for path in started:
             path.start(bench, bench.targets[target], label, streams)
@@ -277,8 +282,11 @@ class Row:
     target: bool = True  # hbonex must be at least as good as Node
     digits: int = 0
     cpu: bool = False  # proxy CPU time: informational, no target, no direct column
+    key: str = ""  # a stable name for the JSON results and the charts (benchmarks/plots.py)
     samples: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PATHS})
     failures: dict[str, str] = field(default_factory=dict)
+    # Per path, one list of round-trip quantiles (µs) per repeat: the CDF chart's data.
+    distributions: dict[str, list[list[float]]] = field(default_factory=dict)
 
     def add(self, path: str, result: dict[str, Any], key: str, scale: float = 1) -> None:
         """
@@ -335,10 +343,10 @@ def warm_up(paths: list[PathBase], mode: str, *args: int) -> None:
 def bench_bulk(bench: Bench, mode: str, target: str) -> list[Row]:
     s = bench.sizes
     cases = [(1, s.bulk_1), (8, s.bulk_8)]
-    rows = [Row(f"{mode}, {n} tunnel{'s' if n > 1 else ''} × {size // MiB} MiB", "MB/s", "higher")
-            for n, size in cases]
+    rows = [Row(f"{mode}, {n} tunnel{'s' if n > 1 else ''} × {size // MiB} MiB", "MB/s", "higher",
+                key=f"{mode}-{n}") for n, size in cases]
     cpu = [Row(f"proxy CPU, {mode}, {n} tunnel{'s' if n > 1 else ''}", "ms/MB", "lower",
-               target=False, digits=2, cpu=True) for n, _ in cases]
+               target=False, digits=2, cpu=True, key=f"cpu-{mode}-{n}") for n, _ in cases]
     with running(bench, target, mode) as paths:
         warm_up(paths, mode, 8, 8 * MiB)
         for _ in range(s.repeats):
@@ -360,23 +368,28 @@ def bench_download(bench: Bench) -> list[Row]:
 
 def bench_rtt(bench: Bench) -> list[Row]:
     s = bench.sizes
-    p50 = Row(f"round trip p50 (64 B × {s.rtt_count})", "µs", "lower")
-    p99 = Row(f"round trip p99 (64 B × {s.rtt_count})", "µs", "lower", target=False)
-    cpu = Row("proxy CPU per round trip", "µs", "lower", target=False, cpu=True)
+    p50 = Row(f"round trip p50 (64 B × {s.rtt_count})", "µs", "lower", key="rtt-p50")
+    p99 = Row(f"round trip p99 (64 B × {s.rtt_count})", "µs", "lower", target=False,
+              key="rtt-p99")
+    cpu = Row("proxy CPU per round trip", "µs", "lower", target=False, cpu=True, key="cpu-rtt")
     with running(bench, "echo", "rtt") as paths:
         for _ in range(s.repeats):
             for path in paths:
                 result = loadgen(path, "rtt", s.rtt_warmup, s.rtt_count)
                 p50.add(path.name, result, "p50_us")
                 p99.add(path.name, result, "p99_us")
+                if result.get("ok") and "quantiles_us" in result:
+                    p50.distributions.setdefault(path.name, []).append(result["quantiles_us"])
                 cpu.add(path.name, result, "cpu_s", 1e6 / (s.rtt_warmup + s.rtt_count))
     return [p50, p99, cpu]
 
 
 def bench_connrate(bench: Bench) -> list[Row]:
     s = bench.sizes
-    row = Row(f"new tunnels/s (16 at a time, {s.connrate})", "tunnels/s", "higher")
-    cpu = Row("proxy CPU per new tunnel", "ms", "lower", target=False, digits=2, cpu=True)
+    row = Row(f"new tunnels/s (16 at a time, {s.connrate})", "tunnels/s", "higher",
+              key="connrate")
+    cpu = Row("proxy CPU per new tunnel", "ms", "lower", target=False, digits=2, cpu=True,
+              key="cpu-connrate")
     with running(bench, "echo", "connrate") as paths:
         warm_up(paths, "connrate", 16, 500)
         for _ in range(s.repeats):
@@ -451,11 +464,11 @@ def idle_rss(path: PathBase, count: int) -> dict[str, Any]:
 
 def bench_idle(bench: Bench) -> list[Row]:
     count, note = idle_count(bench.sizes.idle)
-    row = Row(f"RSS per idle tunnel ({count} tunnels)", "KiB", "lower", digits=1)
+    row = Row(f"RSS per idle tunnel ({count} tunnels)", "KiB", "lower", digits=1, key="idle")
     if note:
         row.metric += f" ({note})"
     for _ in range(bench.sizes.repeats):
-        for name in ("hbonex", "node"):
+        for name in (p for p in ("hbonex", "node") if p in bench.paths):
             # One HTTP/2 connection for all tunnels on both sides (Node's forward never opens
             # a second one), so the stream limits are raised above the tunnel count.
             with running(bench, "echo", "idle", paths=(name,), streams=count + 100) as (path,):
@@ -628,14 +641,18 @@ def make_pki(directory: Path) -> None:
     pki.issue(directory, "client", spiffe=CLIENT_ID)
 
 
-def run(args: argparse.Namespace, workdir: Path, loads: list[str]) -> list[Row]:
+def run(args: argparse.Namespace, workdir: Path, loads: list[str],
+        paths: tuple[str, ...] = PATHS) -> list[Row]:
+    """
+    The scenarios ``args`` ask for over ``paths``; benchmarks/profile.py calls this too.
+    """
     sizes = QUICK if args.quick else FULL
     make_pki(workdir / "pki")
     target = Child("target", [sys.executable, str(HERE / "target.py")], workdir)
     try:
         ports = json.loads(target.wait_for(READY_RE).group(0))
         bench = Bench(sizes, workdir, workdir / "pki", ports, Path(args.hbonex).resolve(),
-                      profile=args.profile)
+                      profile=args.profile, reactor=args.reactor, paths=paths)
         rows = []
         for name in [args.only] if args.only else SCENARIOS:
             print(f"{name}:", file=sys.stderr, flush=True)
@@ -644,6 +661,29 @@ def run(args: argparse.Namespace, workdir: Path, loads: list[str]) -> list[Row]:
         return sorted(rows, key=lambda r: r.cpu)  # proxy CPU rows last
     finally:
         target.stop()
+
+
+def results_json(rows: list[Row], info: dict[str, Any]) -> dict[str, Any]:
+    """
+    Everything a run measured, for ``--json`` and for ``--plot-from`` later.
+    """
+    return {"format": 1, "info": info, "rows": [dataclasses.asdict(r) for r in rows]}
+
+
+def dump_json(results: dict[str, Any]) -> str:
+    """
+    ``results`` as JSON with one row per line (a diff shows which rows changed).
+    """
+    rows = ",\n".join(json.dumps(r, ensure_ascii=False) for r in results["rows"])
+    head = {k: v for k, v in results.items() if k != "rows"}
+    return json.dumps(head, ensure_ascii=False)[:-1] + ', "rows": [\n' + rows + "\n]}\n"
+
+
+def plot(results: dict[str, Any], directory: Path) -> None:
+    import plots  # benchmarks/plots.py, next to this script
+
+    for written in plots.draw(results, directory):
+        print(f"wrote {written}", file=sys.stderr)
 
 
 def main() -> int:
@@ -658,12 +698,35 @@ def main() -> int:
                              "(default: this checkout)")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the twistd processes into the work directory")
+    parser.add_argument("--reactor", metavar="NAME",
+                        help="twistd --reactor for the hbonex proxies: epoll, asyncio, uvloop "
+                             "(hbonex's plugin; needs uvloop)... (default: twistd's own)")
+    parser.add_argument("--json", metavar="FILE",
+                        help="save the raw results (every sample, the round-trip "
+                             "distributions) as JSON; with --markdown X.md, X.json by default")
+    parser.add_argument("--plot", action="store_true",
+                        help="draw the charts (docs/bench-*.svg) from this run; needs "
+                             "matplotlib: pip install -e '.[bench]'")
+    parser.add_argument("--plot-from", metavar="FILE",
+                        help="draw the charts from a JSON saved by an earlier run, run nothing")
+    parser.add_argument("--plot-dir", metavar="DIR", default=str(REPO / "docs"),
+                        help="where the charts go (default: docs/)")
     args = parser.parse_args()
+    if args.plot or args.plot_from:
+        import plots
+
+        if (missing := plots.missing_matplotlib()) is not None:
+            print(missing, file=sys.stderr)  # before a run of minutes, not after it
+            return 2
+    if args.plot_from:
+        plot(json.loads(Path(args.plot_from).read_text(encoding="utf-8")), Path(args.plot_dir))
+        return 0
 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every child
     info = {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
             "machine": machine(), "versions": versions(Path(args.hbonex).resolve())}
+    info["versions"]["hbonex reactor"] = args.reactor or "twistd's default"
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         if args.workdir:
@@ -680,16 +743,26 @@ def main() -> int:
     print(text_table(rows))
     for line in failures(rows):
         print("FAILED " + line)
+    flags = "".join(f" --{k} {v}" if v is not True else f" --{k}"
+                    for k, v in (("quick", args.quick), ("only", args.only),
+                                 ("reactor", args.reactor)) if v)
+    info["command"] = f"benchmarks/run.py{flags}"
+    info["seconds"] = round(seconds, 1)
+    json_path = args.json or (str(Path(args.markdown).with_suffix(".json")) if args.markdown
+                              else None)
+    if json_path:
+        Path(json_path).write_text(dump_json(results_json(rows, info)), encoding="utf-8")
+        print(f"wrote {json_path}", file=sys.stderr)
     if args.markdown:
         sizes = QUICK if args.quick else FULL
-        flags = "".join(f" --{k} {v}" if v is not True else f" --{k}"
-                        for k, v in (("quick", args.quick), ("only", args.only)) if v)
         info["method"] = METHOD.format(
             args=flags, seconds=seconds, repeats=sizes.repeats, server_id=SERVER_ID,
             client_id=CLIENT_ID, rtt_warmup=sizes.rtt_warmup, rtt_count=sizes.rtt_count,
             connrate=sizes.connrate, idle=sizes.idle, settle=SETTLE)
         write_markdown(Path(args.markdown), markdown(rows, info))
         print(f"wrote {args.markdown}", file=sys.stderr)
+    if args.plot:
+        plot(results_json(rows, info), Path(args.plot_dir))
     return 1 if failures(rows) else 0
 
 
