@@ -642,11 +642,11 @@ def make_pki(directory: Path) -> None:
 
 
 def run(args: argparse.Namespace, workdir: Path, loads: list[str],
-        paths: tuple[str, ...] = PATHS) -> list[Row]:
+        paths: tuple[str, ...] = PATHS, sizes: Optional[Sizes] = None) -> list[Row]:
     """
     The scenarios ``args`` ask for over ``paths``; benchmarks/profile.py calls this too.
     """
-    sizes = QUICK if args.quick else FULL
+    sizes = sizes or (QUICK if args.quick else FULL)
     make_pki(workdir / "pki")
     target = Child("target", [sys.executable, str(HERE / "target.py")], workdir)
     try:
