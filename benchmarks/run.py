@@ -488,7 +488,20 @@ SCENARIOS: dict[str, Callable[[Bench], list[Row]]] = {
 # ---------------------------------------------------------------- report
 
 
-SECTIONS = ("## Machine and versions", "## Method", "## Results", "## All samples")
+SECTIONS = ("## Machine and versions", "## Method", "## Results", "## All samples", "## Charts")
+CHART_TEXT = {
+    "bench-ratios.svg": (
+        "hbonex / Node and hbonex / direct TCP per metric",
+        "Each metric's hbonex median divided by Node's (green) and by direct TCP's (blue), on a "
+        "log scale with 1.0 dashed: above the line hbonex's figure is the higher one, which is "
+        "good for throughput and new tunnels/s (↑ better) and bad for round trips, memory and "
+        "CPU (↓ better). Direct TCP has no proxy, so no CPU or memory bar."),
+    "bench-rtt-cdf.svg": (
+        "round-trip time distribution per path",
+        "The 64-byte round trips of every repeat, per path (loadgen.py reports 500 evenly "
+        "spaced quantiles per repeat; the repeats pooled): the fraction of round trips at or "
+        "below each time, on a log time axis, grey lines at p50 and p99."),
+}
 HEADER = ["metric", "unit", "direct TCP", "hbonex", "Node", "hbonex/Node", "target", "result"]
 
 
@@ -599,12 +612,30 @@ METHOD = """\
 """
 
 
-def markdown(rows: list[Row], info: dict[str, Any]) -> str:
+def chart_section(charts: list[Path], markdown_file: Path, json_file: Optional[str]) -> list[str]:
+    """
+    The "Charts" section: each chart written by --plot, linked from the markdown file's folder.
+    """
+    if not charts:
+        return []
+    where = markdown_file.resolve().parent
+    saved = (f" (the raw results: `{json_file}`; `benchmarks/run.py --plot-from {json_file}` "
+             "redraws them without running)") if json_file else ""
+    out = ["", SECTIONS[4], "", f"Drawn by `benchmarks/run.py --plot` from this run{saved}."]
+    for chart in charts:
+        alt, text = CHART_TEXT.get(chart.name, (chart.stem, ""))
+        link = os.path.relpath(chart.resolve(), where)
+        out += ["", f"![{alt}]({link})", "", text] if text else ["", f"![{alt}]({link})"]
+    return out
+
+
+def markdown(rows: list[Row], info: dict[str, Any], charts: Optional[list[str]] = None) -> str:
     out = ["# hbonex benchmarks", "",
            "hbonex against direct loopback TCP and an independent Node http2 tunnel "
-           f"(`tests/node/h2tunnel.mjs`). The sections from here to \"All samples\" were "
-           f"written by `benchmarks/run.py` on {info['date']}; regenerate them with "
-           "`.venv/bin/python benchmarks/run.py --markdown docs/benchmarks.md` (about 6 min; "
+           f"(`tests/node/h2tunnel.mjs`). The sections from here to \"All samples\" (and "
+           f"\"Charts\") were written by `benchmarks/run.py` on {info['date']}; regenerate "
+           "them with `.venv/bin/python benchmarks/run.py --markdown docs/benchmarks.md "
+           "--plot` (about 6 min; the charts need `pip install -e '.[bench]'`; "
            "`--quick` for a smoke run, `--only NAME` for one of "
            f"{', '.join(SCENARIOS)}). Other sections belong to other scripts and are kept.",
            "", SECTIONS[0], ""]
@@ -619,7 +650,7 @@ def markdown(rows: list[Row], info: dict[str, Any]) -> str:
         samples = "; ".join(f"{p}: " + ", ".join(f"{v:,.{r.digits}f}" for v in r.samples[p])
                             for p in PATHS if r.samples[p])
         out.append(f"* {r.metric} ({r.unit}): {samples or '—'}")
-    return "\n".join(out) + "\n"
+    return "\n".join(out + (charts or [])) + "\n"
 
 
 def write_markdown(path: Path, text: str) -> None:
@@ -679,11 +710,13 @@ def dump_json(results: dict[str, Any]) -> str:
     return json.dumps(head, ensure_ascii=False)[:-1] + ', "rows": [\n' + rows + "\n]}\n"
 
 
-def plot(results: dict[str, Any], directory: Path) -> None:
+def plot(results: dict[str, Any], directory: Path) -> list[Path]:
     import plots  # benchmarks/plots.py, next to this script
 
-    for written in plots.draw(results, directory):
-        print(f"wrote {written}", file=sys.stderr)
+    written = plots.draw(results, directory)
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
+    return written
 
 
 def main() -> int:
@@ -753,16 +786,16 @@ def main() -> int:
     if json_path:
         Path(json_path).write_text(dump_json(results_json(rows, info)), encoding="utf-8")
         print(f"wrote {json_path}", file=sys.stderr)
+    charts = plot(results_json(rows, info), Path(args.plot_dir)) if args.plot else []
     if args.markdown:
         sizes = QUICK if args.quick else FULL
         info["method"] = METHOD.format(
             args=flags, seconds=seconds, repeats=sizes.repeats, server_id=SERVER_ID,
             client_id=CLIENT_ID, rtt_warmup=sizes.rtt_warmup, rtt_count=sizes.rtt_count,
             connrate=sizes.connrate, idle=sizes.idle, settle=SETTLE)
-        write_markdown(Path(args.markdown), markdown(rows, info))
+        section = chart_section(charts, Path(args.markdown), json_path)
+        write_markdown(Path(args.markdown), markdown(rows, info, section))
         print(f"wrote {args.markdown}", file=sys.stderr)
-    if args.plot:
-        plot(results_json(rows, info), Path(args.plot_dir))
     return 1 if failures(rows) else 0
 
 

@@ -220,3 +220,21 @@ class ProfileSplitTests(unittest.TestCase):
         self.assertEqual({k: v.name for k, v in found.items()},
                          {"hbone-server": "001-rtt-hbonex-server.prof",
                           "hbone-client": "002-rtt-hbonex-client.prof"})
+
+
+class ChartSectionTests(unittest.TestCase):
+    def test_links_relative_to_the_markdown_with_a_sentence_each(self) -> None:
+        base = Path(self.mktemp())
+        charts = [base / "docs" / plots.RATIOS_FILE, base / "docs" / plots.CDF_FILE]
+        lines = run.chart_section(charts, base / "docs" / "benchmarks.md",
+                                  "docs/benchmarks.json")
+        self.assertEqual(lines[1], "## Charts")
+        self.assertIn("--plot-from docs/benchmarks.json", lines[3])
+        links = [line for line in lines if line.startswith("![")]
+        self.assertEqual([line.rsplit("(", 1)[1] for line in links],
+                         ["bench-ratios.svg)", "bench-rtt-cdf.svg)"])
+        for name in (plots.RATIOS_FILE, plots.CDF_FILE):
+            self.assertIn(run.CHART_TEXT[name][1], lines)
+
+    def test_nothing_drawn_no_section(self) -> None:
+        self.assertEqual(run.chart_section([], Path("docs/benchmarks.md"), None), [])
