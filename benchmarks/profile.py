@@ -47,6 +47,9 @@ TLS_BUILTIN = re.compile(r"_openssl|\bSSL_|\bERR_|\bX509|\bEVP_|\bBIO_|_rust\.")
 # The reactor waiting for something to do: not busy time.
 IDLE = re.compile(r"'poll' of 'select\.(?:epoll|poll)' objects|built-in method select\.select"
                   r"|'run_forever' of 'uvloop")
+# uvloop's run_forever is compiled code cProfile does not see as a call: its waiting (and its
+# own C work) is the self time of the asyncio reactor's run(), which does nothing else.
+IDLE_PYTHON = (("asyncioreactor.py", "run"),)
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,12 @@ class Entry:
         if self.file == "~":
             return self.function
         return f"{short_path(self.file)}:{self.line} {self.function}"
+
+
+def is_idle(entry: Entry) -> bool:
+    if entry.file == "~":
+        return bool(IDLE.search(entry.function))
+    return any(entry.file.endswith(f) and entry.function == fn for f, fn in IDLE_PYTHON)
 
 
 def short_path(file: str) -> str:
@@ -124,16 +133,16 @@ def split(items: list[Entry]) -> Split:
     groups = dict.fromkeys(GROUPS, 0.0)
     idle, idle_names = 0.0, []
     for e in items:
-        if e.file == "~" and IDLE.search(e.function):
+        if is_idle(e):
             idle += e.tottime
-            idle_names.append(e.function)
+            idle_names.append(e.name)
             continue
         groups[group_of(e)] += e.tottime
     return Split(sum(groups.values()), idle, groups, idle_names)
 
 
 def top(items: list[Entry], count: int, sort: str) -> list[Entry]:
-    busy = [e for e in items if not (e.file == "~" and IDLE.search(e.function))]
+    busy = [e for e in items if not is_idle(e)]
     return sorted(busy, key=lambda e: getattr(e, sort), reverse=True)[:count]
 
 

@@ -201,6 +201,15 @@ class ProfileSplitTests(unittest.TestCase):
         names = [e.function for e in profile.top(items, 2, "tottime")]
         self.assertEqual(names, ["__next__", "dataReceived"])
 
+    def test_uvloop_wait_is_the_asyncio_reactor_run(self) -> None:
+        reactor = self.SITE + "twisted/internet/asyncioreactor.py"
+        items = [self.entry(reactor, "run", 2.0), self.entry(reactor, "callLater", 0.5),
+                 self.entry("/tmp/wt/hbonex/relay.py", "dataReceived", 0.5)]
+        s = profile.split(items)
+        self.assertAlmostEqual(s.idle, 2.0)
+        self.assertAlmostEqual(s.busy, 1.0)
+        self.assertAlmostEqual(s.groups[profile.REACTOR], 0.5)
+
     def test_report_reads_a_real_stats_file(self) -> None:
         import cProfile
 
