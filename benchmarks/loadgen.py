@@ -24,6 +24,7 @@ import time
 from typing import Any, Callable
 
 HOST = "127.0.0.1"
+QUANTILES = 500  # at most this many round-trip times reported (evenly spaced ranks)
 TIMEOUT = 30.0
 BLOCK = os.urandom(256 * 1024)
 MESSAGE = 64
@@ -147,7 +148,21 @@ def rtt(port: int, warmup: int, count: int) -> dict[str, Any]:
     return {
         "p50_us": samples[len(samples) // 2] / 1e3,
         "p99_us": samples[int(0.99 * (len(samples) - 1))] / 1e3,
+        "quantiles_us": quantiles(samples, QUANTILES),
     }
+
+
+def quantiles(ordered: list[int], points: int) -> list[float]:
+    """
+    The sorted nanosecond samples at ``points`` evenly spaced ranks (first and last
+    included), in µs: the distribution at a bounded size, for run.py's CDF chart.
+    """
+    n = len(ordered)
+    if n <= points:
+        ranks = range(n)
+    else:
+        ranks = (round(i * (n - 1) / (points - 1)) for i in range(points))
+    return [round(ordered[r] / 1e3, 1) for r in ranks]
 
 
 def connrate(port: int, concurrency: int, count: int) -> dict[str, Any]:

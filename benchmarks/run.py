@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -148,6 +149,8 @@ class Bench:
     source: Path = REPO  # the hbonex tree the twistd processes import
     profile: bool = False
     workers: int = 1  # --workers of each hbonex proxy
+    reactor: Optional[str] = None  # twistd --reactor for the hbonex proxies (None: its default)
+    paths: tuple[str, ...] = PATHS  # which paths the scenarios measure
     seq: int = 0
 
     def unique(self, label: str) -> str:
@@ -211,6 +214,8 @@ class Hbonex(PathBase):
         if bench.profile:
             argv += [f"--profile={bench.workdir / (name + '.prof')}", "--profiler=cprofile",
                      "--savestats"]
+        if bench.reactor:
+            argv += ["--reactor", bench.reactor]
         env = dict(os.environ, PYTHONPATH=str(bench.source), HBONEX_STATE_DIR=str(bench.workdir))
         workers = ["--workers", str(bench.workers)] if bench.workers != 1 else []
         child = Child(name, [*argv, plugin, "--pki", str(bench.pki_dir / role),
@@ -263,9 +268,9 @@ PATH_TYPES: dict[str, type[PathBase]] = {"direct": Direct, "hbonex": Hbonex, "no
 
 
 @contextlib.contextmanager
-def running(bench: Bench, target: str, label: str, paths: tuple[str, ...] = PATHS,
+def running(bench: Bench, target: str, label: str, paths: Optional[tuple[str, ...]] = None,
             streams: Optional[int] = None) -> Iterator[list[PathBase]]:
-    started = [PATH_TYPES[name]() for name in paths]
+    started = [PATH_TYPES[name]() for name in paths or bench.paths]
     try:
         for path in started:
             path.start(bench, bench.targets[target], label, streams)
@@ -307,8 +312,11 @@ class Row:
     target: bool = True  # hbonex must be at least as good as Node
     digits: int = 0
     cpu: bool = False  # proxy CPU time: informational, no target, no direct column
+    key: str = ""  # a stable name for the JSON results and the charts (benchmarks/plots.py)
     samples: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PATHS})
     failures: dict[str, str] = field(default_factory=dict)
+    # Per path, one list of round-trip quantiles (µs) per repeat: the CDF chart's data.
+    distributions: dict[str, list[list[float]]] = field(default_factory=dict)
 
     def add(self, path: str, result: dict[str, Any], key: str, scale: float = 1) -> None:
         """
@@ -365,10 +373,10 @@ def warm_up(paths: list[PathBase], mode: str, *args: int) -> None:
 def bench_bulk(bench: Bench, mode: str, target: str) -> list[Row]:
     s = bench.sizes
     cases = [(1, s.bulk_1), (8, s.bulk_8)]
-    rows = [Row(f"{mode}, {n} tunnel{'s' if n > 1 else ''} × {size // MiB} MiB", "MB/s", "higher")
-            for n, size in cases]
+    rows = [Row(f"{mode}, {n} tunnel{'s' if n > 1 else ''} × {size // MiB} MiB", "MB/s", "higher",
+                key=f"{mode}-{n}") for n, size in cases]
     cpu = [Row(f"proxy CPU, {mode}, {n} tunnel{'s' if n > 1 else ''}", "ms/MB", "lower",
-               target=False, digits=2, cpu=True) for n, _ in cases]
+               target=False, digits=2, cpu=True, key=f"cpu-{mode}-{n}") for n, _ in cases]
     with running(bench, target, mode) as paths:
         warm_up(paths, mode, 8, 8 * MiB)
         for _ in range(s.repeats):
@@ -390,23 +398,28 @@ def bench_download(bench: Bench) -> list[Row]:
 
 def bench_rtt(bench: Bench) -> list[Row]:
     s = bench.sizes
-    p50 = Row(f"round trip p50 (64 B × {s.rtt_count})", "µs", "lower")
-    p99 = Row(f"round trip p99 (64 B × {s.rtt_count})", "µs", "lower", target=False)
-    cpu = Row("proxy CPU per round trip", "µs", "lower", target=False, cpu=True)
+    p50 = Row(f"round trip p50 (64 B × {s.rtt_count})", "µs", "lower", key="rtt-p50")
+    p99 = Row(f"round trip p99 (64 B × {s.rtt_count})", "µs", "lower", target=False,
+              key="rtt-p99")
+    cpu = Row("proxy CPU per round trip", "µs", "lower", target=False, cpu=True, key="cpu-rtt")
     with running(bench, "echo", "rtt") as paths:
         for _ in range(s.repeats):
             for path in paths:
                 result = loadgen(path, "rtt", s.rtt_warmup, s.rtt_count)
                 p50.add(path.name, result, "p50_us")
                 p99.add(path.name, result, "p99_us")
+                if result.get("ok") and "quantiles_us" in result:
+                    p50.distributions.setdefault(path.name, []).append(result["quantiles_us"])
                 cpu.add(path.name, result, "cpu_s", 1e6 / (s.rtt_warmup + s.rtt_count))
     return [p50, p99, cpu]
 
 
 def bench_connrate(bench: Bench) -> list[Row]:
     s = bench.sizes
-    row = Row(f"new tunnels/s (16 at a time, {s.connrate})", "tunnels/s", "higher")
-    cpu = Row("proxy CPU per new tunnel", "ms", "lower", target=False, digits=2, cpu=True)
+    row = Row(f"new tunnels/s (16 at a time, {s.connrate})", "tunnels/s", "higher",
+              key="connrate")
+    cpu = Row("proxy CPU per new tunnel", "ms", "lower", target=False, digits=2, cpu=True,
+              key="cpu-connrate")
     with running(bench, "echo", "connrate") as paths:
         warm_up(paths, "connrate", 16, 500)
         for _ in range(s.repeats):
@@ -481,11 +494,11 @@ def idle_rss(path: PathBase, count: int) -> dict[str, Any]:
 
 def bench_idle(bench: Bench) -> list[Row]:
     count, note = idle_count(bench.sizes.idle)
-    row = Row(f"RSS per idle tunnel ({count} tunnels)", "KiB", "lower", digits=1)
+    row = Row(f"RSS per idle tunnel ({count} tunnels)", "KiB", "lower", digits=1, key="idle")
     if note:
         row.metric += f" ({note})"
     for _ in range(bench.sizes.repeats):
-        for name in ("hbonex", "node"):
+        for name in (p for p in ("hbonex", "node") if p in bench.paths):
             # One HTTP/2 connection for all tunnels on both sides (Node's forward never opens
             # a second one), so the stream limits are raised above the tunnel count.
             with running(bench, "echo", "idle", paths=(name,), streams=count + 100) as (path,):
@@ -505,7 +518,20 @@ SCENARIOS: dict[str, Callable[[Bench], list[Row]]] = {
 # ---------------------------------------------------------------- report
 
 
-SECTIONS = ("## Machine and versions", "## Method", "## Results", "## All samples")
+SECTIONS = ("## Machine and versions", "## Method", "## Results", "## All samples", "## Charts")
+CHART_TEXT = {
+    "bench-ratios.svg": (
+        "hbonex / Node and hbonex / direct TCP per metric",
+        "Each metric's hbonex median divided by Node's (green) and by direct TCP's (blue), on a "
+        "log scale with 1.0 dashed: above the line hbonex's figure is the higher one, which is "
+        "good for throughput and new tunnels/s (↑ better) and bad for round trips, memory and "
+        "CPU (↓ better). Direct TCP has no proxy, so no CPU or memory bar."),
+    "bench-rtt-cdf.svg": (
+        "round-trip time distribution per path",
+        "The 64-byte round trips of every repeat, per path (loadgen.py reports 500 evenly "
+        "spaced quantiles per repeat; the repeats pooled): the fraction of round trips at or "
+        "below each time, on a log time axis, grey lines at p50 and p99."),
+}
 HEADER = ["metric", "unit", "direct TCP", "hbonex", "Node", "hbonex/Node", "target", "result"]
 
 
@@ -616,12 +642,30 @@ METHOD = """\
 """
 
 
-def markdown(rows: list[Row], info: dict[str, Any]) -> str:
+def chart_section(charts: list[Path], markdown_file: Path, json_file: Optional[str]) -> list[str]:
+    """
+    The "Charts" section: each chart written by --plot, linked from the markdown file's folder.
+    """
+    if not charts:
+        return []
+    where = markdown_file.resolve().parent
+    saved = (f" (the raw results: `{json_file}`; `benchmarks/run.py --plot-from {json_file}` "
+             "redraws them without running)") if json_file else ""
+    out = ["", SECTIONS[4], "", f"Drawn by `benchmarks/run.py --plot` from this run{saved}."]
+    for chart in charts:
+        alt, text = CHART_TEXT.get(chart.name, (chart.stem, ""))
+        link = os.path.relpath(chart.resolve(), where)
+        out += ["", f"![{alt}]({link})", "", text] if text else ["", f"![{alt}]({link})"]
+    return out
+
+
+def markdown(rows: list[Row], info: dict[str, Any], charts: Optional[list[str]] = None) -> str:
     out = ["# hbonex benchmarks", "",
            "hbonex against direct loopback TCP and an independent Node http2 tunnel "
-           f"(`tests/node/h2tunnel.mjs`). The sections from here to \"All samples\" were "
-           f"written by `benchmarks/run.py` on {info['date']}; regenerate them with "
-           "`.venv/bin/python benchmarks/run.py --markdown docs/benchmarks.md` (about 6 min; "
+           f"(`tests/node/h2tunnel.mjs`). The sections from here to \"All samples\" (and "
+           f"\"Charts\") were written by `benchmarks/run.py` on {info['date']}; regenerate "
+           "them with `.venv/bin/python benchmarks/run.py --markdown docs/benchmarks.md "
+           "--plot` (about 6 min; the charts need `pip install -e '.[bench]'`; "
            "`--quick` for a smoke run, `--only NAME` for one of "
            f"{', '.join(SCENARIOS)}). Other sections belong to other scripts and are kept.",
            "", SECTIONS[0], ""]
@@ -636,7 +680,7 @@ def markdown(rows: list[Row], info: dict[str, Any]) -> str:
         samples = "; ".join(f"{p}: " + ", ".join(f"{v:,.{r.digits}f}" for v in r.samples[p])
                             for p in PATHS if r.samples[p])
         out.append(f"* {r.metric} ({r.unit}): {samples or '—'}")
-    return "\n".join(out) + "\n"
+    return "\n".join(out + (charts or [])) + "\n"
 
 
 def write_markdown(path: Path, text: str) -> None:
@@ -658,14 +702,19 @@ def make_pki(directory: Path) -> None:
     pki.issue(directory, "client", spiffe=CLIENT_ID)
 
 
-def run(args: argparse.Namespace, workdir: Path, loads: list[str]) -> list[Row]:
-    sizes = QUICK if args.quick else FULL
+def run(args: argparse.Namespace, workdir: Path, loads: list[str],
+        paths: tuple[str, ...] = PATHS, sizes: Optional[Sizes] = None) -> list[Row]:
+    """
+    The scenarios ``args`` ask for over ``paths``; benchmarks/profile.py calls this too.
+    """
+    sizes = sizes or (QUICK if args.quick else FULL)
     make_pki(workdir / "pki")
     target = Child("target", [sys.executable, str(HERE / "target.py")], workdir)
     try:
         ports = json.loads(target.wait_for(READY_RE).group(0))
         bench = Bench(sizes, workdir, workdir / "pki", ports, Path(args.hbonex).resolve(),
-                      profile=args.profile, workers=args.workers)
+                      profile=args.profile, workers=args.workers, reactor=args.reactor,
+                      paths=paths)
         rows = []
         for name in [args.only] if args.only else SCENARIOS:
             print(f"{name}:", file=sys.stderr, flush=True)
@@ -674,6 +723,31 @@ def run(args: argparse.Namespace, workdir: Path, loads: list[str]) -> list[Row]:
         return sorted(rows, key=lambda r: r.cpu)  # proxy CPU rows last
     finally:
         target.stop()
+
+
+def results_json(rows: list[Row], info: dict[str, Any]) -> dict[str, Any]:
+    """
+    Everything a run measured, for ``--json`` and for ``--plot-from`` later.
+    """
+    return {"format": 1, "info": info, "rows": [dataclasses.asdict(r) for r in rows]}
+
+
+def dump_json(results: dict[str, Any]) -> str:
+    """
+    ``results`` as JSON with one row per line (a diff shows which rows changed).
+    """
+    rows = ",\n".join(json.dumps(r, ensure_ascii=False) for r in results["rows"])
+    head = {k: v for k, v in results.items() if k != "rows"}
+    return json.dumps(head, ensure_ascii=False)[:-1] + ', "rows": [\n' + rows + "\n]}\n"
+
+
+def plot(results: dict[str, Any], directory: Path) -> list[Path]:
+    import plots  # benchmarks/plots.py, next to this script
+
+    written = plots.draw(results, directory)
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
+    return written
 
 
 def main() -> int:
@@ -691,12 +765,35 @@ def main() -> int:
                              "core); the CPU and memory rows count the workers too")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the twistd processes into the work directory")
+    parser.add_argument("--reactor", metavar="NAME",
+                        help="twistd --reactor for the hbonex proxies: epoll, asyncio, uvloop "
+                             "(hbonex's plugin; needs uvloop)... (default: twistd's own)")
+    parser.add_argument("--json", metavar="FILE",
+                        help="save the raw results (every sample, the round-trip "
+                             "distributions) as JSON; with --markdown X.md, X.json by default")
+    parser.add_argument("--plot", action="store_true",
+                        help="draw the charts (docs/bench-*.svg) from this run; needs "
+                             "matplotlib: pip install -e '.[bench]'")
+    parser.add_argument("--plot-from", metavar="FILE",
+                        help="draw the charts from a JSON saved by an earlier run, run nothing")
+    parser.add_argument("--plot-dir", metavar="DIR", default=str(REPO / "docs"),
+                        help="where the charts go (default: docs/)")
     args = parser.parse_args()
+    if args.plot or args.plot_from:
+        import plots
+
+        if (missing := plots.missing_matplotlib()) is not None:
+            print(missing, file=sys.stderr)  # before a run of minutes, not after it
+            return 2
+    if args.plot_from:
+        plot(json.loads(Path(args.plot_from).read_text(encoding="utf-8")), Path(args.plot_dir))
+        return 0
 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every child
     info = {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
             "machine": machine(), "versions": versions(Path(args.hbonex).resolve())}
+    info["versions"]["hbonex reactor"] = args.reactor or "twistd's default"
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         if args.workdir:
@@ -713,17 +810,27 @@ def main() -> int:
     print(text_table(rows))
     for line in failures(rows):
         print("FAILED " + line)
+    flags = "".join(f" --{k} {v}" if v is not True else f" --{k}"
+                    for k, v in (("quick", args.quick), ("only", args.only),
+                                 ("reactor", args.reactor),
+                                 ("workers", str(args.workers) if args.workers != 1 else None))
+                    if v)
+    info["command"] = f"benchmarks/run.py{flags}"
+    info["seconds"] = round(seconds, 1)
+    json_path = args.json or (str(Path(args.markdown).with_suffix(".json")) if args.markdown
+                              else None)
+    if json_path:
+        Path(json_path).write_text(dump_json(results_json(rows, info)), encoding="utf-8")
+        print(f"wrote {json_path}", file=sys.stderr)
+    charts = plot(results_json(rows, info), Path(args.plot_dir)) if args.plot else []
     if args.markdown:
         sizes = QUICK if args.quick else FULL
-        flags = "".join(f" --{k} {v}" if v is not True else f" --{k}"
-                        for k, v in (("quick", args.quick), ("only", args.only),
-                                     ("workers", str(args.workers) if args.workers != 1 else None))
-                        if v)
         info["method"] = METHOD.format(
             args=flags, seconds=seconds, repeats=sizes.repeats, server_id=SERVER_ID,
             client_id=CLIENT_ID, rtt_warmup=sizes.rtt_warmup, rtt_count=sizes.rtt_count,
             connrate=sizes.connrate, idle=sizes.idle, settle=SETTLE)
-        write_markdown(Path(args.markdown), markdown(rows, info))
+        section = chart_section(charts, Path(args.markdown), json_path)
+        write_markdown(Path(args.markdown), markdown(rows, info, section))
         print(f"wrote {args.markdown}", file=sys.stderr)
     return 1 if failures(rows) else 0
 
