@@ -51,7 +51,7 @@ class UvloopReactorTests(unittest.TestCase):
         self.assertEqual(found["uvloop"].moduleName, "hbonex.uvloopreactor")
 
     def test_installs_asyncio_reactor_on_uvloop_loop(self) -> None:
-        tmp = Path(self.mktemp())
+        tmp = Path(self.mktemp()).resolve()  # the child runs elsewhere
         (tmp / "fake").mkdir(parents=True)
         (tmp / "fake" / "uvloop.py").write_text(FAKE_UVLOOP)
         done = probe(tmp, [str(tmp / "fake")])
@@ -59,7 +59,7 @@ class UvloopReactorTests(unittest.TestCase):
         self.assertEqual(done.stdout.split(), ["AsyncioSelectorReactor", "Loop", "True"])
 
     def test_without_uvloop_says_what_to_install(self) -> None:
-        tmp = Path(self.mktemp())
+        tmp = Path(self.mktemp()).resolve()  # the child runs elsewhere
         tmp.mkdir()
         # sys.modules[name] = None makes "import uvloop" fail even where it is installed.
         done = probe(tmp, [], prelude="import sys; sys.modules['uvloop'] = None\n")
