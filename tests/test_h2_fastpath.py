@@ -428,6 +428,23 @@ class EdgeCaseTests(unittest.TestCase):
         self.assertEqual(raw.server._rx_parts, [])
         self.assertFalse(raw.server.conn.incoming_buffer._headers_buffer)
 
+    def test_h2_only_ever_gets_whole_frames(self) -> None:
+        """After a frame for h2, a cut frame is held back, so later reads stay fast."""
+        raw = RawServer(fast=True)
+        given: list[bytes] = []
+        original = raw.server.conn.receive_data
+
+        def spy(chunk: bytes) -> Any:
+            given.append(bytes(chunk))
+            return original(chunk)
+
+        raw.server.conn.receive_data = spy  # type: ignore[method-assign]
+        ping = frame(PING, 0, 0, b"12345678")
+        wire = data(1, b"a") + ping + data(1, b"b" * 1000) + data(1, b"c")
+        raw.receive(wire, [len(wire) - 500])
+        self.assertEqual(given, [ping])
+        self.assertEqual(raw.upstreams[1].transport.value(), b"a" + b"b" * 1000 + b"c")
+
 
 plain_data = st.tuples(st.just("data"), st.sampled_from([1, 1, 1, 3]),
                        st.sampled_from([1, 100, 100, 5000, 16384, 16384, 0, 16385]),

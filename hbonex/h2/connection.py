@@ -775,19 +775,16 @@ class H2TunnelConnection(Protocol):
         conn = self.conn
         fast: list[fastpath.Item] = []
         if self.fast_path and fastpath.ready(conn):
-            taken, fast, need = fastpath.receive(conn, self.guard, data)
-            if taken == len(data):
-                data = b""
-            elif need:
+            taken, fast, h2_end, need = fastpath.receive(conn, self.guard, data)
+            if need:
                 # A frame cut by the read: held here (not in h2's buffer, which would keep
                 # every later read on h2's path until a read ends on a frame boundary).
-                rest = data[taken:]
+                rest = data[h2_end:]
                 self._rx_parts = [rest]
                 self._rx_size = len(rest)
                 self._rx_need = need
-                data = b""
-            elif taken:
-                data = data[taken:]
+            if taken or need:
+                data = data[taken:h2_end]
         events: list[h2.events.Event] = []
         try:
             if data:
@@ -942,14 +939,17 @@ class H2TunnelConnection(Protocol):
         # (one TLS record and one send instead of one per frame acknowledged or answered).
         if self._receiving and not force:
             return
-        data = self.conn.data_to_send()
         out = self._out
         if out:
-            if data:
-                out.append(data)
+            if self.conn._data_to_send:
+                out.append(self.conn.data_to_send())
             data = b"".join(out)
             self._out = []
-        if data and self.transport is not None and not self._lost:
+        elif self.conn._data_to_send:
+            data = self.conn.data_to_send()
+        else:
+            return
+        if self.transport is not None and not self._lost:
             if self._paused:
                 # The socket is full: what we write now queues.  A peer that keeps sending
                 # PINGs or SETTINGS (or opens streams) without reading must not grow that queue

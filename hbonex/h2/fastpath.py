@@ -86,12 +86,13 @@ def ready(conn: Any) -> bool:
     )
 
 
-def receive(conn: Any, guard: FloodGuard, data: bytes) -> tuple[int, list[Item], int]:
+def receive(conn: Any, guard: FloodGuard, data: bytes) -> tuple[int, list[Item], int, int]:
     """
     Take the plain DATA and WINDOW_UPDATE frames at the start of ``data``, doing h2's
-    accounting for them.  Returns how many bytes were taken, the frames, and, when the rest of
-    ``data`` is the beginning of a frame that may turn out plain, how many bytes that frame
-    needs before it is worth looking at again (0: hand the rest to h2).
+    accounting for them.  Returns ``(taken, frames, h2_end, need)``: ``data[:taken]`` was
+    taken (as ``frames``), ``data[taken:h2_end]`` is for h2, and the rest, the beginning of a
+    frame, is to be held until ``need`` bytes of it are here.  Only whole frames go to h2:
+    a partial frame in h2's buffer would keep every later read off the fast path.
     """
     items: list[Item] = []
     streams = conn.streams
@@ -99,17 +100,12 @@ def receive(conn: Any, guard: FloodGuard, data: bytes) -> tuple[int, list[Item],
     conn_window = conn._inbound_flow_control_window_manager
     end = len(data)
     offset = 0
-    while True:
-        left = end - offset
-        if left < 9:
-            return offset, items, 9 if left else 0
+    while end - offset >= 9:
         head, flags, sid = _HEADER.unpack_from(data, offset)
         length = head >> 8
+        if length > max_size or end - offset < 9 + length:
+            break  # h2's FRAME_SIZE_ERROR, or a partial frame
         kind = head & 0xFF
-        if length > max_size:
-            break  # h2's FRAME_SIZE_ERROR
-        if left < 9 + length:
-            return offset, items, 9 + length if kind == _DATA or kind == _WINDOW_UPDATE else 0
         sid &= 0x7FFFFFFF
         if kind == _DATA:
             # Empty DATA frames are counted by the flood guard (via h2): left to it.
@@ -166,7 +162,18 @@ def receive(conn: Any, guard: FloodGuard, data: bytes) -> tuple[int, list[Item],
         else:
             break
         offset += 9 + length
-    return offset, items, 0
+    # The rest: whole frames for h2, then a partial one to hold.
+    taken = offset
+    while True:
+        left = end - offset
+        if left < 9:
+            return taken, items, offset, 9 if left else 0
+        length = data[offset] << 16 | data[offset + 1] << 8 | data[offset + 2]
+        if length > max_size:
+            return taken, items, end, 0  # h2 fails the connection for it
+        if left < 9 + length:
+            return taken, items, offset, 9 + length
+        offset += 9 + length
 
 
 def acknowledge(conn: Any, stream_id: int, size: int) -> bool:
