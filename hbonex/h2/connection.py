@@ -44,6 +44,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from hbonex.h2 import fastpath
 from hbonex.h2.flood import Flood, FloodGuard, LimitedFrameBuffer
 from hbonex.h2.settings import H2Settings
 from hbonex.interfaces import IHalfCloseableTransport
@@ -289,7 +290,7 @@ class H2Stream:
         self.bytes_received = 0
         # send side
         # Lists, not deques: an idle tunnel's empty deque costs ~600 bytes, a list 56.
-        self._outbound: list[bytes] = []
+        self._outbound: list[fastpath.Chunk] = []
         self._outbound_size = 0
         self._end_requested = False  # loseWriteConnection() called
         #: Trailers to end our side with, after the queued data (instead of END_STREAM DATA).
@@ -577,6 +578,9 @@ class H2TunnelConnection(Protocol):
 
     log = Logger()
     client_side = False
+    #: Established streams' DATA and WINDOW_UPDATE frames bypass h2's per-frame machinery
+    #: (hbonex.h2.fastpath); off, h2 handles every frame (the tests compare both).
+    fast_path = True
 
     def __init__(self, settings: H2Settings, reactor: IReactorTime) -> None:
         self.settings = settings
@@ -605,6 +609,13 @@ class H2TunnelConnection(Protocol):
         self._paused = False
         self._lost = False
         self._receiving = False
+        #: Frames built by the fast path (with what h2 had queued before them), written by
+        #: _flush ahead of h2's own output.
+        self._out: list[fastpath.Chunk] = []
+        #: The start of a frame the fast path may take, until ``_rx_need`` bytes are here.
+        self._rx_parts: list[bytes] = []
+        self._rx_size = 0
+        self._rx_need = 0
         self.goaway_received = False
         self.goaway_sent = False
         self._ping_call: IDelayedCall | None = None
@@ -754,8 +765,30 @@ class H2TunnelConnection(Protocol):
         if not self.may_send:
             return
         self._last_activity = self.reactor.seconds()
+        if self._rx_parts:
+            self._rx_parts.append(data)
+            self._rx_size += len(data)
+            if self._rx_size < self._rx_need:
+                return
+            data = b"".join(self._rx_parts)
+            self._rx_parts = []
+        conn = self.conn
+        fast: list[fastpath.Item] = []
+        if self.fast_path and fastpath.ready(conn):
+            taken, fast, h2_end, need = fastpath.receive(conn, self.guard, data)
+            if need:
+                # A frame cut by the read: held here (not in h2's buffer, which would keep
+                # every later read on h2's path until a read ends on a frame boundary).
+                rest = data[h2_end:]
+                self._rx_parts = [rest]
+                self._rx_size = len(rest)
+                self._rx_need = need
+            if taken or need:
+                data = data[taken:h2_end]
+        events: list[h2.events.Event] = []
         try:
-            events = self.conn.receive_data(data)
+            if data:
+                events = conn.receive_data(data)
         except h2.exceptions.ProtocolError as e:
             kind = "flood" if isinstance(e, Flood) else "protocol error"
             if isinstance(e, Flood):
@@ -771,10 +804,24 @@ class H2TunnelConnection(Protocol):
             return
         self._receiving = True
         try:
-            for event in events:
-                self._dispatch(event)
+            # h2 has taken the whole batch before any of it is dispatched, as without the
+            # fast path: the fast frames' effects come first, in order.
+            for sid, payload, size in fast:
+                if payload is None:
+                    self._window_opened(sid)
+                else:
+                    stream = self.streams.get(sid)
+                    if stream is None:
+                        self._ack(sid, size)
+                    else:
+                        stream._data_received(payload, size)
                 if not self.may_send:
                     break
+            else:
+                for event in events:
+                    self._dispatch(event)
+                    if not self.may_send:
+                        break
         finally:
             self._receiving = False
         self._flush()
@@ -892,8 +939,17 @@ class H2TunnelConnection(Protocol):
         # (one TLS record and one send instead of one per frame acknowledged or answered).
         if self._receiving and not force:
             return
-        data = self.conn.data_to_send()
-        if data and self.transport is not None and not self._lost:
+        out = self._out
+        if out:
+            if self.conn._data_to_send:
+                out.append(self.conn.data_to_send())
+            data = b"".join(out)
+            self._out = []
+        elif self.conn._data_to_send:
+            data = self.conn.data_to_send()
+        else:
+            return
+        if self.transport is not None and not self._lost:
             if self._paused:
                 # The socket is full: what we write now queues.  A peer that keeps sending
                 # PINGs or SETTINGS (or opens streams) without reading must not grow that queue
@@ -943,7 +999,14 @@ class H2TunnelConnection(Protocol):
         sent_any = False
         frames = 0
         try:
-            if outbound:
+            h2stream = fastpath.sendable(conn, sid) if outbound and self.fast_path else None
+            if h2stream is not None:
+                size, frames = fastpath.send(conn, h2stream, outbound, self._out)
+                if size:
+                    stream._outbound_size -= size
+                    stream.bytes_sent += size
+                    sent_any = True
+            elif outbound:
                 window = conn.local_flow_control_window(sid)
                 max_frame = conn.max_outbound_frame_size
                 while outbound and window > 0:
@@ -1009,6 +1072,8 @@ class H2TunnelConnection(Protocol):
         Data was consumed: give its window back (h2 batches the WINDOW_UPDATEs).
         """
         if flow_length and self.may_send:
+            if self.fast_path and fastpath.acknowledge(self.conn, stream_id, flow_length):
+                return  # no WINDOW_UPDATE due yet
             try:
                 self.conn.acknowledge_received_data(flow_length, stream_id)
             except h2.exceptions.StreamClosedError:

@@ -126,11 +126,7 @@ class FloodGuard:
                             "inbound_priority_frames_flood")
         elif isinstance(frame, WindowUpdateFrame):
             self.window_updates += 1
-            limit = 5 + 2 * (
-                self.opened_streams
-                + s.max_inbound_window_update_frames_per_data_frame_sent
-                * self.data_frames_sent
-            )
+            limit = self._window_update_limit()
             if self.window_updates > limit:
                 raise Flood(f"{self.window_updates} WINDOW_UPDATE frames for "
                             f"{self.data_frames_sent} DATA frames sent "
@@ -140,6 +136,17 @@ class FloodGuard:
             why = self.stream_reset(frame.stream_id, frame.error_code)
             if why is not None:
                 raise Flood(why, "premature_reset")
+
+    def _window_update_limit(self) -> int:
+        return 5 + 2 * (
+            self.opened_streams
+            + self.settings.max_inbound_window_update_frames_per_data_frame_sent
+            * self.data_frames_sent
+        )
+
+    def window_update_allowed(self) -> bool:
+        """Whether one more WINDOW_UPDATE stays within the limit (the fast path's check)."""
+        return self.window_updates < self._window_update_limit()
 
     def stream_opened(self, stream_id: int) -> None:
         self.opened_streams += 1
