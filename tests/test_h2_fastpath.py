@@ -254,6 +254,22 @@ class EdgeCaseTests(unittest.TestCase):
         self.assertEqual(manager._bytes_processed, 253)
         self.assertEqual(manager.current_window_size, 65535 - 253)
 
+    def test_malformed_request_reset_after_h2_reset_it(self) -> None:
+        """
+        A malformed request (no pseudo-headers) ended at once, then HEADERS again on the same
+        stream in the same read: h2 resets the stream for the second frame before our handler
+        sees the first, whose PROTOCOL_ERROR reset must then be a no-op, not an exception
+        out of dataReceived.
+        """
+        s = Scenario(self)
+        s.receive(frame(HEADERS, END_HEADERS | END_STREAM, 3, b"")
+                  + frame(HEADERS, END_HEADERS, 3, connect_block(b"127.0.0.1:8080")))
+        self.assertEqual([step for step in s.fast.steps if isinstance(step, tuple)], [])
+        self.assertEqual(resets(s.fast), {3: ErrorCodes.STREAM_CLOSED})
+        self.assertEqual(goaway_code(s.fast), None)
+        s.receive(data(1, b"still fine"))  # the other tunnel is unharmed
+        self.assertEqual(s.fast.upstreams[1].transport.value(), b"still fine")
+
     def test_invalid_padding_is_a_protocol_error(self) -> None:
         s = Scenario(self)
         s.receive(frame(DATA, PADDED, 1, b"\x05abc"))
@@ -516,6 +532,8 @@ class EquivalenceTests(unittest.TestCase):
                 s.pause(action[1], action[2])
         if pending:
             s.receive(pending, cuts)
+        # Nothing a peer sends makes dataReceived raise (on either path).
+        self.assertEqual([step for step in s.fast.steps if isinstance(step, tuple)], [])
 
 
 class H2InternalsTests(unittest.TestCase):

@@ -161,7 +161,12 @@ class QuietH2Connection(h2.connection.H2Connection):
         self.decoder.max_header_list_size = size
 
     def reset_stream(self, stream_id: int, error_code: int = 0) -> None:
-        super().reset_stream(stream_id, error_code)
+        try:
+            super().reset_stream(stream_id, error_code)
+        except h2.exceptions.StreamClosedError:
+            # Closed meanwhile (h2 itself reset it for a later frame of the batch whose
+            # events are being handled, say): nothing is left to reset.
+            return
         _TX_RESET.inc()
         if self.guard is not None and self.flood is None:
             self.flood = self.guard.stream_reset(stream_id, error_code)
