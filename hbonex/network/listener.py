@@ -88,14 +88,18 @@ class ConnectionInfo:
     upstream_request: Any = None
     #: Envoy's %CONNECTION_ID%: unique among this process's downstream connections.
     connectionId: int = attrs.Factory(lambda: next(_CONNECTION_IDS))
-    #: The connection's filter state (network filters such as set_filter_state write it).
-    filter_state: FilterState = attrs.Factory(FilterState)
+    #: The connection's filter state (network filters such as set_filter_state write it):
+    #: ``filter_state``, made on first access (most connections never use one); the
+    #: constructor's ``filter_state=`` sets it.
+    _filter_state: FilterState | None = None
     #: Envoy's localAddressRestored(): a listener filter (original_dst) set localAddress to
     #: the connection's original destination; ORIGINAL_DST clusters then connect there.
     localAddressRestored: bool = False
     #: The connection's dynamic metadata, by namespace (an internal connection starts with
-    #: what its cluster's internal_upstream transport socket passed through).
-    dynamic_metadata: dict[str, dict[str, Any]] = attrs.Factory(dict)
+    #: what its cluster's internal_upstream transport socket passed through):
+    #: ``dynamic_metadata``, made on first access like the filter state (network RBAC writes
+    #: into it in place).
+    _dynamic_metadata: dict[str, dict[str, Any]] | None = None
     #: Envoy's detectedTransportProtocol: "tls" (TLS inspector), else "raw_buffer" once the
     #: listener filters are done.
     transportProtocol: str = ""
@@ -112,6 +116,36 @@ class ConnectionInfo:
         if not self.directRemoteAddress:
             self.directRemoteAddress = self.remoteAddress
 
+    @property
+    def filter_state(self) -> FilterState:
+        state = self._filter_state
+        if state is None:
+            state = self._filter_state = FilterState()
+        return state
+
+    @filter_state.setter
+    def filter_state(self, state: FilterState) -> None:
+        self._filter_state = state
+
+    @property
+    def dynamic_metadata(self) -> dict[str, dict[str, Any]]:
+        metadata = self._dynamic_metadata
+        if metadata is None:
+            metadata = self._dynamic_metadata = {}
+        return metadata
+
+    @dynamic_metadata.setter
+    def dynamic_metadata(self, metadata: dict[str, dict[str, Any]]) -> None:
+        self._dynamic_metadata = metadata
+
+    def existing_filter_state(self) -> FilterState | None:
+        """The filter state if anything made it yet, without making one."""
+        return self._filter_state
+
+    def existing_dynamic_metadata(self) -> dict[str, dict[str, Any]] | None:
+        """The dynamic metadata if anything made it yet, without making it."""
+        return self._dynamic_metadata
+
     def substitutions(self) -> dict[str, str]:
         record = {
             "connection_id": str(self.connectionId),
@@ -121,8 +155,8 @@ class ConnectionInfo:
             "peer_uri_san": self.peerIdentity,
             "local_uri_san": self.localIdentity,
         }
-        state = self.filter_state
-        if not state.is_empty():
+        state = self._filter_state
+        if state is not None and not state.is_empty():
             record.update((f"fs:{key}", str(state.get_data(key))) for key in state.keys())
         return record
 
