@@ -124,6 +124,8 @@ class Bench:
     targets: dict[str, int]
     source: Path = REPO  # the hbonex tree the twistd processes import
     profile: bool = False
+    #: Run hbonex from the Envoy YAML equivalent of its flags (``hbonex config render``).
+    yaml: bool = False
     seq: int = 0
 
     def unique(self, label: str) -> str:
@@ -188,8 +190,16 @@ class Hbonex(PathBase):
             argv += [f"--profile={bench.workdir / (name + '.prof')}", "--profiler=cprofile",
                      "--savestats"]
         env = dict(os.environ, PYTHONPATH=str(bench.source), HBONEX_STATE_DIR=str(bench.workdir))
-        child = Child(name, [*argv, plugin, "--pki", str(bench.pki_dir / role),
-                             "--ca", str(bench.pki_dir / "ca.pem"), *args], bench.workdir, env)
+        flags = ["--pki", str(bench.pki_dir / role), "--ca", str(bench.pki_dir / "ca.pem"), *args]
+        if bench.yaml:
+            # The same flags as an Envoy v3 bootstrap, rendered by the tree under test.
+            config = bench.workdir / f"{name}.yaml"
+            rendered = subprocess.run(
+                [sys.executable, "-m", "hbonex", "config", "render", role, *flags],
+                capture_output=True, text=True, env=env, check=True, timeout=60)
+            config.write_text(rendered.stdout)
+            flags = ["--config", str(config)]
+        child = Child(name, [*argv, plugin, *flags], bench.workdir, env)
         self.children.append(child)
         return int(child.wait_for(LISTEN_RE).group(1))
 
@@ -561,6 +571,8 @@ METHOD = """\
   server `{server_id}` with IP SAN 127.0.0.1, a client `{client_id}`); the client checks the
   server's SPIFFE ID, the server accepts the trust domain. Logs go to files: hbonex's server
   writes one line per tunnel (its client none), each Node process one JSON line per tunnel.
+* With `--yaml` both hbonex processes run `--config FILE` instead, FILE being what
+  `hbonex config render client|server` makes of the same flags (Envoy v3 YAML).
 * Every scenario starts with an unrecorded warm-up per path (8 tunnels × 8 MiB for bulk,
   {rtt_warmup} round trips for latency, 500 tunnels for new tunnels/s, 64 tunnels for memory):
   Node's JIT needs it, and it keeps connection setup out of the numbers.
@@ -635,7 +647,7 @@ def run(args: argparse.Namespace, workdir: Path, loads: list[str]) -> list[Row]:
     try:
         ports = json.loads(target.wait_for(READY_RE).group(0))
         bench = Bench(sizes, workdir, workdir / "pki", ports, Path(args.hbonex).resolve(),
-                      profile=args.profile)
+                      profile=args.profile, yaml=args.yaml)
         rows = []
         for name in [args.only] if args.only else SCENARIOS:
             print(f"{name}:", file=sys.stderr, flush=True)
@@ -658,6 +670,9 @@ def main() -> int:
                              "(default: this checkout)")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the twistd processes into the work directory")
+    parser.add_argument("--yaml", action="store_true",
+                        help="run hbonex from the Envoy YAML equivalent of its flags "
+                             "(`hbonex config render client|server FLAGS`, `--config FILE`)")
     args = parser.parse_args()
 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -683,7 +698,8 @@ def main() -> int:
     if args.markdown:
         sizes = QUICK if args.quick else FULL
         flags = "".join(f" --{k} {v}" if v is not True else f" --{k}"
-                        for k, v in (("quick", args.quick), ("only", args.only)) if v)
+                        for k, v in (("quick", args.quick), ("only", args.only),
+                                     ("yaml", args.yaml)) if v)
         info["method"] = METHOD.format(
             args=flags, seconds=seconds, repeats=sizes.repeats, server_id=SERVER_ID,
             client_id=CLIENT_ID, rtt_warmup=sizes.rtt_warmup, rtt_count=sizes.rtt_count,
