@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from hbonex.errors import UpstreamError
 from hbonex.h2.settings import H2Settings
 from hbonex.network.overload import DownstreamLimit
+from hbonex.network.relay import RelayEnd
 from hbonex.tls.context import ClientTLS, TLSSettings
 from hbonex.tls.fasttls import FastTLSFactory
 from hbonex.tunnel.client import H1TunnelClient, H2TunnelClient
@@ -376,14 +377,23 @@ class Cluster:
         """
         self._active[address] = self._active.get(address, 0) + 1
         self.stats.upstream_cx_active += 1
+        if isinstance(protocol, RelayEnd) and protocol.untrack is None:
+            # A tunnel's relay end (nearly always): it calls untrack itself, no closure and
+            # no per-instance method for every tunnel.
+            protocol.untrack = (self, address)
+            return
         lost = protocol.connectionLost
 
         def connection_lost(reason: Any) -> None:
-            self._active[address] -= 1
-            self.stats.upstream_cx_active -= 1
+            self.untrack(address)
             lost(reason)
 
         protocol.connectionLost = connection_lost  # type: ignore[method-assign]
+
+    def untrack(self, address: Address) -> None:
+        """``address``'s connection (counted by _track) is gone."""
+        self._active[address] -= 1
+        self.stats.upstream_cx_active -= 1
 
     def _count_handshake(self, protocol: IProtocol) -> None:
         # Wrapped on the instance: TLSMemoryBIOProtocol looks handshakeCompleted up there.
