@@ -185,9 +185,15 @@ class ListenerConnection(Protocol):
     """
 
     log = Logger()
+    # One per accepted connection (every tunnel on hbone-client), for its whole life.
+    __slots__ = ("listener", "chain", "tls", "_accepted", "info", "filters", "_next",
+                 "_started", "_delegate", "_pre", "_iterating", "_handshake_call",
+                 "_handshake_failure", "_stopped_data", "transport", "connected")
 
     def __init__(self, listener: Listener, chain: FilterChain, tls: bool,
                  info: ConnectionInfo | None = None) -> None:
+        self.transport: Any = None
+        self.connected = 0
         self.listener = listener
         self.chain = chain
         self.tls = tls
@@ -198,13 +204,15 @@ class ListenerConnection(Protocol):
         self._next = 0
         self._started = False
         self._delegate: IProtocol | None = None
-        self._pre: list[INetworkFilter] = []
+        #: The filters before the one that took over (they keep seeing the bytes).
+        self._pre: Sequence[INetworkFilter] = ()
         self._iterating = False
         self._handshake_call: IDelayedCall | None = None
         #: Why the handshake failed when we ended it ourselves (the abort's own reason,
         #: "lost in a non-clean fashion", would hide it).
         self._handshake_failure = ""
-        self._stopped_data: list[tuple[bytes, bool]] = []
+        #: Bytes held while a filter stopped iteration (made when there are some).
+        self._stopped_data: list[tuple[bytes, bool]] | None = None
 
     def connectionMade(self) -> None:
         self.listener.connections_active += 1
@@ -262,14 +270,14 @@ class ListenerConnection(Protocol):
         self._replay()
 
     def _replay(self) -> None:
-        pending, self._stopped_data = self._stopped_data, []
-        for data, end in pending:
+        pending, self._stopped_data = self._stopped_data, None
+        for data, end in pending or ():
             self._read(data, end, 0)
 
     def takeOver(self, protocol: IProtocol) -> None:
         # Filters before the one taking over keep seeing the bytes (onData); if there are
         # none, the transport's bytes go straight to ``protocol``.
-        self._pre = self.filters[: max(0, self._next - 1)]
+        self._pre = tuple(self.filters[: max(0, self._next - 1)])
         self._delegate = protocol
         protocol.makeConnection(self.transport)  # type: ignore[arg-type]
         if not self._iterating:
@@ -292,6 +300,8 @@ class ListenerConnection(Protocol):
         delegate = self._delegate
         if delegate is None and (self._next < len(self.filters) or not self._started):
             # A filter stopped iteration at connection time: hold data until it continues.
+            if self._stopped_data is None:
+                self._stopped_data = []
             self._stopped_data.append((data, end))
             return
         for f in (self._pre if delegate is not None else self.filters)[start:]:

@@ -132,6 +132,10 @@ class TcpProxyFilter:
     One per downstream connection.
     """
 
+    __slots__ = ("config", "callbacks", "relay", "_attempt", "_pending", "_started",
+                 "_duration_call", "_flush_call", "status", "upstream_host", "cluster_name",
+                 "target", "__weakref__")
+
     def __init__(self, config: TcpProxyConfig) -> None:
         self.config = config
         self.callbacks: INetworkFilterCallbacks | None = None
