@@ -95,6 +95,22 @@ class SyncDeliveryTests(unittest.TestCase):
         self.assertEqual(cp.received, [b"back"])
         self.assertEqual(clock.getDelayedCalls(), [])
 
+    def test_bulk_writes_wait_a_turn_and_keep_order(self) -> None:
+        # Past SYNC_MAX a write is queued (coalesced for the reader); a small write after it
+        # queues behind it.
+        from hbonex.network.internal import SYNC_MAX
+
+        clock, client, server, cp, sp = connect()
+        server.other.buffer_size = server.buffer_size = 10 * SYNC_MAX  # no pause here
+        big = b"x" * (SYNC_MAX + 1)
+        client.write(big)
+        client.write(b"small")
+        self.assertEqual(sp.received, [])
+        clock.advance(0)
+        self.assertEqual(sp.received, [big + b"small"])
+        client.write(b"y" * SYNC_MAX)
+        self.assertEqual(sp.received[-1], b"y" * SYNC_MAX)
+
     def test_writes_before_both_ends_are_connected_wait_a_turn(self) -> None:
         # The listener's protocol greets in connectionMade, before the connecting side's
         # protocol is connected: the greeting must not arrive before its connectionMade.
