@@ -95,15 +95,38 @@ class Child:
         tail = self.log.read_text(errors="replace")[-1500:]
         raise RuntimeError(f"{self.name} not ready (exit code {self.proc.poll()}): {tail}")
 
+    def pids(self) -> list[int]:
+        """The process and its descendants (a --workers supervisor's workers)."""
+        parents: dict[int, list[int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            parents.setdefault(ppid, []).append(int(stat.parent.name))
+        found, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            todo += parents.get(pid, [])
+        return found
+
     def rss_kib(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise RuntimeError(f"{self.name}: no VmRSS")
+        total = 0
+        for pid in self.pids():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        if not total:
+            raise RuntimeError(f"{self.name}: no VmRSS")
+        return total
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total = 0
+        for pid in self.pids():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -126,6 +149,7 @@ class Bench:
     profile: bool = False
     #: Run hbonex from the Envoy YAML equivalent of its flags (``hbonex config render``).
     yaml: bool = False
+    workers: int = 1  # --workers of each hbonex proxy
     seq: int = 0
 
     def unique(self, label: str) -> str:
@@ -190,7 +214,9 @@ class Hbonex(PathBase):
             argv += [f"--profile={bench.workdir / (name + '.prof')}", "--profiler=cprofile",
                      "--savestats"]
         env = dict(os.environ, PYTHONPATH=str(bench.source), HBONEX_STATE_DIR=str(bench.workdir))
-        flags = ["--pki", str(bench.pki_dir / role), "--ca", str(bench.pki_dir / "ca.pem"), *args]
+        workers = ["--workers", str(bench.workers)] if bench.workers != 1 else []
+        flags = ["--pki", str(bench.pki_dir / role), "--ca", str(bench.pki_dir / "ca.pem"),
+                 *workers, *args]
         if bench.yaml:
             # The same flags as an Envoy v3 bootstrap, rendered by the tree under test.
             config = bench.workdir / f"{name}.yaml"
@@ -201,7 +227,11 @@ class Hbonex(PathBase):
             flags = ["--config", str(config)]
         child = Child(name, [*argv, plugin, *flags], bench.workdir, env)
         self.children.append(child)
-        return int(child.wait_for(LISTEN_RE).group(1))
+        port = int(child.wait_for(LISTEN_RE).group(1))
+        if bench.workers != 1:  # every worker accepting, not only the supervisor bound
+            count = bench.workers or os.cpu_count() or 1
+            child.wait_for(re.compile(rf"(?s)(worker \d+ accepting on listener.*){{{count}}}"))
+        return port
 
     def _start(self, bench: Bench, target: int, label: str, streams: Optional[int]) -> int:
         limit = ["--max-concurrent-streams", str(streams)] if streams else []
@@ -647,7 +677,7 @@ def run(args: argparse.Namespace, workdir: Path, loads: list[str]) -> list[Row]:
     try:
         ports = json.loads(target.wait_for(READY_RE).group(0))
         bench = Bench(sizes, workdir, workdir / "pki", ports, Path(args.hbonex).resolve(),
-                      profile=args.profile, yaml=args.yaml)
+                      profile=args.profile, yaml=args.yaml, workers=args.workers)
         rows = []
         for name in [args.only] if args.only else SCENARIOS:
             print(f"{name}:", file=sys.stderr, flush=True)
@@ -668,6 +698,9 @@ def main() -> int:
     parser.add_argument("--hbonex", metavar="DIR", default=str(REPO),
                         help="hbonex source tree for the twistd processes, e.g. a clean clone "
                              "(default: this checkout)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="run each hbonex proxy with --workers N (default 1; 0: one per "
+                             "core); the CPU and memory rows count the workers too")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the twistd processes into the work directory")
     parser.add_argument("--yaml", action="store_true",
@@ -699,7 +732,9 @@ def main() -> int:
         sizes = QUICK if args.quick else FULL
         flags = "".join(f" --{k} {v}" if v is not True else f" --{k}"
                         for k, v in (("quick", args.quick), ("only", args.only),
-                                     ("yaml", args.yaml)) if v)
+                                     ("workers", str(args.workers) if args.workers != 1 else None),
+                                     ("yaml", args.yaml))
+                        if v)
         info["method"] = METHOD.format(
             args=flags, seconds=seconds, repeats=sizes.repeats, server_id=SERVER_ID,
             client_id=CLIENT_ID, rtt_warmup=sizes.rtt_warmup, rtt_count=sizes.rtt_count,

@@ -32,6 +32,8 @@ class Bootstrap:
         #: expiry a certificate is warned about (hbonex.tls.certwatch).
         self.certificate_poll_interval = 1.0
         self.certificate_warning_days = 7.0
+        #: Worker processes from YAML (runtime key ``hbonex.workers``; None: not set there).
+        self.workers: int | None = None
 
     @property
     def reactor(self) -> Any:
@@ -78,6 +80,10 @@ class ProxyService(service.MultiService):
         self.log_format = "text"
         self.twistd_options: Any = None
         self.log_control: Any = None
+        #: Where the process log goes (set when joining twistd's application).
+        self.log_out: Any = None
+        #: This process's index among the workers of a supervisor (``--workers``), or None.
+        self.worker: int | None = None
         from hbonex.tls.certwatch import CertificateWatcher
 
         #: Reloads changed certificate files (and on SIGHUP); expiry gauges.
@@ -95,34 +101,45 @@ class ProxyService(service.MultiService):
             if listener.internal:
                 b.runtime.internal_listeners.register(listener.name, listener)
         for listener in b.listeners:
-            if listener.internal:
-                continue
-            assert listener.endpoint is not None
-            endpoint = serverFromString(b.reactor, _with_backlog(listener))
-            d = endpoint.listen(listener.factory)
-            failures: list[Any] = []
-            d.addCallbacks(lambda port, n=listener.name: self.ports.__setitem__(n, port),
-                           failures.append)
-            if failures:
-                self._stop_ports()
-                error = ConfigError(
-                    b.listener_paths[listener.name],
-                    f"cannot listen on {listener.endpoint}: "
-                    f"{failures[0].getErrorMessage()} (is another process using it?)",
-                )
-                # twistd would print any other exception from startService as a traceback:
-                # one line and exit status 1, like a bad --config.
-                prefix = f"{self.source}: " if self.source else ""
-                raise SystemExit(f"twistd: error: {prefix}{error}")
-            address = self.ports[listener.name].getHost()
-            self.log.info(
-                "listener {name} listening on {host}:{port} ({endpoint})",
-                name=listener.name, host=getattr(address, "host", "?"),
-                port=getattr(address, "port", "?"), endpoint=listener.endpoint,
-            )
+            if not listener.internal:
+                self._listen(listener)
         if self.admin_endpoint:
             self._start_admin()
         self.state = "LIVE"
+
+    def _listen(self, listener: Listener) -> None:
+        """Open ``listener``'s kernel socket (one clean error line when it cannot)."""
+        b = self.bootstrap
+        d = self._open_port(listener)
+        failures: list[Any] = []
+        d.addCallbacks(lambda port, n=listener.name: self.ports.__setitem__(n, port),
+                       failures.append)
+        if failures:
+            self._stop_ports()
+            error = ConfigError(
+                b.listener_paths[listener.name],
+                f"cannot listen on {listener.endpoint}: "
+                f"{failures[0].getErrorMessage()} (is another process using it?)",
+            )
+            # twistd would print any other exception from startService as a traceback:
+            # one line and exit status 1, like a bad --config.
+            prefix = f"{self.source}: " if self.source else ""
+            raise SystemExit(f"twistd: error: {prefix}{error}")
+        self._announce(listener)
+
+    def _open_port(self, listener: Listener) -> defer.Deferred[Any]:
+        assert listener.endpoint is not None
+        endpoint = serverFromString(self.bootstrap.reactor, _with_backlog(listener))
+        return endpoint.listen(listener.factory)  # type: ignore[no-any-return]
+
+    def _announce(self, listener: Listener) -> None:
+        # Tests, benchmarks and `hbonex demo` read the port from this line.
+        address = self.ports[listener.name].getHost()
+        self.log.info(
+            "listener {name} listening on {host}:{port} ({endpoint})",
+            name=listener.name, host=getattr(address, "host", "?"),
+            port=getattr(address, "port", "?"), endpoint=listener.endpoint,
+        )
 
     def _start_admin(self) -> None:
         from hbonex.observability.admin import Admin
@@ -161,9 +178,9 @@ class ProxyService(service.MultiService):
 
         if hasattr(parent, "setComponent"):
             self.log_control = process_log.LogControl()
-            out = process_log.output_for(self.twistd_options)
+            out = self.log_out = process_log.output_for(self.twistd_options)
             parent.setComponent(ILogObserver, process_log.make_observer(
-                self.log_format, out, self.log_control))
+                self.log_format, out, self.log_control, self.worker))
         super().setServiceParent(parent)
 
     def set_log_level(self, level: Any, namespace: str = "") -> None:

@@ -1030,6 +1030,17 @@ class RenderTests(Base):
                              [(h.key, h.value.text, h.append) for h in b.tunneling.headers_to_add])
         self.assert_clusters_equivalent(loaded.clusters["hbone"], built.clusters["hbone"])
 
+    def test_workers_become_the_runtime_key(self) -> None:
+        self.in_pki_dir()
+        flags = ("--pki", "pki/server", "--reject-early-connect-data", "--workers", "0")
+        text = self.render("server", *flags)
+        self.assertIn("hbonex.workers: 0", text)
+        self.assertIn("envoy.reloadable_features.reject_early_connect_data: true", text)
+        loaded = load_bootstrap(text, self.reactor)
+        self.assertEqual(loaded.workers, 0)
+        self.assertIsNone(load_bootstrap(self.render("server", "--pki", "pki/server"),
+                                         self.reactor).workers)
+
     def test_client_http1_round_trip(self) -> None:
         from hbonex.cli import client_tap
 

@@ -299,10 +299,10 @@ class HelpTests(unittest.TestCase):
     def test_config_says_what_applies_next_to_it(self) -> None:
         self.assertIn("Envoy v3 bootstrap YAML file, instead of the other options (only "
                       "--max-connections --admin --cert-poll --cert-warn-days --log-format "
-                      "applies next to it).", self.usage(client_tap))
+                      "--workers applies next to it).", self.usage(client_tap))
         self.assertIn("Envoy v3 bootstrap YAML file, instead of the other options (only "
                       "--drain-timeout --max-connections --admin --cert-poll "
-                      "--cert-warn-days --log-format applies next to it).",
+                      "--cert-warn-days --log-format --workers applies next to it).",
                       self.usage(server_tap))
 
     def test_state_dir(self) -> None:
@@ -411,7 +411,7 @@ class TwistdCommandLineTests(unittest.TestCase):
                             "--forward", "127.0.0.1:9005=127.0.0.1:1"),
             "twistd: error: hbone-client: --forward: cannot be given with --config (the YAML "
             "describes everything; only --max-connections --admin --cert-poll "
-            "--cert-warn-days --log-format may be given next to it) (see "
+            "--cert-warn-days --log-format --workers may be given next to it) (see "
             "twistd hbone-client --help)",
         )
         self.assertEqual(
@@ -419,7 +419,7 @@ class TwistdCommandLineTests(unittest.TestCase):
                             "--state-dir", self.state_dir),
             "twistd: error: hbone-server: --listen, --state-dir: cannot be given with --config "
             "(the YAML describes everything; only --drain-timeout --max-connections --admin "
-            "--cert-poll --cert-warn-days --log-format may be given next to it) "
+            "--cert-poll --cert-warn-days --log-format --workers may be given next to it) "
             "(see twistd hbone-server --help)",
         )
         config = self.twistd("-n", "hbone-server", "--config", str(CONFIG),
@@ -435,7 +435,7 @@ class TwistdCommandLineTests(unittest.TestCase):
         self.assertEqual(str(error), "--header: cannot be given with --config (the YAML "
                                      "describes everything; only --max-connections --admin "
                                      "--cert-poll --cert-warn-days --log-format "
-                                     "may be given next to it)")
+                                     "--workers may be given next to it)")
 
 
 # -- verifyObject on every @implementer class ------------------------------------------------

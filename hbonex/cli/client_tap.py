@@ -12,7 +12,7 @@ from typing import Any
 from twisted.application import service
 from twisted.python import usage
 
-from hbonex.bootstrap import Bootstrap, ProxyService
+from hbonex.bootstrap import Bootstrap
 from hbonex.cli.tap_common import TLSOptions, endpoint_string, parse_header
 from hbonex.filters.network.tcp_proxy import (
     HeaderToAdd,
@@ -32,7 +32,7 @@ from hbonex.upstream.cluster import Cluster, SocketAddress
 class Options(TLSOptions):
     tapname = "hbone-client"
     with_config = ("max-connections", "admin", "cert-poll",
-                   "cert-warn-days", "log-format")
+                   "cert-warn-days", "log-format", "workers")
     synopsis = "[options] --forward 127.0.0.1:9000=127.0.0.1:8080"
     longdesc = (
         "Forward local TCP connections through HBONE tunnels (HTTP CONNECT over mutual TLS) "
@@ -152,8 +152,8 @@ def makeService(options: Options) -> service.MultiService:
     if options["config"]:
         bootstrap = options.config_bootstrap(reactor)
         options.apply_limits(bootstrap)
-        proxy = ProxyService(bootstrap, source=f"--config {options['config']}")
-        return options.logging(proxy)
+        return options.proxy_service(  # type: ignore[no-any-return]
+            bootstrap, source=f"--config {options['config']}")
     bootstrap = build(options, reactor)
     options.apply_limits(bootstrap)
-    return options.logging(ProxyService(bootstrap))
+    return options.proxy_service(bootstrap)  # type: ignore[no-any-return]

@@ -370,8 +370,13 @@ def render_server(options: Any) -> tuple[dict[str, Any], list[str]]:
 def _process_options(options: Any, data: dict[str, Any]) -> None:
     """
     --max-connections as the overload manager's downstream connections resource monitor;
-    --admin as the bootstrap's ``admin.address``.
+    --admin as the bootstrap's ``admin.address``; --workers as the runtime key
+    ``hbonex.workers`` (Envoy's --concurrency has no place in the Bootstrap).
     """
+    if "workers" in options.given:
+        layers = data.setdefault("layered_runtime", {"layers": [
+            {"name": "static_layer_0", "static_layer": {}}]})["layers"]
+        layers[0]["static_layer"]["hbonex.workers"] = options["workers"]
     if options["admin"]:
         from hbonex.cli.tap_common import endpoint_string
 

@@ -13,7 +13,7 @@ from typing import Any
 from twisted.application import service
 from twisted.python import usage
 
-from hbonex.bootstrap import Bootstrap, ProxyService
+from hbonex.bootstrap import Bootstrap
 from hbonex.cli.tap_common import TLSOptions, endpoint_string
 from hbonex.filters.network.http_connection_manager import (
     HttpConnectionManagerConfig,
@@ -31,7 +31,7 @@ class Options(TLSOptions):
     tapname = "hbone-server"
     # Not part of the YAML: how long shutdown waits for open tunnels.
     with_config = ("drain-timeout", "max-connections", "admin", "cert-poll",
-                   "cert-warn-days", "log-format")
+                   "cert-warn-days", "log-format", "workers")
     synopsis = "[options]"
     longdesc = "Terminate HBONE tunnels (HTTP CONNECT over mutual TLS) and relay them."
     optFlags = [
@@ -133,10 +133,11 @@ def makeService(options: Options) -> service.MultiService:
     if options["config"]:
         bootstrap = options.config_bootstrap(reactor)
         options.apply_limits(bootstrap)
-        return options.logging(ProxyService(
+        return options.proxy_service(  # type: ignore[no-any-return]
             bootstrap, drain_timeout=options["drain-timeout"],
             source=f"--config {options['config']}",
-        ))
+        )
     bootstrap = build(options, reactor)
     options.apply_limits(bootstrap)
-    return options.logging(ProxyService(bootstrap, drain_timeout=options["drain-timeout"]))
+    return options.proxy_service(  # type: ignore[no-any-return]
+        bootstrap, drain_timeout=options["drain-timeout"])

@@ -5,6 +5,7 @@ Options shared by ``twistd hbone-client`` and ``twistd hbone-server``.
 from __future__ import annotations
 
 import getopt
+import os
 import sys
 from typing import Any, Sequence
 
@@ -88,9 +89,13 @@ class TLSOptions(usage.Options):
         )
         #: The flags given on the command line (long names), whatever their values.
         self.given: set[str] = set()
+        #: The plugin's own arguments, as given (a worker process runs them again).
+        self.argv: list[str] = []
+        self["workers"] = 1
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         argv = list(sys.argv[1:] if options is None else options)
+        self.argv = argv
         self.given = self._given_flags(argv)
         try:
             super().parseOptions(argv)
@@ -127,6 +132,54 @@ class TLSOptions(usage.Options):
         defaults = getattr(parent, "defaults", {})
         if "pidfile" in defaults and parent.get("pidfile") == defaults["pidfile"]:
             parent["pidfile"] = ""
+
+    def opt_workers(self, value: str) -> None:
+        """
+        Worker processes sharing the listeners, under one supervisor (0: one per core;
+        default 1: this process alone, no supervisor). YAML: runtime key hbonex.workers.
+        """
+        from hbonex.workers import resolve_workers
+
+        try:
+            resolve_workers(value)
+        except ValueError as e:
+            raise usage.UsageError(f"--workers: {e}")
+        self["workers"] = int(value)
+
+    def workers(self, bootstrap: Any) -> int:
+        """How many workers: --workers over the YAML's ``hbonex.workers``, 0 one per core."""
+        from hbonex.workers import resolve_workers
+
+        given = "workers" in self.given or getattr(bootstrap, "workers", None) is None
+        return resolve_workers(self["workers"] if given else bootstrap.workers)
+
+    def twistd_command(self) -> list[str]:
+        """A worker's argv (after the interpreter): twistd in the foreground, same plugin."""
+        return ["-c", "from twisted.scripts.twistd import run; run()", "--nodaemon",
+                "--pidfile=", "--logfile=-", self.tapname, *self.argv]
+
+    def proxy_service(self, bootstrap: Any, **kwargs: Any) -> Any:
+        """
+        The service that runs ``bootstrap``: this process alone (one worker), a supervisor
+        of N workers, or one of those workers (started by a supervisor).
+        """
+        from hbonex.bootstrap import ProxyService
+        from hbonex.workers.worker import WorkerService, worker_spec
+
+        spec = worker_spec()
+        if spec is not None:
+            try:
+                os.setpgrp()  # a terminal's Ctrl-C reaches the supervisor, which forwards it
+            except OSError:
+                pass
+            return self.logging(WorkerService(bootstrap, spec, **kwargs))
+        count = self.workers(bootstrap)
+        if count > 1:
+            from hbonex.workers.supervisor import SupervisorService
+
+            return self.logging(
+                SupervisorService(bootstrap, count, self.twistd_command(), **kwargs))
+        return self.logging(ProxyService(bootstrap, **kwargs))
 
     def opt_log_format(self, value: str) -> None:
         if value not in process_log.FORMATS:

@@ -81,9 +81,12 @@ DOWNSTREAM_CONNECTIONS_TYPE = (
 )
 REJECT_EARLY_CONNECT_DATA = "envoy.reloadable_features.reject_early_connect_data"
 GLOBAL_MAX_CONNECTIONS = "overload.global_downstream_max_connections"
+#: Worker processes (Envoy's --concurrency is a command-line flag, not in the Bootstrap).
+WORKERS = "hbonex.workers"
 #: The runtime keys (``layered_runtime`` static layers) hbonex reads, with their types; any
 #: other key is a warning.
-RUNTIME_KEYS: dict[str, type] = {REJECT_EARLY_CONNECT_DATA: bool, GLOBAL_MAX_CONNECTIONS: int}
+RUNTIME_KEYS: dict[str, type] = {REJECT_EARLY_CONNECT_DATA: bool, GLOBAL_MAX_CONNECTIONS: int,
+                                 WORKERS: int}
 DEFAULT_CONNECT_TIMEOUT = 5.0
 LB_POLICIES = ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "CLUSTER_PROVIDED")
 
@@ -678,6 +681,7 @@ def _build(root: BootstrapMessage, context: ConfigContext) -> None:
     if root.HasField("layered_runtime"):
         _layered_runtime(root.layered_runtime, "layered_runtime", context)
     _global_connection_limit(root, context)
+    context.bootstrap.workers = context.runtime_values.get(WORKERS)
     if not root.HasField("static_resources"):
         raise context.error("", "missing required field 'static_resources'")
     static = root.static_resources

@@ -13,6 +13,7 @@ import re
 import time
 from typing import Any, Callable, Iterable
 
+from twisted.internet import defer
 from twisted.logger import Logger, LogLevel
 from twisted.web import resource, server
 
@@ -74,29 +75,33 @@ def collect(bootstrap: Any) -> dict[str, int]:
     return dict(sorted(values.items()))
 
 
-def prometheus_text(values: dict[str, int]) -> bytes:
-    """Envoy's Prometheus exposition: ``envoy_`` names, tags extracted into labels."""
+def prometheus_text(values: dict[str, Any], families: Iterable[Any] | None = None,
+                    is_gauge: Callable[[str], bool] | None = None) -> bytes:
+    """
+    Envoy's Prometheus exposition: ``envoy_`` names, tags extracted into labels.  The
+    families and gauges are this process's unless given (a supervisor's sums of its workers).
+    """
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
     from prometheus_client.exposition import generate_latest
     from prometheus_client.registry import CollectorRegistry
 
-    families: dict[str, Any] = {}
+    out: dict[str, Any] = {}
     for name, value in values.items():
         metric, labels = _envoy_name(name)
-        gauge = STATS.is_gauge(name)
-        family = families.get(metric)
+        gauge = (is_gauge or STATS.is_gauge)(name)
+        family = out.get(metric)
         if family is None:
             kind = GaugeMetricFamily if gauge else CounterMetricFamily
-            family = families[metric] = kind(metric, name, labels=sorted(labels))
+            family = out[metric] = kind(metric, name, labels=sorted(labels))
         family.add_metric([labels[k] for k in sorted(labels)], value)
 
     class Snapshot:
         def collect(self) -> Iterable[Any]:
-            return families.values()
+            return out.values()
 
     from prometheus_client.core import HistogramMetricFamily
 
-    for family in STATS.families.values():
+    for family in STATS.families.values() if families is None else families:
         # Istio's metrics keep their names; Envoy-named ones get envoy_ and their tags.
         fixed: dict[str, str] = {}
         if family.name.startswith("istio_"):
@@ -112,12 +117,12 @@ def prometheus_text(values: dict[str, int]) -> bytes:
                                                                         strict=True)]
                 buckets.append(("+Inf", total))
                 histogram.add_metric(list(fixed.values()) + list(key), buckets, value_sum)
-            families[metric] = histogram
+            out[metric] = histogram
         else:
             counter = CounterMetricFamily(metric, family.doc, labels=label_names)
             for key, value in family.values.items():
                 counter.add_metric(list(fixed.values()) + list(key), value)
-            families[metric] = counter
+            out[metric] = counter
 
     registry = CollectorRegistry()
     registry.register(Snapshot())
@@ -136,21 +141,42 @@ def _envoy_name(name: str) -> tuple[str, dict[str, str]]:
     return "envoy_" + re.sub(r"[^a-zA-Z0-9_]", "_", rest), dict(sorted(labels.items()))
 
 
+def _later(request: Any, body: defer.Deferred[bytes]) -> Any:
+    """A body that is not ready yet (a supervisor asking its workers): written when it is."""
+    gone: list[bool] = []
+    request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+    def write(data: bytes) -> None:
+        if not gone:
+            request.write(data)
+            request.finish()
+
+    def fail(failure: Any) -> None:
+        log.failure("admin request failed", failure)
+        if not gone:
+            request.setResponseCode(500)
+            write(b"internal error\n")
+
+    body.addCallback(write).addErrback(fail)
+    return server.NOT_DONE_YET
+
+
 class _Leaf(resource.Resource):
     isLeaf = True
 
-    def __init__(self, get: Callable[[Any], bytes] | None = None,
+    def __init__(self, get: Callable[[Any], Any] | None = None,
                  post: Callable[[Any], bytes] | None = None) -> None:
         super().__init__()
         self._get = get
         self._post = post
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_GET(self, request: Any) -> Any:
         if self._get is None:
             request.setResponseCode(405)
             request.setHeader(b"allow", b"POST")
             return b"method not allowed: use POST\n"
-        return self._get(request)
+        body = self._get(request)
+        return _later(request, body) if isinstance(body, defer.Deferred) else body
 
     def render_POST(self, request: Any) -> bytes:
         if self._post is None:
@@ -204,8 +230,13 @@ class Admin:
         request.setResponseCode(200 if live else 503)
         return (state if self.healthy else "UNHEALTHY").encode() + b"\n"
 
-    def stats(self, request: Any) -> bytes:
-        values = collect(self.bootstrap)
+    def stats(self, request: Any) -> Any:
+        gather = getattr(self.service, "gather_stats", None)
+        if gather is not None:  # a supervisor: its workers' stats, summed
+            return gather().addCallback(lambda merged: self._stats(request, merged.values))
+        return self._stats(request, collect(self.bootstrap))
+
+    def _stats(self, request: Any, values: dict[str, Any]) -> bytes:
         pattern = _arg(request, b"filter")
         if pattern:
             try:
@@ -223,8 +254,12 @@ class Admin:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return "".join(f"{k}: {v}\n" for k, v in values.items()).encode()
 
-    def prometheus(self, request: Any) -> bytes:
+    def prometheus(self, request: Any) -> Any:
         request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+        gather = getattr(self.service, "gather_stats", None)
+        if gather is not None:
+            return gather().addCallback(lambda merged: prometheus_text(
+                merged.values, merged.families.values(), merged.is_gauge))
         return prometheus_text(collect(self.bootstrap))
 
     def server_info(self, request: Any) -> bytes:

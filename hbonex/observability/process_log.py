@@ -33,10 +33,11 @@ FORMATS = ("text", "json")
 _SKIP = frozenset({"format", "message", "isError", "why", "failure", "time", "system"})
 
 
-def json_line(event: dict[str, Any]) -> str:
+def json_line(event: dict[str, Any], worker: int | None = None) -> str:
     """
     One event as one line of JSON: time (RFC 3339, UTC), level, namespace, the formatted
-    message, then the event's own fields that JSON can carry as they are.
+    message, the worker process's index (``--workers``), then the event's own fields that
+    JSON can carry as they are.
     """
     when = event.get("log_time") or time.time()
     record: dict[str, Any] = {
@@ -46,6 +47,8 @@ def json_line(event: dict[str, Any]) -> str:
         "namespace": event.get("log_namespace", ""),
         "message": formatEvent(event),
     }
+    if worker is not None:
+        record["worker"] = worker
     for key, value in event.items():
         if key.startswith("log_") or key in _SKIP or key in record:
             continue
@@ -62,12 +65,13 @@ def json_line(event: dict[str, Any]) -> str:
 class JSONLineObserver:
     """Writes each event as one JSON line (flushed, so a crash keeps the lines before it)."""
 
-    def __init__(self, out: IO[str]) -> None:
+    def __init__(self, out: IO[str], worker: int | None = None) -> None:
         self.out = out
+        self.worker = worker
 
     def __call__(self, event: dict[str, Any]) -> None:
         try:
-            self.out.write(json_line(event))
+            self.out.write(json_line(event, self.worker))
             self.out.flush()
         except (OSError, ValueError):
             pass  # a full disk or a closed stream must not take the process down
@@ -83,13 +87,15 @@ class TextLineObserver:
     (``TIME [SYSTEM] MESSAGE``), for less: the time text is made once per second, and a
     message that is one field (``"{tunnel}"``: the line per tunnel, formatted by its
     emitter) is taken as it is instead of re-parsing the format. Anything else (failures,
-    other formats) goes through twisted.logger's own formatter.
+    other formats) goes through twisted.logger's own formatter.  A worker process
+    (``--workers``) puts ``worker-N`` before the system: ``TIME [worker-1 SYSTEM] MESSAGE``.
     """
 
-    def __init__(self, out: IO[str]) -> None:
+    def __init__(self, out: IO[str], worker: int | None = None) -> None:
         self.out = out
         self._second = -1
         self._stamp = ""
+        self._tag = "" if worker is None else f"worker-{worker} "
 
     def __call__(self, event: dict[str, Any]) -> None:
         fmt = event.get("log_format")
@@ -98,6 +104,11 @@ class TextLineObserver:
         value = event.get(match.group(1)) if match is not None else None
         if (not isinstance(value, str) or when is None or "log_failure" in event
                 or "log_system" in event):
+            if self._tag:
+                level = event.get("log_level")
+                system = event.get("log_system") or (
+                    f"{event.get('log_namespace', '-')}#{level.name if level else '-'}")
+                event = {**event, "log_system": f"{self._tag}{system}"}
             text = formatEventAsClassicLogText(event)
             if text is None:
                 return  # nothing to say (as textFileLogObserver)
@@ -107,7 +118,8 @@ class TextLineObserver:
                 self._second, self._stamp = second, formatTime(when)
             level = event.get("log_level")
             system = f"{event.get('log_namespace', '-')}#{level.name if level else '-'}"
-            text = f"{self._stamp} [{system}] {value.replace(chr(10), chr(10) + chr(9))}\n"
+            message = value.replace(chr(10), chr(10) + chr(9))
+            text = f"{self._stamp} [{self._tag}{system}] {message}\n"
         try:
             self.out.write(text)
             self.out.flush()
@@ -146,7 +158,8 @@ def output_for(twistd_options: Any) -> IO[str]:
     return LogFile.fromFullPath(name or "twistd.log")  # type: ignore[return-value]
 
 
-def make_observer(log_format: str, out: IO[str], control: LogControl) -> ILogObserver:
+def make_observer(log_format: str, out: IO[str], control: LogControl,
+                  worker: int | None = None) -> ILogObserver:
     if log_format == "json":
-        return control.wrap(JSONLineObserver(out))
-    return control.wrap(TextLineObserver(out))
+        return control.wrap(JSONLineObserver(out, worker))
+    return control.wrap(TextLineObserver(out, worker))
