@@ -148,6 +148,8 @@ class Bench:
     targets: dict[str, int]
     source: Path = REPO  # the hbonex tree the twistd processes import
     profile: bool = False
+    #: Run hbonex from the Envoy YAML equivalent of its flags (``hbonex config render``).
+    yaml: bool = False
     workers: int = 1  # --workers of each hbonex proxy
     reactor: Optional[str] = None  # twistd --reactor for the hbonex proxies (None: its default)
     paths: tuple[str, ...] = PATHS  # which paths the scenarios measure
@@ -218,9 +220,17 @@ class Hbonex(PathBase):
             argv += ["--reactor", bench.reactor]
         env = dict(os.environ, PYTHONPATH=str(bench.source), HBONEX_STATE_DIR=str(bench.workdir))
         workers = ["--workers", str(bench.workers)] if bench.workers != 1 else []
-        child = Child(name, [*argv, plugin, "--pki", str(bench.pki_dir / role),
-                             "--ca", str(bench.pki_dir / "ca.pem"), *workers, *args],
-                      bench.workdir, env)
+        flags = ["--pki", str(bench.pki_dir / role), "--ca", str(bench.pki_dir / "ca.pem"),
+                 *workers, *args]
+        if bench.yaml:
+            # The same flags as an Envoy v3 bootstrap, rendered by the tree under test.
+            config = bench.workdir / f"{name}.yaml"
+            rendered = subprocess.run(
+                [sys.executable, "-m", "hbonex", "config", "render", role, *flags],
+                capture_output=True, text=True, env=env, check=True, timeout=60)
+            config.write_text(rendered.stdout)
+            flags = ["--config", str(config)]
+        child = Child(name, [*argv, plugin, *flags], bench.workdir, env)
         self.children.append(child)
         port = int(child.wait_for(LISTEN_RE).group(1))
         if bench.workers != 1:  # every worker accepting, not only the supervisor bound
@@ -617,6 +627,8 @@ METHOD = """\
   server `{server_id}` with IP SAN 127.0.0.1, a client `{client_id}`); the client checks the
   server's SPIFFE ID, the server accepts the trust domain. Logs go to files: hbonex's server
   writes one line per tunnel (its client none), each Node process one JSON line per tunnel.
+* With `--yaml` both hbonex processes run `--config FILE` instead, FILE being what
+  `hbonex config render client|server` makes of the same flags (Envoy v3 YAML).
 * Every scenario starts with an unrecorded warm-up per path (8 tunnels × 8 MiB for bulk,
   {rtt_warmup} round trips for latency, 500 tunnels for new tunnels/s, 64 tunnels for memory):
   Node's JIT needs it, and it keeps connection setup out of the numbers.
@@ -713,8 +725,8 @@ def run(args: argparse.Namespace, workdir: Path, loads: list[str],
     try:
         ports = json.loads(target.wait_for(READY_RE).group(0))
         bench = Bench(sizes, workdir, workdir / "pki", ports, Path(args.hbonex).resolve(),
-                      profile=args.profile, workers=args.workers, reactor=args.reactor,
-                      paths=paths)
+                      profile=args.profile, yaml=args.yaml, workers=args.workers,
+                      reactor=args.reactor, paths=paths)
         rows = []
         for name in [args.only] if args.only else SCENARIOS:
             print(f"{name}:", file=sys.stderr, flush=True)
@@ -778,6 +790,9 @@ def main() -> int:
                         help="draw the charts from a JSON saved by an earlier run, run nothing")
     parser.add_argument("--plot-dir", metavar="DIR", default=str(REPO / "docs"),
                         help="where the charts go (default: docs/)")
+    parser.add_argument("--yaml", action="store_true",
+                        help="run hbonex from the Envoy YAML equivalent of its flags "
+                             "(`hbonex config render client|server FLAGS`, `--config FILE`)")
     args = parser.parse_args()
     if args.plot or args.plot_from:
         import plots
@@ -813,7 +828,8 @@ def main() -> int:
     flags = "".join(f" --{k} {v}" if v is not True else f" --{k}"
                     for k, v in (("quick", args.quick), ("only", args.only),
                                  ("reactor", args.reactor),
-                                 ("workers", str(args.workers) if args.workers != 1 else None))
+                                 ("workers", str(args.workers) if args.workers != 1 else None),
+                                 ("yaml", args.yaml))
                     if v)
     info["command"] = f"benchmarks/run.py{flags}"
     info["seconds"] = round(seconds, 1)

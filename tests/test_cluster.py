@@ -193,6 +193,71 @@ class StatsTests(unittest.SynchronousTestCase):
         self.assertEqual((cluster.stats.upstream_cx_connect_timeout,
                           cluster.stats.upstream_cx_connect_fail), (1, 1))
 
+    def test_connect_fires_after_connection_made_and_leaves_no_trace(self) -> None:
+        # connectTCP without an endpoint: the Deferred fires once the protocol's
+        # connectionMade ran (the endpoint's order) and the protocol is left as it was.
+        from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+        from hbonex.upstream.cluster import SocketAddress
+
+        reactor = MemoryReactorClock()
+        cluster = Cluster("backend", Runtime(reactor),
+                          endpoints=(SocketAddress("::1", 9),), connect_timeout=2.0)
+        events: list[str] = []
+
+        class Recording(Protocol):
+            def connectionMade(self) -> None:
+                events.append("connectionMade")
+
+        protocol = Recording()
+        d = cluster.connect_stream(protocol, UpstreamRequest())
+        d.addCallback(lambda address: events.append(f"connected {address}"))
+        [(host, port, factory, timeout, _)] = reactor.tcpClients
+        self.assertEqual((host, port, timeout), ("::1", 9, 2.0))
+        built = factory.buildProtocol(None)
+        self.assertIs(built, protocol)
+        self.assertEqual(events, [])
+        built.makeConnection(StringTransport())
+        self.assertEqual(events, ["connectionMade", "connected [::1]:9"])
+        self.assertNotIn("makeConnection", vars(protocol))
+        self.assertEqual(cluster.stats.upstream_cx_active, 1)
+
+    def test_a_cancelled_tcp_connect_stops_connecting(self) -> None:
+        from twisted.internet.error import UserError
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.python.failure import Failure
+
+        from hbonex.upstream.cluster import SocketAddress
+
+        reactor = MemoryReactorClock()
+        cluster = Cluster("backend", Runtime(reactor), endpoints=(SocketAddress("127.0.0.1", 9),))
+        d = cluster.connect_stream(Protocol(), UpstreamRequest())
+        [(_, _, factory, _, _)] = reactor.tcpClients
+        [connector] = reactor.connectors
+        d.cancel()
+        self.assertTrue(connector.stoppedConnecting)
+        self.failureResultOf(d, defer.CancelledError)
+        # The connector then reports the stop; nothing fires twice and nothing is counted.
+        factory.clientConnectionFailed(connector, Failure(UserError()))
+        self.assertEqual(cluster.stats.upstream_cx_connect_fail, 0)
+
+    def test_a_refused_connect_names_the_address(self) -> None:
+        from twisted.internet.error import ConnectionRefusedError
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.python.failure import Failure
+
+        from hbonex.upstream.cluster import SocketAddress
+
+        reactor = MemoryReactorClock()
+        cluster = Cluster("backend", Runtime(reactor), endpoints=(SocketAddress("127.0.0.1", 9),))
+        d = cluster.connect_stream(Protocol(), UpstreamRequest())
+        [(_, _, factory, _, _)] = reactor.tcpClients
+        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        error = self.failureResultOf(d, UpstreamError).value
+        self.assertEqual((error.status, error.reason),
+                         (503, "connect to 127.0.0.1:9 failed: connection refused"))
+        self.assertEqual(cluster.stats.upstream_cx_connect_fail, 1)
+
     def test_a_resolved_name_outside_the_policy_names_both(self) -> None:
         cluster = Cluster(
             "odst", Runtime(Clock()), type="ORIGINAL_DST",

@@ -24,6 +24,25 @@ class SharedWithUpstream(enum.Enum):
     TRANSITIVE = "TRANSITIVE"
 
 
+def existing_filter_state(info: Any) -> FilterState | None:
+    """
+    A connection's filter state without making one: ``ConnectionInfo`` makes it on first
+    access, and a per-connection reader that only looks must not (memory per idle tunnel).
+    """
+    existing = getattr(info, "existing_filter_state", None)
+    if existing is not None:
+        return existing()  # type: ignore[no-any-return]
+    return getattr(info, "filter_state", None)
+
+
+def existing_dynamic_metadata(info: Any) -> dict[str, dict[str, Any]] | None:
+    """A connection's dynamic metadata without making it (see existing_filter_state)."""
+    existing = getattr(info, "existing_dynamic_metadata", None)
+    if existing is not None:
+        return existing()  # type: ignore[no-any-return]
+    return getattr(info, "dynamic_metadata", None)
+
+
 class FilterStateError(Exception):
     pass
 

@@ -88,14 +88,18 @@ class ConnectionInfo:
     upstream_request: Any = None
     #: Envoy's %CONNECTION_ID%: unique among this process's downstream connections.
     connectionId: int = attrs.Factory(lambda: next(_CONNECTION_IDS))
-    #: The connection's filter state (network filters such as set_filter_state write it).
-    filter_state: FilterState = attrs.Factory(FilterState)
+    #: The connection's filter state (network filters such as set_filter_state write it):
+    #: ``filter_state``, made on first access (most connections never use one); the
+    #: constructor's ``filter_state=`` sets it.
+    _filter_state: FilterState | None = None
     #: Envoy's localAddressRestored(): a listener filter (original_dst) set localAddress to
     #: the connection's original destination; ORIGINAL_DST clusters then connect there.
     localAddressRestored: bool = False
     #: The connection's dynamic metadata, by namespace (an internal connection starts with
-    #: what its cluster's internal_upstream transport socket passed through).
-    dynamic_metadata: dict[str, dict[str, Any]] = attrs.Factory(dict)
+    #: what its cluster's internal_upstream transport socket passed through):
+    #: ``dynamic_metadata``, made on first access like the filter state (network RBAC writes
+    #: into it in place).
+    _dynamic_metadata: dict[str, dict[str, Any]] | None = None
     #: Envoy's detectedTransportProtocol: "tls" (TLS inspector), else "raw_buffer" once the
     #: listener filters are done.
     transportProtocol: str = ""
@@ -112,6 +116,36 @@ class ConnectionInfo:
         if not self.directRemoteAddress:
             self.directRemoteAddress = self.remoteAddress
 
+    @property
+    def filter_state(self) -> FilterState:
+        state = self._filter_state
+        if state is None:
+            state = self._filter_state = FilterState()
+        return state
+
+    @filter_state.setter
+    def filter_state(self, state: FilterState) -> None:
+        self._filter_state = state
+
+    @property
+    def dynamic_metadata(self) -> dict[str, dict[str, Any]]:
+        metadata = self._dynamic_metadata
+        if metadata is None:
+            metadata = self._dynamic_metadata = {}
+        return metadata
+
+    @dynamic_metadata.setter
+    def dynamic_metadata(self, metadata: dict[str, dict[str, Any]]) -> None:
+        self._dynamic_metadata = metadata
+
+    def existing_filter_state(self) -> FilterState | None:
+        """The filter state if anything made it yet, without making one."""
+        return self._filter_state
+
+    def existing_dynamic_metadata(self) -> dict[str, dict[str, Any]] | None:
+        """The dynamic metadata if anything made it yet, without making it."""
+        return self._dynamic_metadata
+
     def substitutions(self) -> dict[str, str]:
         record = {
             "connection_id": str(self.connectionId),
@@ -121,8 +155,8 @@ class ConnectionInfo:
             "peer_uri_san": self.peerIdentity,
             "local_uri_san": self.localIdentity,
         }
-        state = self.filter_state
-        if not state.is_empty():
+        state = self._filter_state
+        if state is not None and not state.is_empty():
             record.update((f"fs:{key}", str(state.get_data(key))) for key in state.keys())
         return record
 
@@ -151,9 +185,15 @@ class ListenerConnection(Protocol):
     """
 
     log = Logger()
+    # One per accepted connection (every tunnel on hbone-client), for its whole life.
+    __slots__ = ("listener", "chain", "tls", "_accepted", "info", "filters", "_next",
+                 "_started", "_delegate", "_pre", "_iterating", "_handshake_call",
+                 "_handshake_failure", "_stopped_data", "transport", "connected")
 
     def __init__(self, listener: Listener, chain: FilterChain, tls: bool,
                  info: ConnectionInfo | None = None) -> None:
+        self.transport: Any = None
+        self.connected = 0
         self.listener = listener
         self.chain = chain
         self.tls = tls
@@ -164,13 +204,15 @@ class ListenerConnection(Protocol):
         self._next = 0
         self._started = False
         self._delegate: IProtocol | None = None
-        self._pre: list[INetworkFilter] = []
+        #: The filters before the one that took over (they keep seeing the bytes).
+        self._pre: Sequence[INetworkFilter] = ()
         self._iterating = False
         self._handshake_call: IDelayedCall | None = None
         #: Why the handshake failed when we ended it ourselves (the abort's own reason,
         #: "lost in a non-clean fashion", would hide it).
         self._handshake_failure = ""
-        self._stopped_data: list[tuple[bytes, bool]] = []
+        #: Bytes held while a filter stopped iteration (made when there are some).
+        self._stopped_data: list[tuple[bytes, bool]] | None = None
 
     def connectionMade(self) -> None:
         self.listener.connections_active += 1
@@ -228,14 +270,14 @@ class ListenerConnection(Protocol):
         self._replay()
 
     def _replay(self) -> None:
-        pending, self._stopped_data = self._stopped_data, []
-        for data, end in pending:
+        pending, self._stopped_data = self._stopped_data, None
+        for data, end in pending or ():
             self._read(data, end, 0)
 
     def takeOver(self, protocol: IProtocol) -> None:
         # Filters before the one taking over keep seeing the bytes (onData); if there are
         # none, the transport's bytes go straight to ``protocol``.
-        self._pre = self.filters[: max(0, self._next - 1)]
+        self._pre = tuple(self.filters[: max(0, self._next - 1)])
         self._delegate = protocol
         protocol.makeConnection(self.transport)  # type: ignore[arg-type]
         if not self._iterating:
@@ -258,6 +300,8 @@ class ListenerConnection(Protocol):
         delegate = self._delegate
         if delegate is None and (self._next < len(self.filters) or not self._started):
             # A filter stopped iteration at connection time: hold data until it continues.
+            if self._stopped_data is None:
+                self._stopped_data = []
             self._stopped_data.append((data, end))
             return
         for f in (self._pre if delegate is not None else self.filters)[start:]:

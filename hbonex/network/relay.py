@@ -19,7 +19,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from hbonex.tls.fasttls import tune_tcp, writer_for
+from hbonex.tls.fasttls import TCP_TYPES, tune_tcp, write_now
 
 #: RST_STREAM CANCEL (RFC 9113 §7), for HTTP/2 stream transports.
 CANCEL = 0x8
@@ -36,7 +36,16 @@ class RelayEnd(Protocol):
     passed on as EOF, a reset as a reset, CONNECT_ERROR on an HTTP/2 stream).
     """
 
+    # Two per tunnel in each proxy, alive as long as it is: slots, set in a fixed order (a
+    # per-instance dict cost more than the rest of the object). The instance dict Protocol
+    # brings stays empty unless someone patches a method on the instance (Cluster._track).
+    __slots__ = ("relay", "name", "peer", "bytes_in", "pauses", "eof_received", "eof_sent",
+                 "lost", "reason", "_early", "_started", "_tcp", "transport", "connected",
+                 "untrack")
+
     def __init__(self, relay: Relay, name: str) -> None:
+        self.transport: Any = None
+        self.connected = 0
         self.relay = relay
         self.name = name
         self.peer: RelayEnd | None = None
@@ -47,19 +56,34 @@ class RelayEnd(Protocol):
         self.eof_sent = False
         self.lost = False
         self.reason: Failure | None = None
-        #: Bytes that arrived before the other side was connected (bounded by the pause).
-        self._early: list[bytes] | None = []
+        #: Bytes that arrived before the relay started (bounded by the pause); made when the
+        #: first such bytes arrive.
+        self._early: list[bytes] | None = None
+        self._started = False
+        #: Our transport is a plain TCP one: writes go out at once (fasttls.write_now).
+        self._tcp = False
+        #: (cluster, address) counting this connection as active until it is lost: what
+        #: Cluster._track would otherwise wrap around connectionLost on the instance.
+        self.untrack: tuple[Any, Any] | None = None
 
     def connectionMade(self) -> None:
         tune_tcp(self.transport)
-        self.write = writer_for(self.transport)
+        self._tcp = type(self.transport) in TCP_TYPES
+
+    def write(self, data: bytes) -> None:
+        if self._tcp:
+            write_now(self.transport, data)
+        else:
+            self.transport.write(data)
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes_in += len(data)
         self.relay.last_activity = self.relay.reactor.seconds()
         peer = self.peer
         if peer is None or peer.transport is None:
-            if self._early is not None:
+            if not self._started:
+                if self._early is None:
+                    self._early = []
                 self._early.append(data)
             return
         peer.write(data)
@@ -113,6 +137,10 @@ class RelayEnd(Protocol):
         pass
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        untrack = self.untrack
+        if untrack is not None:
+            self.untrack = None
+            untrack[0].untrack(untrack[1])
         if self.lost:
             return
         self.lost = True
@@ -124,6 +152,9 @@ class Relay:
     """
     A pair of RelayEnds.  ``a`` is usually the downstream (accepting) side.
     """
+
+    __slots__ = ("reactor", "a", "b", "idle_timeout", "on_done", "last_activity", "started",
+                 "_idle_call", "done", "flush_call", "stats", "close_reason", "first_lost")
 
     def __init__(
         self,
@@ -173,6 +204,7 @@ class Relay:
         assert a.transport is not None and b.transport is not None
         for src, dst in ((a, b), (b, a)):
             early, src._early = src._early or [], None
+            src._started = True
             for data in early:
                 dst.transport.write(data)  # type: ignore[union-attr]
         if not a.eof_received:

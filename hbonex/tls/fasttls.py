@@ -34,6 +34,8 @@ from zope.interface import implementer
 TCP_BUFFER_SIZE = 256 * 1024
 _RECORD = 16384
 _TCP_TYPES = (tcp.Server, tcp.Client)
+#: The transports write_now sends on at once (type(transport) in TCP_TYPES).
+TCP_TYPES = _TCP_TYPES
 
 
 def tune_tcp(transport: Any) -> None:

@@ -25,7 +25,7 @@ from hbonex.h2.settings import H2Settings
 from hbonex.http.filter_manager import FilterManager, reason_phrase
 from hbonex.http.headers import Headers
 from hbonex.http.routing import RouteDecision
-from hbonex.http.stream_info import FilterState
+from hbonex.http.stream_info import FilterState, existing_filter_state
 from hbonex.http.upgrade import h2_upgrade_protocol
 from hbonex.network.relay import Relay
 from hbonex.observability import istio_metrics
@@ -186,7 +186,7 @@ def connect_upstream(
     request's filter state share with upstream goes along (an internal listener's connection
     starts with it).
     """
-    state = getattr(info, "filter_state", None)
+    state = existing_filter_state(info)
     shared = None
     if state is not None and (request_state is not None or not state.is_empty()):
         shared = state.shared_with_upstream(request_state)

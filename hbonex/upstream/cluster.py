@@ -10,15 +10,16 @@ import socket
 from typing import TYPE_CHECKING, Any, Union
 
 import attrs
-from twisted.internet import defer, endpoints, threads
+from twisted.internet import defer, threads
 from twisted.internet import error as ierror
 from twisted.internet.interfaces import IProtocol
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import ClientFactory, Factory
 from twisted.logger import Logger
 
 from hbonex.errors import UpstreamError
 from hbonex.h2.settings import H2Settings
 from hbonex.network.overload import DownstreamLimit
+from hbonex.network.relay import RelayEnd
 from hbonex.tls.context import ClientTLS, TLSSettings
 from hbonex.tls.fasttls import FastTLSFactory
 from hbonex.tunnel.client import H1TunnelClient, H2TunnelClient
@@ -376,14 +377,23 @@ class Cluster:
         """
         self._active[address] = self._active.get(address, 0) + 1
         self.stats.upstream_cx_active += 1
+        if isinstance(protocol, RelayEnd) and protocol.untrack is None:
+            # A tunnel's relay end (nearly always): it calls untrack itself, no closure and
+            # no per-instance method for every tunnel.
+            protocol.untrack = (self, address)
+            return
         lost = protocol.connectionLost
 
         def connection_lost(reason: Any) -> None:
-            self._active[address] -= 1
-            self.stats.upstream_cx_active -= 1
+            self.untrack(address)
             lost(reason)
 
         protocol.connectionLost = connection_lost  # type: ignore[method-assign]
+
+    def untrack(self, address: Address) -> None:
+        """``address``'s connection (counted by _track) is gone."""
+        self._active[address] -= 1
+        self.stats.upstream_cx_active -= 1
 
     def _count_handshake(self, protocol: IProtocol) -> None:
         # Wrapped on the instance: TLSMemoryBIOProtocol looks handshakeCompleted up there.
@@ -422,15 +432,11 @@ class Cluster:
         if self.client_tls is not None:
             factory = FastTLSFactory(self.client_tls, True, factory)
             self._count_handshake(protocol)
-        endpoint = _tcp_endpoint(self.reactor, address, self.connect_timeout)
-        d = endpoint.connect(factory)
+        d = _connect_tcp(self.reactor, address, self.connect_timeout, factory)
 
         def failed(f: Any) -> Any:
             if f.check(defer.CancelledError):
                 return f
-            if f.check(ierror.ConnectingCancelledError):
-                # Twisted's endpoints report a cancelled connect with their own error.
-                raise defer.CancelledError()
             if f.check(ierror.TimeoutError):
                 self.stats.upstream_cx_connect_timeout += 1
                 raise UpstreamError(503, f"connect to {address} timed out "
@@ -555,10 +561,69 @@ def _identity_of(tls: TLSSettings) -> str:
     return uris[0] if uris else ""
 
 
-def _tcp_endpoint(reactor: Any, address: SocketAddress, timeout: float) -> Any:
-    if ":" in address.host:
-        return endpoints.TCP6ClientEndpoint(reactor, address.host, address.port, timeout=timeout)
-    return endpoints.TCP4ClientEndpoint(reactor, address.host, address.port, timeout=timeout)
+class _ConnectFactory(ClientFactory):
+    """
+    ``reactor.connectTCP`` with a Deferred, as TCP4ClientEndpoint gives, without the endpoint's
+    wrapping protocol between the socket and ours for every event of the connection's life
+    (one per tunnel on hbone-server). The Deferred fires with the protocol after its
+    ``makeConnection``, as the endpoint's does; a cancel stops the connect.
+    """
+
+    noisy = False
+
+    def __init__(self, inner: Factory, deferred: defer.Deferred[Any]) -> None:
+        self.inner = inner
+        self.deferred = deferred
+
+    def doStart(self) -> None:
+        self.inner.doStart()
+
+    def doStop(self) -> None:
+        self.inner.doStop()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol: Any = self.inner.buildProtocol(addr)
+        if protocol is None:
+            return None
+        deferred = self.deferred
+        own = protocol.__dict__.get("makeConnection")
+        make = protocol.makeConnection
+
+        def make_connection(transport: Any) -> None:
+            # Back to what it was before the connect: nothing of ours stays on the protocol.
+            if own is None:
+                del protocol.makeConnection
+            else:
+                protocol.makeConnection = own
+            make(transport)
+            if not deferred.called:
+                deferred.callback(protocol)
+
+        protocol.makeConnection = make_connection
+        return protocol
+
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+        if not self.deferred.called:
+            self.deferred.errback(reason)
+
+
+def _connect_tcp(
+    reactor: Any, address: SocketAddress, timeout: float, factory: Factory
+) -> defer.Deferred[Any]:
+    # connectTCP takes IPv6 literals too; cluster addresses are resolved before this.
+    connector: list[Any] = []
+
+    def cancel(d: defer.Deferred[Any]) -> None:
+        # Only while connecting (once connected d has fired); clientConnectionFailed then
+        # finds d called and ignores the connect's failure, as TCP4ClientEndpoint does.
+        connector[0].stopConnecting()
+
+    d: defer.Deferred[Any] = defer.Deferred(cancel)
+    connector.append(
+        reactor.connectTCP(address.host, address.port, _ConnectFactory(factory, d),
+                           timeout=timeout)
+    )
+    return d
 
 
 __all__ = [

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from hbonex.errors import status_and_reason
+from hbonex.http.stream_info import existing_dynamic_metadata, existing_filter_state
 from hbonex.interfaces import INetworkFilter, INetworkFilterCallbacks, INetworkFilterExtension
 from hbonex.network.relay import Relay
 from hbonex.observability.formatter import Template
@@ -116,7 +117,7 @@ class TcpProxyConfig:
 
 
 def _shared_state(info: Any) -> Any:
-    state = getattr(info, "filter_state", None)
+    state = existing_filter_state(info)
     return (state.shared_with_upstream() if state is not None and not state.is_empty()
             else None)
 
@@ -130,6 +131,10 @@ class TcpProxyFilter:
     """
     One per downstream connection.
     """
+
+    __slots__ = ("config", "callbacks", "relay", "_attempt", "_pending", "_started",
+                 "_duration_call", "_flush_call", "status", "upstream_host", "cluster_name",
+                 "target", "__weakref__")
 
     def __init__(self, config: TcpProxyConfig) -> None:
         self.config = config
@@ -175,8 +180,8 @@ class TcpProxyFilter:
             downstream_local=info.localAddress,
             peer_identity=info.peerIdentity,
             filter_state=_shared_state(info),
-            downstream_metadata=getattr(info, "dynamic_metadata", None) or None,
-            downstream_state=getattr(info, "filter_state", None),
+            downstream_metadata=existing_dynamic_metadata(info) or None,
+            downstream_state=existing_filter_state(info),
         )
         tunneling = config.tunneling
         if tunneling is None:
