@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import signal
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -27,6 +26,7 @@ from twisted.application import service
 from twisted.logger import Logger
 
 from hbonex.observability.stats import STATS
+from hbonex.sighup import SighupHook
 from hbonex.tls import pki
 from hbonex.tls.context import SanMatcher, TLSSettings
 
@@ -339,7 +339,7 @@ class CertificateWatcher(service.Service):
         self.watched: list[_Watched] = []
         self._call: Any = None
         self._warned: set[tuple[int, str]] = set()
-        self._previous_sighup: Any = None
+        self._sighup = SighupHook(lambda: self.reload_all("SIGHUP"))
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -395,30 +395,14 @@ class CertificateWatcher(service.Service):
         if self.watched and self.interval > 0:
             self._call = self.clock.callLater(self.interval, self._poll)
         if self.watched:
-            self._install_sighup()
+            self._sighup.start(self.bootstrap.reactor)
 
     def stopService(self) -> Any:
         super().stopService()
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
-        if self._previous_sighup is not None:
-            try:
-                signal.signal(signal.SIGHUP, self._previous_sighup)
-            except ValueError:  # pragma: no cover - not the main thread
-                pass
-            self._previous_sighup = None
-
-    def _install_sighup(self) -> None:
-        reactor = self.bootstrap.reactor
-
-        def handler(signum: int, frame: Any) -> None:
-            reactor.callFromThread(self.reload_all, "SIGHUP")
-
-        try:
-            self._previous_sighup = signal.signal(signal.SIGHUP, handler)
-        except ValueError:  # pragma: no cover - not the main thread (tests with threads)
-            pass
+        self._sighup.stop()
 
     # -- reloading -----------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 from hbonex.bootstrap import Bootstrap, ProxyService
 from hbonex.network.listener import Listener
+from hbonex.sighup import SighupHook
 from hbonex.workers.stats_merge import MergedStats, StatsMerge
 from hbonex.workers.worker import CONTROL_IN, CONTROL_OUT, WORKER_ENV, WorkerSpec
 
@@ -163,7 +164,7 @@ class SupervisorService(ProxyService):
         self.stats = StatsMerge()
         self.stopping = False
         self._exit_waiters: list[defer.Deferred[None]] = []
-        self._previous_sighup: Any = None
+        self._sighup = SighupHook(lambda: self.signal_all("HUP"))
 
     @property
     def reactor(self) -> Any:
@@ -189,7 +190,7 @@ class SupervisorService(ProxyService):
 
     def startService(self) -> None:
         super().startService()
-        self._install_sighup()
+        self._sighup.start(self.reactor)
         for index in range(self.count):
             self._spawn(index)
 
@@ -247,27 +248,6 @@ class SupervisorService(ProxyService):
         for proc in list(self.procs.values()):
             proc.signal(sig)
 
-    # -- signals ------------------------------------------------------------------------------
-
-    def _install_sighup(self) -> None:
-        reactor = self.reactor
-
-        def handler(signum: int, frame: Any) -> None:
-            reactor.callFromThread(self.signal_all, "HUP")
-
-        try:
-            self._previous_sighup = signal.signal(signal.SIGHUP, handler)
-        except ValueError:  # pragma: no cover - not the main thread
-            pass
-
-    def _restore_sighup(self) -> None:
-        if self._previous_sighup is not None:
-            try:
-                signal.signal(signal.SIGHUP, self._previous_sighup)
-            except ValueError:  # pragma: no cover - not the main thread
-                pass
-            self._previous_sighup = None
-
     # -- the admin's levers -------------------------------------------------------------------
 
     def drain(self, graceful: bool = True) -> None:
@@ -298,7 +278,7 @@ class SupervisorService(ProxyService):
 
     def stopService(self) -> defer.Deferred[Any]:
         self.stopping = True
-        self._restore_sighup()
+        self._sighup.stop()
         for call in self.restarts.values():
             if call.active():
                 call.cancel()
