@@ -347,13 +347,27 @@ class EdgeCaseTests(unittest.TestCase):
         s.receive(window_update(0, 1))
         self.assertEqual(goaway_code(s.fast), ErrorCodes.FLOW_CONTROL_ERROR)
 
-    def test_zero_increment_is_a_protocol_error(self) -> None:
-        # h2 makes a stream's zero increment a connection error too (RFC 9113 §6.9 allows a
-        # stream error): both paths agree.
-        for sid in (0, 1):
-            s = Scenario(self)
-            s.receive(window_update(sid, 0))
-            self.assertEqual(goaway_code(s.fast), ErrorCodes.PROTOCOL_ERROR)
+    def test_zero_increment_on_the_connection_is_a_connection_error(self) -> None:
+        s = Scenario(self)
+        s.receive(window_update(0, 0))
+        self.assertEqual(goaway_code(s.fast), ErrorCodes.PROTOCOL_ERROR)
+
+    def test_zero_increment_on_a_stream_resets_that_stream_only(self) -> None:
+        """
+        RFC 9113 §6.9: a stream error.  (h2 alone, the path without the fast path, still
+        makes it a connection error: the one place where the two paths differ.)
+        """
+        server = RawServer(True)
+        server.open(3)
+        server.receive(window_update(1, 0) + data(3, b"other tunnel"))
+        self.assertEqual(resets(server), {1: ErrorCodes.PROTOCOL_ERROR})
+        self.assertIsNone(goaway_code(server))
+        self.assertNotIn(1, server.server.streams)
+        self.assertTrue(server.upstreams[1].transport.aborted)
+        self.assertEqual(server.upstreams[3].transport.value(), b"other tunnel")
+        slow = RawServer(False)
+        slow.receive(window_update(1, 0))
+        self.assertEqual(goaway_code(slow), ErrorCodes.PROTOCOL_ERROR)
 
     def test_reset_while_data_is_queued(self) -> None:
         s = Scenario(self)
@@ -468,7 +482,10 @@ plain_data = st.tuples(st.just("data"), st.sampled_from([1, 1, 1, 3]),
                        st.sampled_from([None, None, None, 0, 9]))
 window_updates = st.tuples(st.just("wu"), st.sampled_from([0, 1, 1, 3]),
                            st.sampled_from([1, 1000, 65535, 65535, 0,
-                                            2**31 - 1 - 65535, 2**31 - 1]))
+                                            2**31 - 1 - 65535, 2**31 - 1])
+                           # A stream's zero increment is where the paths differ on purpose
+                           # (test_zero_increment_on_a_stream_resets_that_stream_only).
+                           ).filter(lambda wu: wu[1] == 0 or wu[2] != 0)
 upstream_writes = st.tuples(st.just("upstream"), st.sampled_from([1, 1, 3]),
                             st.sampled_from([1, 1000, 40000, 100000]))
 # Weighted towards the plain traffic the fast path takes; the rest still comes up.

@@ -813,7 +813,10 @@ class H2TunnelConnection(Protocol):
             # fast path: the fast frames' effects come first, in order.
             for sid, payload, size in fast:
                 if payload is None:
-                    self._window_opened(sid)
+                    if size:
+                        self._window_opened(sid)
+                    else:
+                        self._zero_window_increment(sid)
                 else:
                     stream = self.streams.get(sid)
                     if stream is None:
@@ -831,6 +834,17 @@ class H2TunnelConnection(Protocol):
             self._receiving = False
         self._flush()
         self._check_flood()
+
+    def _zero_window_increment(self, stream_id: int) -> None:
+        self.log.warn(
+            "{conn}: WINDOW_UPDATE with a zero increment on stream {sid}; "
+            "RST_STREAM PROTOCOL_ERROR", conn=self.describe(), sid=stream_id,
+        )
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            self._reset_stream(stream, ErrorCodes.PROTOCOL_ERROR)
+        else:
+            self.conn.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
 
     def _check_flood(self) -> None:
         """

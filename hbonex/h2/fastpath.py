@@ -8,7 +8,8 @@ machines, window managers, events).  Here those frames are parsed and sent with 
 call and the same bookkeeping h2 does, written straight into h2's own state, so that h2 stays
 exact for everything it still handles: any frame or state that is not the plain case (padding,
 END_STREAM, an empty DATA frame, an unknown or closed stream, a window that would overflow or
-underflow, a zero increment, a frame beyond the maximum size...) is left to h2, in order.
+underflow, a zero increment on the connection, a frame beyond the maximum size...) is left to
+h2, in order.  (A zero increment on a stream is reset here, as a stream error.)
 
 Every h2 internal used here is listed in :data:`H2_INTERNALS` and pinned by
 tests/test_h2_fastpath.py.
@@ -67,7 +68,8 @@ H2_INTERNALS: tuple[tuple[str, str], ...] = (
 )
 
 #: A received frame taken by the fast path: (stream id, DATA payload, flow-controlled length)
-#: or, for a WINDOW_UPDATE, (stream id, None, increment).
+#: or, for a WINDOW_UPDATE, (stream id, None, increment); a zero increment on a stream is a
+#: stream error for the caller to reset.
 Item = tuple[int, Union[bytes, None], int]
 Chunk = Union[bytes, memoryview]
 
@@ -138,8 +140,8 @@ def receive(conn: Any, guard: FloodGuard, data: bytes) -> tuple[int, list[Item],
             if length != 4 or not guard.window_update_allowed():
                 break
             increment = _U32.unpack_from(data, offset + 9)[0] & 0x7FFFFFFF
-            if not increment:
-                break  # PROTOCOL_ERROR: h2's
+            if not increment and not sid:
+                break  # the connection's PROTOCOL_ERROR: h2's
             if sid:
                 stream = streams.get(sid)
                 if stream is None:
@@ -148,6 +150,13 @@ def receive(conn: Any, guard: FloodGuard, data: bytes) -> tuple[int, list[Item],
                 if (state is not _OPEN and state is not _HALF_CLOSED_LOCAL
                         and state is not _HALF_CLOSED_REMOTE):
                     break
+                if not increment:
+                    # RFC 9113 §6.9: a stream error (h2 would fail the whole connection, and
+                    # every other tunnel on it): an item with a zero increment says reset it.
+                    guard.window_updates += 1
+                    items.append((sid, None, 0))
+                    offset += 9 + length
+                    continue
                 window = stream.outbound_flow_control_window + increment
                 if window > MAX_WINDOW:
                     break  # the stream's FLOW_CONTROL_ERROR: h2's
