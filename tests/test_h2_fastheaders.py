@@ -4,12 +4,14 @@ hbonex.h2.fastheaders: the same bytes and the same h2 state as h2's own send_hea
 
 from __future__ import annotations
 
+import random
 from typing import Any, Callable
 
 import h2.config
 import h2.connection
 import h2.exceptions
 import h2.stream
+import hpack
 from hpack import NeverIndexedHeaderTuple
 from twisted.trial import unittest
 
@@ -176,3 +178,83 @@ class PinnedInternalsTests(unittest.TestCase):
         self.assertEqual(stream._authority, b"a:1")
         self.assertEqual(stream.request_method, b"CONNECT")
         self.assertIsInstance(conn._data_to_send, (bytes, bytearray))
+
+
+class LeanEncoderTests(unittest.TestCase):
+    """LeanEncoder.encode: hpack's bytes (without Huffman) and hpack's dynamic table."""
+
+    def both(self, blocks: list[Any], size: int | None = None) -> list[bytes]:
+        lean, reference = LeanEncoder(), hpack.Encoder()
+        if size is not None:
+            lean.header_table_size = reference.header_table_size = size
+        out = []
+        for headers in blocks:
+            got = lean.encode(headers)
+            self.assertEqual(got, reference.encode(headers, huffman=False))
+            self.assertEqual(list(lean.header_table.dynamic_entries),
+                             list(reference.header_table.dynamic_entries))
+            self.assertEqual(lean.header_table.resized, reference.header_table.resized)
+            out.append(got)
+        decoder = hpack.Decoder()
+        decoder.max_header_list_size = 1 << 20
+        for headers, got in zip(blocks, out, strict=True):
+            if not isinstance(headers, dict):
+                self.assertEqual([(n if isinstance(n, bytes) else n.encode(),
+                                   v if isinstance(v, bytes) else str(v).encode())
+                                  for n, v, *_ in headers],
+                                 [tuple(h) for h in decoder.decode(got, raw=True)])
+        return out
+
+    def test_random_header_lists(self) -> None:
+        rng = random.Random(14)
+        names = [b":method", b":authority", b":status", b":path", b"x-a", b"content-length",
+                 b"x-" + b"n" * 200, b"accept-encoding"]
+        values = [b"CONNECT", b"GET", b"200", b"503", b"", b"v", b"10.0.0.1:80",
+                  b"w" * 130, b"gzip, deflate", b"x" * 5000]
+        blocks = []
+        for _ in range(300):
+            headers: list[Any] = []
+            for _ in range(rng.randrange(0, 6)):
+                n, v = rng.choice(names), rng.choice(values)
+                kind = rng.randrange(4)
+                if kind == 0:
+                    headers.append(NeverIndexedHeaderTuple(n, v))
+                elif kind == 1:
+                    headers.append(hpack.HeaderTuple(n, v))
+                elif kind == 2:
+                    headers.append((n, v, rng.random() < 0.5))
+                else:
+                    headers.append((n, v))
+            blocks.append(headers)
+        out = self.both(blocks, size=512)
+        self.assertTrue(any(len(b) > 5000 for b in out))
+        self.both(blocks)
+
+    def test_str_dicts_and_a_resized_table(self) -> None:
+        lean = LeanEncoder()
+        lean.header_table_size = 100
+        self.assertTrue(lean.header_table.resized)
+        out = self.both([[(":method", "GET"), ("x-n", 3)], {b":status": b"200"},
+                         [(b":status", b"200")], [(b"x-big-index", b"1")] * 3])
+        self.assertEqual(out[2], b"\x88")
+
+    def test_table_size_update_is_sent_first(self) -> None:
+        def run(encoder: hpack.Encoder) -> list[bytes]:
+            encoder.encode([(b"x-a", b"1")])
+            encoder.header_table_size = 50
+            return [encoder.encode([(b"x-a", b"1")], huffman=False),
+                    encoder.encode([(b"x-a", b"1")], huffman=False)]
+
+        self.assertEqual(run(LeanEncoder()), run(hpack.Encoder()))
+        self.assertEqual(run(LeanEncoder())[0][:1], b"\x3f")  # size update, 5-bit prefix full
+
+    def test_hpack_internals_relied_on(self) -> None:
+        encoder = hpack.Encoder()
+        self.assertIsInstance(encoder.header_table.resized, bool)
+        self.assertEqual(encoder.header_table.search(b":status", b"200"), (8, b":status", b"200"))
+        self.assertEqual(encoder.header_table.search(b":method", b"CONNECT"),
+                         (2, b":method", None))
+        self.assertIsNone(encoder.header_table.search(b"x-new", b"1"))
+        self.assertEqual(bytes(hpack.hpack.encode_integer(1337, 5)), b"\x1f\x9a\x0a")
+        self.assertEqual(hpack.hpack._to_bytes(3), b"3")
+        self.assertEqual(encoder._encode_table_size_change(), b"")
