@@ -30,10 +30,11 @@ def fast_send(conn: h2.connection.H2Connection, sid: int, headers: Any, end: boo
 
 
 def config(client: bool) -> h2.config.H2Configuration:
-    # As hbonex configures its connections (outbound validation and normalization off).
+    # As hbonex configures its connections (H2TunnelConnection's H2Configuration).
     return h2.config.H2Configuration(
         client_side=client, header_encoding=None, validate_outbound_headers=False,
-        normalize_outbound_headers=False,
+        normalize_outbound_headers=False, validate_inbound_headers=client,
+        normalize_inbound_headers=False,
     )
 
 
@@ -235,7 +236,8 @@ class LeanEncoderTests(unittest.TestCase):
         lean.header_table_size = 100
         self.assertTrue(lean.header_table.resized)
         out = self.both([[(":method", "GET"), ("x-n", 3)], {b":status": b"200"},
-                         [(b":status", b"200")], [(b"x-big-index", b"1")] * 3])
+                         [(b":status", b"200")], [(b"x-big-index", b"1")] * 3,
+                         [(b":authority", b"")] * 2])
         self.assertEqual(out[2], b"\x88")
 
     def test_table_size_update_is_sent_first(self) -> None:

@@ -168,7 +168,7 @@ class LeanEncoder(hpack.Encoder):
                 block.append(value)
                 if not sensitive:
                     table.add(name, value)
-            elif match[2] is not None:
+            elif match[2] is not None and (match[2] or _EMPTY_INDEXED):
                 block.append(_prefixed(match[0], 7, 0x80))  # indexed
             else:
                 # Indexed name, literal value.
@@ -181,6 +181,11 @@ class LeanEncoder(hpack.Encoder):
                 if not sensitive:
                     table.add(name, value)
         return b"".join(block)
+
+
+#: hpack 4.0 sends a full match with an empty value (``:authority: ""``) as a literal and indexes
+#: it again ("if perfect:"), later releases as an index: do as the installed hpack does.
+_EMPTY_INDEXED = hpack.Encoder().encode([(b":authority", b"")], huffman=False) == b"\x81"
 
 
 def _prefixed(number: int, bits: int, flags: int) -> bytes:
