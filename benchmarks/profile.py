@@ -190,7 +190,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     sizes = run.QUICK if args.quick else dataclasses.replace(run.FULL, repeats=1)
     run_args = argparse.Namespace(quick=args.quick, only=args.workload, profile=True,
-                                  reactor=args.reactor, hbonex=args.hbonex or str(run.REPO))
+                                  reactor=args.reactor, hbonex=args.hbonex or str(run.REPO),
+                                  yaml=False, workers=1)
     with tempfile.TemporaryDirectory(prefix="hbonex-prof-") as tmp:
         workdir = Path(args.workdir or tmp).resolve()
         workdir.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
 
 from hbonex.errors import UpstreamError
+from hbonex.h2 import fastheaders
 from hbonex.h2.connection import ErrorCodes, H2Stream, H2TunnelConnection, headers_dict
 from hbonex.h2.settings import H2Settings
 from hbonex.interfaces import IHalfCloseableTransport
@@ -131,7 +132,7 @@ class H2TunnelClient(H2TunnelConnection):
             else:
                 request.append((name, value))
         try:
-            self.conn.send_headers(stream_id, request)
+            fastheaders.send_headers(self.conn, stream_id, request)
         except h2.exceptions.TooManyStreamsError:
             return defer.fail(UpstreamError(503, "peer stream limit reached", retryable=True))
         except h2.exceptions.ProtocolError as e:  # pragma: no cover - capacity says 0 first

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from hbonex.errors import UpstreamError, status_and_reason
+from hbonex.h2 import fastheaders
 from hbonex.h2.connection import ErrorCodes, H2Stream, H2TunnelConnection
 from hbonex.h2.settings import H2Settings
 from hbonex.http.filter_manager import FilterManager, reason_phrase
@@ -345,7 +346,7 @@ class H2TunnelServer(H2TunnelConnection):
                 return
             try:
                 if chain is None:
-                    self.conn.send_headers(sid, [(b":status", b"200")])
+                    fastheaders.send_headers(self.conn, sid, [(b":status", b"200")])
                 else:
                     # Through the encoder filters (the sink sends it).
                     chain.encode_headers(Headers([(b":status", b"200")]), False)
