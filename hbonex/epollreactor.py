@@ -20,6 +20,8 @@ Internals relied on (pinned by tests/test_epollreactor.py against the installed 
 from __future__ import annotations
 
 import errno
+import select
+import sys
 
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.main import installReactor
@@ -70,4 +72,16 @@ def install() -> None:
     installReactor(DirectEPollReactor())
 
 
-__all__ = ["DirectEPollReactor", "install"]
+def install_default() -> bool:
+    """
+    Install DirectEPollReactor unless a reactor is already installed (``twistd --reactor X``
+    installs X while parsing its global options, before a plugin's options are parsed) or
+    epoll is missing (not Linux: twistd's own default then). Returns whether it installed.
+    """
+    if "twisted.internet.reactor" in sys.modules or not hasattr(select, "epoll"):
+        return False
+    install()
+    return True
+
+
+__all__ = ["DirectEPollReactor", "install", "install_default"]
