@@ -778,8 +778,10 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the twistd processes into the work directory")
     parser.add_argument("--reactor", metavar="NAME",
-                        help="twistd --reactor for the hbonex proxies: epoll, asyncio, uvloop "
-                             "(hbonex's plugin; needs uvloop)... (default: twistd's own)")
+                        help="twistd --reactor for the hbonex proxies: epoll, asyncio, "
+                             "hbonex-epoll, uvloop (hbonex's plugins; uvloop needs uvloop)... "
+                             "(default: "
+                             "the plugins' own, hbonex-epoll on Linux)")
     parser.add_argument("--json", metavar="FILE",
                         help="save the raw results (every sample, the round-trip "
                              "distributions) as JSON; with --markdown X.md, X.json by default")
@@ -808,7 +810,7 @@ def main() -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every child
     info = {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
             "machine": machine(), "versions": versions(Path(args.hbonex).resolve())}
-    info["versions"]["hbonex reactor"] = args.reactor or "twistd's default"
+    info["versions"]["hbonex reactor"] = args.reactor or "the plugins' default"
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         if args.workdir:

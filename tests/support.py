@@ -36,7 +36,7 @@ import re
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Coroutine
+from typing import Any, Callable, Coroutine, Sequence
 
 import attrs
 import h2.config
@@ -325,7 +325,7 @@ class TwistdProcess(protocol.ProcessProtocol):
         return self.wait_exit().addCallback(exited)
 
 
-def twistd_argv(plugin: str, args: list[str]) -> list[str]:
+def twistd_argv(plugin: str, args: list[str], options: Sequence[str] = ()) -> list[str]:
     return [
         sys.executable,
         "-c",
@@ -333,6 +333,7 @@ def twistd_argv(plugin: str, args: list[str]) -> list[str]:
         "--nodaemon",
         "--pidfile=",
         "--logfile=-",
+        *options,
         plugin,
         *args,
     ]
@@ -346,6 +347,7 @@ def start_twistd(
     listeners: int = 1,
     name: str | None = None,
     check_crashes: bool = True,
+    twistd_options: Sequence[str] = (),
 ) -> defer.Deferred[TwistdProcess]:
     """
     Spawn ``twistd -n <plugin> <args>`` (repo root on PYTHONPATH, HBONEX_STATE_DIR a temp dir)
@@ -353,7 +355,7 @@ def start_twistd(
 
     A cleanup stops the process and waits for it to exit; it fails the test if the process
     needed SIGKILL and, with ``check_crashes``, if the output shows a traceback or an
-    unhandled error.
+    unhandled error. ``twistd_options`` go before the plugin (e.g. ``--reactor=epoll``).
     """
     proc = TwistdProcess(name or plugin)
     workdir = Path(test.mktemp()).resolve()
@@ -366,7 +368,8 @@ def start_twistd(
     child_env["PYTHONUNBUFFERED"] = "1"
     child_env.update(env or {})
     reactor.spawnProcess(
-        proc, sys.executable, twistd_argv(plugin, args), env=child_env, path=str(workdir)
+        proc, sys.executable, twistd_argv(plugin, args, twistd_options), env=child_env,
+        path=str(workdir),
     )
 
     def cleanup() -> defer.Deferred[None]:

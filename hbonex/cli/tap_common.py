@@ -91,11 +91,20 @@ class TLSOptions(usage.Options):
         self.given: set[str] = set()
         #: The plugin's own arguments, as given (a worker process runs them again).
         self.argv: list[str] = []
+        #: twistd's --reactor, if given (the workers run on the same reactor).
+        self.reactor_argv: list[str] = []
         self["workers"] = 1
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         argv = list(sys.argv[1:] if options is None else options)
         self.argv = argv
+        if self.parent is not None:
+            # Under twistd, before anything imports twisted.internet.reactor: hbonex's epoll
+            # reactor unless --reactor chose one (docs/benchmarks.md "Reactors").
+            from hbonex.epollreactor import install_default
+
+            install_default()
+            self.reactor_argv = self._twistd_reactor(argv)
         self.given = self._given_flags(argv)
         try:
             super().parseOptions(argv)
@@ -108,6 +117,21 @@ class TLSOptions(usage.Options):
                 f"twistd: error: {self.tapname}: {e} (see twistd {self.tapname} --help)"
             )
         self._no_pidfile_in_foreground()
+
+    def _twistd_reactor(self, argv: list[str]) -> list[str]:
+        """
+        twistd's own ``--reactor`` (a global option, before the plugin's name in sys.argv),
+        as the workers must be given it: ``[]`` when none was given.
+        """
+        full, parent = sys.argv[1:], self.parent
+        cut = len(full) - len(argv) - 1
+        if parent is None or cut < 0 or full[cut] != self.tapname or full[cut + 1:] != argv:
+            return []  # parsed from something other than this process's command line
+        try:
+            opts, _ = getopt.getopt(full[:cut], parent.shortOpt, parent.longOpt)
+        except getopt.GetoptError:
+            return []
+        return [f"--reactor={value}" for opt, value in opts if opt in ("-r", "--reactor")][-1:]
 
     def _given_flags(self, argv: list[str]) -> set[str]:
         try:
@@ -156,7 +180,7 @@ class TLSOptions(usage.Options):
     def twistd_command(self) -> list[str]:
         """A worker's argv (after the interpreter): twistd in the foreground, same plugin."""
         return ["-c", "from twisted.scripts.twistd import run; run()", "--nodaemon",
-                "--pidfile=", "--logfile=-", self.tapname, *self.argv]
+                "--pidfile=", "--logfile=-", *self.reactor_argv, self.tapname, *self.argv]
 
     def proxy_service(self, bootstrap: Any, **kwargs: Any) -> Any:
         """
