@@ -104,7 +104,10 @@ class TLSOptions(usage.Options):
             from hbonex.epollreactor import install_default
 
             install_default()
-            self.reactor_argv = self._twistd_reactor(argv)
+            # twistd's own --reactor (a global option, parsed before ours): the workers
+            # must be given it too.
+            chosen = self.parent.get("reactor")
+            self.reactor_argv = [f"--reactor={chosen}"] if chosen else []
         self.given = self._given_flags(argv)
         try:
             super().parseOptions(argv)
@@ -117,21 +120,6 @@ class TLSOptions(usage.Options):
                 f"twistd: error: {self.tapname}: {e} (see twistd {self.tapname} --help)"
             )
         self._no_pidfile_in_foreground()
-
-    def _twistd_reactor(self, argv: list[str]) -> list[str]:
-        """
-        twistd's own ``--reactor`` (a global option, before the plugin's name in sys.argv),
-        as the workers must be given it: ``[]`` when none was given.
-        """
-        full, parent = sys.argv[1:], self.parent
-        cut = len(full) - len(argv) - 1
-        if parent is None or cut < 0 or full[cut] != self.tapname or full[cut + 1:] != argv:
-            return []  # parsed from something other than this process's command line
-        try:
-            opts, _ = getopt.getopt(full[:cut], parent.shortOpt, parent.longOpt)
-        except getopt.GetoptError:
-            return []
-        return [f"--reactor={value}" for opt, value in opts if opt in ("-r", "--reactor")][-1:]
 
     def _given_flags(self, argv: list[str]) -> set[str]:
         try:
