@@ -20,15 +20,14 @@ tests/test_h2_fastheaders.py, which also compares bytes and state with h2's own 
 
 from __future__ import annotations
 
-import struct
 from typing import Any, Sequence
 
 import h2.connection
 import h2.exceptions
 import h2.stream
 
-#: A frame header: length << 8 | type, flags, stream id (RFC 9113 §4.1).
-_HEADER = struct.Struct(">IBI")
+from hbonex.h2.fastpath import FRAME_HEADER
+
 _HEADERS = 0x1
 _CONTINUATION = 0x9
 _END_STREAM = 0x1
@@ -98,14 +97,15 @@ def _frames(stream_id: int, block: bytes, size: int, end_stream: bool) -> bytes:
     """A HEADERS frame, then CONTINUATION frames if the block is larger than ``size``."""
     flags = _END_STREAM if end_stream else 0
     if len(block) <= size:
-        return _HEADER.pack(len(block) << 8 | _HEADERS, flags | _END_HEADERS, stream_id) + block
+        head = FRAME_HEADER.pack(len(block) << 8 | _HEADERS, flags | _END_HEADERS, stream_id)
+        return head + block
     out = []
     kind = _HEADERS
     for i in range(0, len(block), size):
         chunk = block[i:i + size]
         if i + size >= len(block):
             flags |= _END_HEADERS
-        out.append(_HEADER.pack(len(chunk) << 8 | kind, flags, stream_id))
+        out.append(FRAME_HEADER.pack(len(chunk) << 8 | kind, flags, stream_id))
         out.append(chunk)
         kind, flags = _CONTINUATION, 0
     return b"".join(out)

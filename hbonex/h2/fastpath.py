@@ -27,7 +27,7 @@ from h2.frame_buffer import FrameBuffer
 from hbonex.h2.flood import FloodGuard
 
 #: A frame header: length << 8 | type, flags, stream id (RFC 9113 §4.1).
-_HEADER = struct.Struct(">IBI")
+FRAME_HEADER = struct.Struct(">IBI")
 _U32 = struct.Struct(">I")
 MAX_WINDOW = 2**31 - 1
 _DATA = 0x0
@@ -103,7 +103,7 @@ def receive(conn: Any, guard: FloodGuard, data: bytes) -> tuple[int, list[Item],
     end = len(data)
     offset = 0
     while end - offset >= 9:
-        head, flags, sid = _HEADER.unpack_from(data, offset)
+        head, flags, sid = FRAME_HEADER.unpack_from(data, offset)
         length = head >> 8
         if length > max_size or end - offset < 9 + length:
             break  # h2's FRAME_SIZE_ERROR, or a partial frame
@@ -252,7 +252,7 @@ def send(conn: Any, stream: Any, queue: list[Chunk], out: list[Chunk]) -> tuple[
             chunk = view[:size]
         else:
             del queue[0]
-        out.append(_HEADER.pack(size << 8, 0, sid))
+        out.append(FRAME_HEADER.pack(size << 8, 0, sid))
         out.append(chunk)
         sent += size
         frames += 1
@@ -261,4 +261,5 @@ def send(conn: Any, stream: Any, queue: list[Chunk], out: list[Chunk]) -> tuple[
     return sent, frames
 
 
-__all__ = ["H2_INTERNALS", "MAX_WINDOW", "acknowledge", "ready", "receive", "send", "sendable"]
+__all__ = ["FRAME_HEADER", "H2_INTERNALS", "MAX_WINDOW", "acknowledge", "ready", "receive", "send",
+           "sendable"]
