@@ -33,9 +33,8 @@ from zope.interface import implementer
 #: default makes four times the reactor and framing work per byte.
 TCP_BUFFER_SIZE = 256 * 1024
 _RECORD = 16384
-_TCP_TYPES = (tcp.Server, tcp.Client)
 #: The transports write_now sends on at once (type(transport) in TCP_TYPES).
-TCP_TYPES = _TCP_TYPES
+TCP_TYPES = (tcp.Server, tcp.Client)
 
 
 def tune_tcp(transport: Any) -> None:
@@ -62,7 +61,7 @@ def write_now(transport: Any, data: bytes) -> None:
     through Twisted's own buffered write.
     """
     if (
-        type(transport) in _TCP_TYPES
+        type(transport) in TCP_TYPES
         and transport.connected
         and not transport.disconnecting
         and not transport._writeDisconnecting
@@ -76,15 +75,6 @@ def write_now(transport: Any, data: bytes) -> None:
                 return
             data = bytes(memoryview(data)[sent:])
     transport.write(data)
-
-
-def writer_for(transport: Any) -> Any:
-    """
-    The fastest correct write function for ``transport``.
-    """
-    if type(transport) in _TCP_TYPES:
-        return lambda data: write_now(transport, data)
-    return transport.write
 
 
 @implementer(IHalfCloseableProtocol)
